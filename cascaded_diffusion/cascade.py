@@ -1,0 +1,261 @@
+"""The cascade pipeline: a base stage followed by super-resolution stages.
+
+Conditioning augmentation at sampling time (PAPER.md):
+
+* **non-truncated** — each stage samples all the way to clean data; before an SR stage with noise
+  augmentation, its input is re-noised with the forward process to level s and (z_s, s) is handed on;
+* **truncated** — the previous stage's reverse process stops at level s and its noisy z_s is handed on
+  directly (this needs the previous stage's schedule to be the SR stage's augmentation schedule).
+
+Blur-augmented and unaugmented SR stages always receive the clean previous output.
+Every check that can fail is done in ``validate()`` before any sampling compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .data import make_grid, save_grid, tensor_to_images
+from .augment import NoiseAugmentation, upsample
+from .stage import Stage
+
+
+class CascadeError(ValueError):
+    """The stages given do not form a valid cascade (checked before any compute)."""
+
+
+@dataclass
+class CascadeOutput:
+    images: torch.Tensor  # final stage output in [-1, 1]
+    stages: list[torch.Tensor] = field(default_factory=list)  # every stage's output, low to high resolution
+    labels: torch.Tensor | None = None
+
+
+def _per_stage(value, n: int, name: str) -> list:
+    if value is None or isinstance(value, (int, float, str)):
+        return [value] * n
+    value = list(value)
+    if len(value) == 1:
+        return value * n
+    if len(value) != n:
+        raise CascadeError(f"{name}: got {len(value)} values for {n} stages")
+    return value
+
+
+class Cascade:
+    def __init__(self, stages: Sequence[Stage]):
+        self.stages = list(stages)
+        self.validate()
+
+    # --- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_run_dirs(
+        cls, paths: Sequence[str | Path], device: str | torch.device = "cpu", weights: str = "ema"
+    ) -> "Cascade":
+        stages = [Stage.load(p, device=device, weights=weights) for p in paths]
+        return cls(stages)
+
+    @classmethod
+    def from_pretrained(cls, name: str, device: str | torch.device = "cpu") -> "Cascade":
+        from .pretrained import pretrained_stage_dirs
+
+        return cls.from_run_dirs(pretrained_stage_dirs(name), device=device, weights="ema")
+
+    def validate(self) -> None:
+        if not self.stages:
+            raise CascadeError("a cascade needs at least one stage")
+
+        def name(i: int) -> str:
+            return f"stage {i + 1} ({self.stages[i].source or self.stages[i].config.stage.name})"
+
+        if self.stages[0].is_sr:
+            raise CascadeError(
+                f"{name(0)} is a super-resolution stage ({self.stages[0].low_res}px -> "
+                f"{self.stages[0].resolution}px); a cascade starts with a base stage. Put the base model first."
+            )
+        for i in range(1, len(self.stages)):
+            prev, cur = self.stages[i - 1], self.stages[i]
+            if not cur.is_sr:
+                raise CascadeError(
+                    f"{name(i)} is a base model ({cur.resolution}px); only super-resolution stages may follow "
+                    f"{name(i - 1)}. Is the order of the run directories right?"
+                )
+            if cur.low_res != prev.resolution:
+                raise CascadeError(
+                    f"{name(i)} was trained to upsample {cur.low_res}px inputs, but {name(i - 1)} produces "
+                    f"{prev.resolution}px images"
+                )
+            if cur.channels != prev.channels:
+                raise CascadeError(
+                    f"{name(i)} takes {cur.channels}-channel images, {name(i - 1)} produces {prev.channels}"
+                )
+            if cur.num_classes != prev.num_classes:
+                raise CascadeError(
+                    f"{name(i)} has {cur.num_classes} classes, {name(i - 1)} has {prev.num_classes}"
+                )
+
+    @property
+    def resolutions(self) -> list[int]:
+        return [s.resolution for s in self.stages]
+
+    @property
+    def num_classes(self) -> int:
+        return self.stages[0].num_classes
+
+    def default_aug_levels(self) -> list[int]:
+        """Per SR stage: the level stored in its config (``conditioning.sample_s``); 0 without noise aug."""
+        return [s.config.conditioning.sample_s if s.uses_noise_augmentation else 0 for s in self.stages[1:]]
+
+    def _check_truncation(self, i: int, level: int) -> None:
+        """Truncated sampling hands the previous stage's own x_s on: the schedules must agree."""
+        prev, cur = self.stages[i - 1], self.stages[i]
+        a_prev = prev.diffusion.alphas_cumprod
+        a_aug = cur.augmentation.alphas_cumprod
+        if len(a_prev) != len(a_aug) or not torch.allclose(
+            torch.as_tensor(a_prev, dtype=torch.float64), torch.as_tensor(a_aug, dtype=torch.float64)
+        ):
+            raise CascadeError(
+                f"truncated sampling at s={level} needs stage {i} ({prev.config.diffusion.schedule}, "
+                f"T={prev.diffusion.num_timesteps}) to use the augmentation schedule of stage {i + 1} "
+                f"({cur.config.conditioning.noise_schedule}, T={cur.config.conditioning.noise_timesteps}); "
+                "use non-truncated sampling instead"
+            )
+
+    # --- sampling --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: torch.Tensor,
+        *,
+        steps=None,
+        sampler=None,
+        aug_levels: Sequence[int] | None = None,
+        truncated: bool = False,
+        guidance=None,
+        eta=None,
+        generator: torch.Generator | None = None,
+        low_res: torch.Tensor | None = None,
+        start_stage: int = 0,
+        autocast: bool = True,
+        progress: bool = False,
+    ) -> CascadeOutput:
+        """Sample ``len(labels)`` images through the cascade.
+
+        ``steps``/``sampler``/``guidance``/``eta``: one value for all stages or one per stage.
+        ``aug_levels``: one level s per SR stage (default: each stage's ``conditioning.sample_s``).
+        ``low_res`` with ``start_stage=k``: skip stages before k and feed these clean images (the output of
+        stage k-1, or ground-truth low-resolution images) to stage k — used by the augmentation sweep.
+        """
+        n = len(self.stages)
+        steps_l = _per_stage(steps, n, "steps")
+        sampler_l = _per_stage(sampler, n, "sampler")
+        guidance_l = _per_stage(guidance, n, "guidance")
+        eta_l = _per_stage(eta, n, "eta")
+        levels = list(aug_levels) if aug_levels is not None else self.default_aug_levels()
+        if len(levels) == 1 and n > 2:
+            levels = levels * (n - 1)
+        if len(levels) != n - 1:
+            raise CascadeError(f"aug_levels: got {len(levels)} values for {n - 1} SR stages")
+        for i, s in enumerate(levels, start=1):
+            stage = self.stages[i]
+            if s and not stage.uses_noise_augmentation:
+                raise CascadeError(
+                    f"stage {i + 1} was trained with conditioning.augmentation = "
+                    f"{stage.config.conditioning.augmentation!r}; it takes no augmentation level (got s={s})"
+                )
+            if s and not 0 <= s <= stage.config.conditioning.noise_timesteps:
+                raise CascadeError(f"aug level {s} for stage {i + 1} is outside [0, {stage.config.conditioning.noise_timesteps}]")
+            if truncated and s and i > start_stage:
+                self._check_truncation(i, s)
+        if not 0 <= start_stage < n:
+            raise CascadeError(f"start_stage must be in [0, {n}), got {start_stage}")
+        if start_stage > 0 and low_res is None:
+            raise CascadeError("start_stage > 0 needs the clean low_res input of that stage")
+
+        device = self.stages[0].device
+        labels = labels.to(device)
+        outputs: list[torch.Tensor] = []
+        handed_on: torch.Tensor | None = low_res.to(device) if low_res is not None else None
+        handed_level: torch.Tensor | None = None
+        for i in range(start_stage, n):
+            stage = self.stages[i]
+            # what this stage hands to the next one: its level s (0 = clean)
+            next_level = levels[i] if i + 1 < n else 0
+            stop_t = next_level - 1 if (truncated and next_level > 0) else -1
+            if i > 0:
+                cond, cond_level = handed_on, handed_level
+                if cond_level is None:  # clean input: apply non-truncated augmentation here
+                    s = levels[i - 1]
+                    cond_level = torch.full((labels.shape[0],), s, dtype=torch.long, device=device)
+                    if s > 0:
+                        cond = stage.augmentation.apply(cond, cond_level, generator=generator)
+            else:
+                cond = cond_level = None
+            x = stage.sample(
+                labels,
+                low_res=cond,
+                aug_level=cond_level if stage.uses_noise_augmentation else None,
+                sampler=sampler_l[i],
+                steps=steps_l[i],
+                eta=eta_l[i],
+                guidance=guidance_l[i],
+                generator=generator,
+                stop_t=stop_t,
+                autocast=autocast,
+                progress=progress,
+            )
+            outputs.append(x.clamp(-1, 1) if stop_t < 0 else x)
+            if stop_t >= 0:
+                handed_on = x
+                handed_level = torch.full((labels.shape[0],), next_level, dtype=torch.long, device=device)
+            else:
+                handed_on = x.clamp(-1, 1)
+                handed_level = None
+        return CascadeOutput(images=outputs[-1], stages=outputs, labels=labels)
+
+
+def balanced_labels(num: int, num_classes: int, class_labels: Sequence[int] | None = None) -> torch.Tensor:
+    """``num`` labels: the given classes cycled, or all classes equally often, sorted by class."""
+    if class_labels:
+        for c in class_labels:
+            if not 0 <= c < num_classes:
+                raise ValueError(f"--class-label {c} is outside [0, {num_classes})")
+        pool = torch.tensor(list(class_labels), dtype=torch.long)
+    else:
+        pool = torch.arange(num_classes, dtype=torch.long)
+    labels = pool.repeat((num + len(pool) - 1) // len(pool))[:num]
+    return labels.sort(stable=True).values
+
+
+def grid_by_class(
+    stage_images: Sequence[np.ndarray], labels: np.ndarray, per_class: int = 8, max_classes: int = 10
+) -> np.ndarray:
+    """One row per class; each sample shows every stage side by side (nearest-upsampled to the final
+    resolution), low resolution to high. ``stage_images``: uint8 NHWC arrays, one per stage."""
+    final = stage_images[-1].shape[1]
+    shown = []
+    for imgs in stage_images:
+        t = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float()
+        if imgs.shape[1] != final:
+            t = upsample(t, final, "nearest")
+        shown.append(t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    classes = [c for c in np.unique(labels)][:max_classes]
+    per_class = min(per_class, min(int((labels == c).sum()) for c in classes))
+    tiles = []
+    for c in classes:
+        idx = np.flatnonzero(labels == c)[:per_class]
+        for j in idx:
+            tiles.extend(s[j] for s in shown)
+    return make_grid(np.stack(tiles), nrow=per_class * len(shown))
+
+
+def save_cascade_grid(output: CascadeOutput, path: str | Path, per_class: int = 8) -> None:
+    images = [tensor_to_images(x) for x in output.stages]
+    labels = output.labels.cpu().numpy()
+    grid = grid_by_class(images, labels, per_class=per_class)
+    save_grid(grid[None], path, nrow=1, padding=0)

@@ -1,0 +1,358 @@
+"""Stage configuration: one human-readable TOML file per cascade stage.
+
+Every key is declared in a dataclass below; loading validates names, types and allowed values and raises
+:class:`ConfigError` naming the offending key. The resolved config (defaults filled in) is stored in every
+checkpoint, so a run directory describes itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass
+class StageSection:
+    name: str = "stage"
+    kind: str = field(default="base", metadata=_choices("base", "sr"))
+    resolution: int = 32
+    low_res: int = 0  # SR stages only: resolution of the conditioning image
+    channels: int = 3
+    num_classes: int = 10
+
+
+@dataclass
+class DataSection:
+    source: str = "fashion-mnist"
+    root: str = ""  # dataset directory override (e.g. Fashion-MNIST idx files)
+    cache_dir: str = ""
+    flip: bool = True
+    on_corrupt: str = field(default="skip", metadata=_choices("skip", "error"))
+
+
+@dataclass
+class DiffusionSection:
+    timesteps: int = 1000
+    schedule: str = "cosine"  # cosine | linear | linear:START,END
+    prediction: str = field(default="eps", metadata=_choices("eps", "v", "x0"))
+    learn_sigma: bool = False
+    loss: str = field(default="simple", metadata=_choices("simple", "hybrid"))
+    vlb_weight: float = 0.001
+
+
+@dataclass
+class ModelSection:
+    channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 2
+    attention_resolutions: list[int] = field(default_factory=lambda: [16])
+    num_heads: int = 4
+    num_head_channels: int = -1
+    dropout: float = 0.0
+    label_dropout: float = 0.0  # > 0 trains the null class for classifier-free guidance
+    resblock_updown: bool = True
+    use_scale_shift_norm: bool = True
+    norm_groups: int = 32
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ConditioningSection:
+    """How an SR stage sees its low-resolution input (ignored by base stages)."""
+
+    upsample: str = field(default="bilinear", metadata=_choices("bilinear", "bicubic", "nearest"))
+    augmentation: str = field(default="none", metadata=_choices("none", "noise", "blur"))
+    # noise augmentation: the forward process of the *previous* stage, levels s in [s_min, s_max]
+    noise_schedule: str = "cosine"
+    noise_timesteps: int = 1000
+    s_min: int = 0
+    s_max: int = 1000
+    fixed_s: int = -1  # >= 0: train at this single level instead of amortizing over [s_min, s_max]
+    sample_s: int = 0  # default level s at sampling time (pick it with `cdm sweep`)
+    # blur augmentation
+    blur_kernel: int = 3
+    blur_sigma_min: float = 0.4
+    blur_sigma_max: float = 0.6
+    blur_prob: float = 0.5
+
+
+@dataclass
+class TrainSection:
+    steps: int = 10000
+    batch_size: int = 64  # per process
+    grad_accum: int = 1
+    optimizer: str = field(default="adam", metadata=_choices("adam", "adamw"))
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # <= 0 disables clipping
+    ema_rate: float = 0.9999
+    ema_warmup: bool = True  # rate min(ema_rate, (1+n)/(10+n)) so early EMA weights are usable
+    bf16: bool = True
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    sample_every: int = 0  # 0: only at the end
+    sample_steps: int = 50
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class SampleSection:
+    sampler: str = field(default="ddim", metadata=_choices("ddpm", "ddim", "dpmpp"))
+    steps: int = 50  # 0: every training step
+    eta: float = 0.0
+    variance: str = field(default="auto", metadata=_choices("auto", "learned", "fixed_small", "fixed_large"))
+    guidance: float = 1.0  # 1.0 = plain conditional sampling
+    clip_denoised: bool = True
+
+
+@dataclass
+class StageConfig:
+    stage: StageSection = field(default_factory=StageSection)
+    data: DataSection = field(default_factory=DataSection)
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    conditioning: ConditioningSection = field(default_factory=ConditioningSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+
+    # --- conversion -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def to_toml(self) -> str:
+        lines: list[str] = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            for key, value in values.items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "StageConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a table of sections, got {type(raw).__name__}")
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, value in raw.items():
+            if name not in sections:
+                raise ConfigError(
+                    f"{source}: unknown section [{name}] (valid sections: {', '.join(sections)})"
+                )
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [{name}] must be a table, got {type(value).__name__}")
+            section_type = _section_type(sections[name])
+            kwargs[name] = _build_section(section_type, value, f"{name}", source)
+        config = cls(**kwargs)
+        config.validate(source)
+        return config
+
+    # --- semantic checks --------------------------------------------------------------------------------
+    def validate(self, source: str = "config") -> None:
+        def fail(key: str, msg: str) -> None:
+            raise ConfigError(f"{source}: {key}: {msg}")
+
+        s, m, d, c, t = self.stage, self.model, self.diffusion, self.conditioning, self.train
+        if s.resolution < 4 or s.resolution & (s.resolution - 1):
+            fail("stage.resolution", f"must be a power of two >= 4, got {s.resolution}")
+        if s.channels not in (1, 3):
+            fail("stage.channels", f"must be 1 or 3, got {s.channels}")
+        if s.num_classes < 1:
+            fail("stage.num_classes", f"must be >= 1, got {s.num_classes}")
+        if s.kind == "sr":
+            if not 1 <= s.low_res < s.resolution:
+                fail("stage.low_res", f"an SR stage needs 1 <= low_res < resolution ({s.resolution}), got {s.low_res}")
+        elif s.low_res not in (0, s.resolution):
+            fail("stage.low_res", "only SR stages (stage.kind = \"sr\") take a low_res")
+        if d.timesteps < 2:
+            fail("diffusion.timesteps", f"must be >= 2, got {d.timesteps}")
+        if d.loss == "hybrid" and not d.learn_sigma:
+            fail("diffusion.loss", "\"hybrid\" trains learned variances: set diffusion.learn_sigma = true")
+        levels = len(m.channel_mult)
+        if not m.channel_mult or any(x < 1 for x in m.channel_mult):
+            fail("model.channel_mult", f"must be a non-empty list of positive ints, got {m.channel_mult}")
+        if s.resolution // 2 ** (levels - 1) < 1:
+            fail("model.channel_mult", f"{len(m.channel_mult)} levels downsample {s.resolution}px below 1px")
+        if m.channels < 1 or m.num_res_blocks < 1:
+            fail("model.channels", "channels and num_res_blocks must be >= 1")
+        if not 0.0 <= m.dropout < 1.0:
+            fail("model.dropout", f"must be in [0, 1), got {m.dropout}")
+        if not 0.0 <= m.label_dropout < 1.0:
+            fail("model.label_dropout", f"must be in [0, 1), got {m.label_dropout}")
+        if c.augmentation == "noise":
+            if not 0 <= c.s_min <= c.s_max <= c.noise_timesteps:
+                fail("conditioning.s_max", f"need 0 <= s_min <= s_max <= noise_timesteps ({c.noise_timesteps})")
+            if c.fixed_s > c.noise_timesteps:
+                fail("conditioning.fixed_s", f"must be <= noise_timesteps ({c.noise_timesteps})")
+            if not 0 <= c.sample_s <= c.noise_timesteps:
+                fail("conditioning.sample_s", f"must be in [0, noise_timesteps ({c.noise_timesteps})]")
+        if c.augmentation == "blur":
+            if c.blur_kernel < 1 or c.blur_kernel % 2 == 0:
+                fail("conditioning.blur_kernel", f"must be a positive odd integer, got {c.blur_kernel}")
+            if not 0 < c.blur_sigma_min <= c.blur_sigma_max:
+                fail("conditioning.blur_sigma_max", "need 0 < blur_sigma_min <= blur_sigma_max")
+            if not 0.0 <= c.blur_prob <= 1.0:
+                fail("conditioning.blur_prob", f"must be in [0, 1], got {c.blur_prob}")
+        if t.batch_size < 1 or t.grad_accum < 1:
+            fail("train.batch_size", "batch_size and grad_accum must be >= 1")
+        if t.lr <= 0:
+            fail("train.lr", f"must be > 0, got {t.lr}")
+        if not 0.0 <= t.ema_rate < 1.0:
+            fail("train.ema_rate", f"must be in [0, 1), got {t.ema_rate}")
+        if len(t.betas) != 2:
+            fail("train.betas", f"must be two numbers, got {t.betas}")
+        for key in ("log_every", "ckpt_every", "keep_last"):
+            if getattr(t, key) < 1:
+                fail(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+
+    @property
+    def is_sr(self) -> bool:
+        return self.stage.kind == "sr"
+
+    def architecture(self) -> dict[str, Any]:
+        """The keys that fix the network's shape: changing them makes old weights unusable."""
+        return {
+            "stage": {k: v for k, v in dataclasses.asdict(self.stage).items() if k != "name"},
+            "model": {
+                k: v
+                for k, v in dataclasses.asdict(self.model).items()
+                if k not in ("dropout", "label_dropout", "gradient_checkpointing")
+            },
+            "diffusion": {"learn_sigma": self.diffusion.learn_sigma},
+            "conditioning": {"use_aug_level": self.conditioning.augmentation == "noise"},
+        }
+
+
+def _section_type(f: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(StageConfig)
+    return hints[f.name]
+
+
+def _build_section(section_type: type, values: dict[str, Any], prefix: str, source: str):
+    hints = typing.get_type_hints(section_type)
+    fields = {f.name: f for f in dataclasses.fields(section_type)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            valid = ", ".join(fields)
+            raise ConfigError(f"{source}: unknown key '{prefix}.{key}' (valid keys in [{prefix}]: {valid})")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}", source)
+        choices = fields[key].metadata.get("choices")
+        if choices and kwargs[key] not in choices:
+            raise ConfigError(
+                f"{source}: {prefix}.{key} = {kwargs[key]!r} is not one of {', '.join(map(repr, choices))}"
+            )
+    return section_type(**kwargs)
+
+
+def _coerce(value: Any, expected: Any, key: str, source: str) -> Any:
+    def bad() -> ConfigError:
+        name = getattr(expected, "__name__", str(expected))
+        return ConfigError(f"{source}: {key} must be {name}, got {type(value).__name__} {value!r}")
+
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list of {item_type.__name__}, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad()
+    if expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad()
+    if expected is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    raise bad()  # pragma: no cover - every field type is handled above
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value`` (value in TOML syntax; bare words are strings)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: the key must look like section.key (e.g. train.lr)")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        merged.setdefault(section, {})
+        if not isinstance(merged[section], dict):
+            raise ConfigError(f"--set {text!r}: [{section}] is not a table")
+        merged[section][key] = value
+    return merged
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> StageConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return StageConfig.from_dict(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def config_from_json(text: str, source: str = "checkpoint") -> StageConfig:
+    return StageConfig.from_dict(json.loads(text), source=source)

@@ -1,0 +1,232 @@
+"""A cascade stage: its config, network and diffusion, and how to call the network from the samplers.
+
+``Stage.load`` accepts a training run directory (latest checkpoint, EMA weights by default) or an
+exported stage directory (``model.safetensors`` + ``stage.json``), so sampling code never cares which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .augment import BlurAugmentation, NoAugmentation, NoiseAugmentation
+from .checkpoint import STAGE_FILE, CheckpointError, latest_checkpoint, load_state, load_tensors, load_weights_into
+from .config import StageConfig
+from .diffusion import GaussianDiffusion, make_beta_schedule
+from .samplers import make_cfg_model_fn, sample
+from .unet import UNet, UNetConfig
+
+
+def build_unet_config(config: StageConfig) -> UNetConfig:
+    s, m = config.stage, config.model
+    return UNetConfig(
+        resolution=s.resolution,
+        in_channels=s.channels,
+        out_channels=s.channels,
+        model_channels=m.channels,
+        channel_mult=tuple(m.channel_mult),
+        num_res_blocks=m.num_res_blocks,
+        attention_resolutions=tuple(m.attention_resolutions),
+        num_heads=m.num_heads,
+        num_head_channels=m.num_head_channels,
+        dropout=m.dropout,
+        num_classes=s.num_classes,
+        learn_sigma=config.diffusion.learn_sigma,
+        use_aug_level=config.is_sr and config.conditioning.augmentation == "noise",
+        low_res_channels=s.channels if config.is_sr else 0,
+        low_res_upsample=config.conditioning.upsample,
+        resblock_updown=m.resblock_updown,
+        use_scale_shift_norm=m.use_scale_shift_norm,
+        norm_groups=m.norm_groups,
+        gradient_checkpointing=m.gradient_checkpointing,
+    )
+
+
+def build_network(config: StageConfig, device: str | torch.device = "cpu") -> UNet:
+    with torch.device(device):
+        return UNet(build_unet_config(config))
+
+
+def build_diffusion(config: StageConfig) -> GaussianDiffusion:
+    d = config.diffusion
+    return GaussianDiffusion(
+        make_beta_schedule(d.schedule, d.timesteps),
+        prediction=d.prediction,
+        learn_sigma=d.learn_sigma,
+        loss=d.loss,
+        vlb_weight=d.vlb_weight,
+    )
+
+
+def build_augmentation(config: StageConfig):
+    """The conditioning augmentation of an SR stage (``None`` for a base stage)."""
+    if not config.is_sr:
+        return None
+    c = config.conditioning
+    if c.augmentation == "noise":
+        prev = GaussianDiffusion(make_beta_schedule(c.noise_schedule, c.noise_timesteps))
+        return NoiseAugmentation(
+            prev.alphas_cumprod, c.s_min, c.s_max, fixed_s=c.fixed_s if c.fixed_s >= 0 else None
+        )
+    if c.augmentation == "blur":
+        return BlurAugmentation(c.blur_kernel, c.blur_sigma_min, c.blur_sigma_max, c.blur_prob)
+    return NoAugmentation()
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class Stage:
+    """A trained (or training) stage ready to sample."""
+
+    def __init__(self, config: StageConfig, net: UNet, device: str | torch.device = "cpu", source: str = ""):
+        self.config = config
+        self.net = net
+        self.device = torch.device(device)
+        self.diffusion = build_diffusion(config)
+        self.augmentation = build_augmentation(config)
+        self.source = source
+        self.step: int | None = None
+
+    # --- loading ---------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> "Stage":
+        path = Path(path)
+        if (path / STAGE_FILE).is_file():
+            meta = json.loads((path / STAGE_FILE).read_text())
+            config = StageConfig.from_dict(meta["config"], source=str(path / STAGE_FILE))
+            ckpt_dir, stem, step = path, "model", meta.get("step")
+        else:
+            if not path.exists():
+                raise CheckpointError(f"{path} does not exist")
+            ckpt_dir = latest_checkpoint(path)
+            if ckpt_dir is None:
+                raise CheckpointError(
+                    f"{path} holds no checkpoint: expected a run directory written by `cdm train` "
+                    f"(with checkpoints/step_*/) or an exported stage (with {STAGE_FILE})"
+                )
+            state = load_state(ckpt_dir)
+            config = StageConfig.from_dict(state["config"], source=str(ckpt_dir / "state.json"))
+            stem, step = weights, state["step"]
+        net = build_network(config, "cpu")
+        load_weights_into(net, load_tensors(ckpt_dir, stem), source=str(ckpt_dir))
+        net.to(device).eval().requires_grad_(False)
+        stage = cls(config, net, device, source=str(path))
+        stage.step = step
+        return stage
+
+    # --- properties used to validate a cascade ---------------------------------------------------------
+    @property
+    def resolution(self) -> int:
+        return self.config.stage.resolution
+
+    @property
+    def channels(self) -> int:
+        return self.config.stage.channels
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.stage.num_classes
+
+    @property
+    def is_sr(self) -> bool:
+        return self.config.is_sr
+
+    @property
+    def low_res(self) -> int:
+        return self.config.stage.low_res
+
+    @property
+    def uses_noise_augmentation(self) -> bool:
+        return isinstance(self.augmentation, NoiseAugmentation)
+
+    # --- the closure the samplers call -----------------------------------------------------------------
+    def model_fn(
+        self,
+        y: torch.Tensor,
+        low_res: torch.Tensor | None = None,
+        aug_level: torch.Tensor | None = None,
+        guidance: float = 1.0,
+        autocast: bool = True,
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Build ``model_fn(x_t, t_scaled)`` for labels ``y`` (and, for SR stages, the low-res input and
+        the integer augmentation level ``aug_level``). ``guidance`` 1.0 is plain conditional sampling."""
+        if self.is_sr and low_res is None:
+            raise ValueError(f"stage {self.source or self.config.stage.name} is an SR stage: it needs low_res")
+        scaled_aug = None
+        if self.uses_noise_augmentation:
+            if aug_level is None:
+                aug_level = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
+            scaled_aug = self.augmentation.scaled_level(aug_level)
+        channels_last = self.config.train.channels_last and self.device.type == "cuda"
+
+        def net_call(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            repeat = x.shape[0] // y.shape[0]  # classifier-free guidance batches cond + uncond together
+            lr = low_res if low_res is None or repeat == 1 else low_res.repeat(repeat, 1, 1, 1)
+            aug = scaled_aug if scaled_aug is None or repeat == 1 else scaled_aug.repeat(repeat)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_context(self.device, autocast):
+                out = self.net(x, t, y=labels, aug_level=aug, low_res=lr)
+            return out.float()
+
+        return make_cfg_model_fn(net_call, y, self.num_classes, guidance, self.config.diffusion.learn_sigma)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: torch.Tensor,
+        *,
+        low_res: torch.Tensor | None = None,
+        aug_level: torch.Tensor | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        variance: str | None = None,
+        guidance: float | None = None,
+        generator: torch.Generator | None = None,
+        stop_t: int = -1,
+        start_t: int | None = None,
+        x_start: torch.Tensor | None = None,
+        autocast: bool = True,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Sample ``len(labels)`` images in [-1, 1] (or a noisy x_{stop_t} when ``stop_t >= 0``)."""
+        defaults = self.config.sample
+        sampler = sampler or defaults.sampler
+        steps = defaults.steps if steps is None else steps
+        variance = variance or defaults.variance
+        if variance == "auto":
+            variance = "learned" if self.config.diffusion.learn_sigma else "fixed_large"
+        labels = labels.to(self.device)
+        if low_res is not None:
+            low_res = low_res.to(self.device)
+        if aug_level is not None:
+            aug_level = aug_level.to(self.device)
+        fn = self.model_fn(
+            labels, low_res, aug_level, guidance=defaults.guidance if guidance is None else guidance, autocast=autocast
+        )
+        c, r = self.channels, self.resolution
+        return sample(
+            self.diffusion,
+            fn,
+            (labels.shape[0], c, r, r),
+            sampler=sampler,
+            steps=steps or None,
+            eta=defaults.eta if eta is None else eta,
+            variance=variance,
+            x_start=x_start,
+            start_t=start_t,
+            stop_t=stop_t,
+            clip_denoised=defaults.clip_denoised,
+            generator=generator,
+            device=self.device,
+            progress=progress,
+        )

@@ -1,0 +1,518 @@
+"""Training one cascade stage, on one CPU or many GPUs (``torchrun`` → DDP), resumable bit for bit.
+
+Everything random in a step (data order, flips, timesteps, noise, label dropout, augmentation levels) comes
+from one seeded generator per process, and dropout from the seeded global RNG; both are stored in every
+checkpoint together with the model, EMA, optimizer, step and data position, so an interrupted run resumed
+from its last checkpoint produces the same weights as one that never stopped.
+
+The hot loop has no host-device synchronisation: losses and gradient norms accumulate on the device and
+are read only every ``log_every`` steps (that is also where a non-finite loss is detected; a checkpoint is
+never written from non-finite weights, so the last checkpoint on disk is always a good one).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import __version__
+from .augment import downsample, upsample
+from .checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    latest_checkpoint,
+    load_state,
+    load_tensors,
+    load_weights_into,
+    optimizer_state_from_flat,
+    optimizer_state_to_flat,
+    save_checkpoint,
+)
+from .config import ConfigError, StageConfig
+from .data import BatchStream, ImageArray, images_to_tensor, load_images, save_grid, tensor_to_images
+from .stage import Stage, autocast_context, build_augmentation, build_diffusion, build_network
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the run stopped and the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    last_loss: float | None
+
+
+# --- distributed setup -----------------------------------------------------------------------------------
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
+    if requested in (None, "auto"):
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was requested but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device(requested)
+
+
+# --- EMA -------------------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers (fp32 copy)."""
+
+    def __init__(self, model: torch.nn.Module, rate: float, warmup: bool):
+        self.rate = rate
+        self.warmup = warmup
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self._src = [p for p in model.parameters()]
+        self._dst = [p for p in self.model.parameters()]
+
+    def rate_at(self, num_updates: int) -> float:
+        if self.warmup:
+            return min(self.rate, (1 + num_updates) / (10 + num_updates))
+        return self.rate
+
+    @torch.no_grad()
+    def update(self, num_updates: int) -> None:
+        weight = 1.0 - self.rate_at(num_updates)
+        torch._foreach_lerp_(self._dst, [p.detach().float() for p in self._src], weight)
+
+
+# --- trainer ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: StageConfig,
+        run_dir: str | Path,
+        *,
+        device: str | None = None,
+        data: ImageArray | None = None,
+        stop_after: int | None = None,
+    ):
+        """``stop_after``: return after this many optimizer steps in this invocation (used to simulate an
+        interruption in tests); the run's total length stays ``config.train.steps``."""
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.rank, self.world_size, self.local_rank = distributed_env()
+        self.is_main = self.rank == 0
+        self.stop_after = stop_after
+        if self.world_size > 1 and not dist.is_initialized():
+            backend = "nccl" if (device or "auto") != "cpu" and torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        self.device = resolve_device(device, self.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self._data = data
+
+    # --- setup -----------------------------------------------------------------------------------------
+    def _check_run_dir(self) -> Path | None:
+        """Return the checkpoint to resume from, refusing a run dir whose network differs from the config."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return None
+        state = load_state(ckpt)
+        stored = StageConfig.from_dict(state["config"], source=str(ckpt / "state.json"))
+        if stored.architecture() != self.config.architecture():
+            diffs = _dict_diff(stored.architecture(), self.config.architecture())
+            raise ConfigError(
+                f"{self.run_dir} already holds a run with a different network ({'; '.join(diffs)}). "
+                "Use a new --out directory, or the original config to resume."
+            )
+        return ckpt
+
+    def _load_data(self) -> ImageArray:
+        if self._data is not None:
+            data = self._data
+        else:
+            d, s = self.config.data, self.config.stage
+
+            def load() -> ImageArray:
+                return load_images(
+                    d.source,
+                    s.resolution,
+                    channels=s.channels,
+                    root=d.root or None,
+                    cache_dir=d.cache_dir or None,
+                    on_corrupt=d.on_corrupt,
+                    progress=self.is_main,
+                )
+
+            # rank 0 builds a folder's resize cache once; the other ranks then read it
+            if self.world_size > 1 and not self.is_main:
+                dist.barrier()
+            data = load()
+            if self.world_size > 1 and self.is_main:
+                dist.barrier()
+        s = self.config.stage
+        if data.images.shape[1:] != (s.resolution, s.resolution, s.channels):
+            raise ValueError(
+                f"data {data.source!r} has images of shape {data.images.shape[1:]}, the stage needs "
+                f"{(s.resolution, s.resolution, s.channels)}"
+            )
+        if len(data.labels) and int(data.labels.max()) >= s.num_classes:
+            raise ConfigError(
+                f"stage.num_classes = {s.num_classes} but the data {data.source!r} has label {int(data.labels.max())}"
+            )
+        if len(data.images) < self.config.train.batch_size:
+            raise ValueError(
+                f"data {data.source!r} has {len(data.images)} images, fewer than train.batch_size = "
+                f"{self.config.train.batch_size}"
+            )
+        return data
+
+    def _build(self) -> None:
+        cfg = self.config
+        t = cfg.train
+        torch.manual_seed(t.seed + self.rank)
+        self.generator = torch.Generator(self.device).manual_seed(t.seed * 1000 + self.rank)
+        self.net = build_network(cfg, self.device)
+        if t.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.ema = EMA(self.net, t.ema_rate, t.ema_warmup)
+        self.diffusion = build_diffusion(cfg)
+        self.augmentation = build_augmentation(cfg)
+        opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+        opt_kwargs: dict[str, Any] = dict(lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        if self.device.type == "cuda":
+            opt_kwargs["fused"] = True
+        self.optimizer = opt_cls(self.net.parameters(), **opt_kwargs)
+        self.train_net: torch.nn.Module = self.net
+        if self.world_size > 1:
+            self.train_net = torch.nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if t.compile:
+            self.train_net = torch.compile(self.train_net)
+        self.data = self._load_data()
+        self.stream = BatchStream(len(self.data.images), t.batch_size, t.seed, self.rank, self.world_size)
+        self.step = 0
+
+    # --- checkpointing ---------------------------------------------------------------------------------
+    def _rng_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            tensors["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        return tensors
+
+    def save(self) -> Path | None:
+        """Write a checkpoint (rank 0); every rank's RNG goes in as ``rng_rank{r}``."""
+        rng_all = {f"rank{self.rank}.{k}": v.cpu() for k, v in self._rng_tensors().items()}
+        if self.world_size > 1:
+            gathered: list[Any] = [None] * self.world_size
+            dist.all_gather_object(gathered, rng_all)
+            rng_all = {k: v for g in gathered for k, v in g.items()}
+        path = None
+        if self.is_main:
+            opt_tensors, opt_meta = optimizer_state_to_flat(self.optimizer.state_dict())
+            state = {
+                "config": self.config.to_dict(),
+                "optimizer": opt_meta,
+                "data_stream": self.stream.state_dict(),  # global: the same on every rank
+                "world_size": self.world_size,
+                "version": __version__,
+                "torch": torch.__version__,
+            }
+            path = save_checkpoint(
+                self.run_dir,
+                self.step,
+                {
+                    "model": self.net.state_dict(),
+                    "ema": self.ema.model.state_dict(),
+                    "optimizer": opt_tensors,
+                    "rng": rng_all,
+                },
+                state,
+                keep_last=self.config.train.keep_last,
+            )
+        if self.world_size > 1:
+            dist.barrier()
+        return path
+
+    def resume(self, ckpt: Path) -> None:
+        state = load_state(ckpt)
+        load_weights_into(self.net, load_tensors(ckpt, "model", self.device), source=str(ckpt))
+        load_weights_into(self.ema.model, load_tensors(ckpt, "ema", self.device), source=str(ckpt))
+        opt_tensors = load_tensors(ckpt, "optimizer", self.device)
+        self.optimizer.load_state_dict(optimizer_state_from_flat(opt_tensors, state["optimizer"]))
+        for group in self.optimizer.param_groups:  # the config may change lr between runs
+            group["initial_lr"] = self.config.train.lr
+        rng = load_tensors(ckpt, "rng")
+        prefix = f"rank{self.rank}."
+        if prefix + "generator" in rng and state.get("world_size", 1) == self.world_size:
+            self.generator.set_state(rng[prefix + "generator"].to(torch.uint8))
+            torch.set_rng_state(rng[prefix + "torch_cpu"].to(torch.uint8))
+            if self.device.type == "cuda" and prefix + "torch_cuda" in rng:
+                torch.cuda.set_rng_state(rng[prefix + "torch_cuda"].to(torch.uint8), self.device)
+        else:  # a different world size: keep going with fresh per-rank randomness
+            self.generator.manual_seed(self.config.train.seed * 1000 + self.rank + 7919 * state["step"])
+        self.stream.load_state_dict(state["data_stream"])
+        self.step = int(state["step"])
+
+    # --- one step --------------------------------------------------------------------------------------
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.sort(self.stream.next_indices())  # sorted: friendlier to memory-mapped caches
+        images = np.asarray(self.data.images[idx])
+        labels = torch.from_numpy(np.asarray(self.data.labels[idx], dtype=np.int64))
+        flip = None
+        if self.config.data.flip:
+            flip = torch.rand(len(idx), generator=self.generator, device=self.device) < 0.5
+        x0 = images_to_tensor(images, device=self.device, flip_mask=flip)
+        return x0, labels.to(self.device, non_blocking=True)
+
+    def _loss(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        n = x0.shape[0]
+        gen = self.generator
+        if cfg.model.label_dropout > 0:
+            drop = torch.rand(n, generator=gen, device=self.device) < cfg.model.label_dropout
+            y = torch.where(drop, torch.full_like(y, cfg.stage.num_classes), y)
+        low_res = aug_level = None
+        if cfg.is_sr:
+            low_res = downsample(x0, cfg.stage.low_res)
+            low_res, level = self.augmentation(low_res, gen)
+            if level is not None:
+                aug_level = self.augmentation.scaled_level(level)
+        t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=gen, device=self.device)
+        noise = torch.randn(x0.shape, generator=gen, device=self.device)
+        channels_last = cfg.train.channels_last
+        net = self.train_net
+
+        def model_fn(x_t: torch.Tensor, t_scaled: torch.Tensor) -> torch.Tensor:
+            if channels_last:
+                x_t = x_t.contiguous(memory_format=torch.channels_last)
+            with autocast_context(self.device, cfg.train.bf16):
+                out = net(x_t, t_scaled, y=y, aug_level=aug_level, low_res=low_res)
+            return out.float()
+
+        return self.diffusion.training_losses(model_fn, x0, t, noise=noise)["loss"].mean()
+
+    def _lr_at(self, step: int) -> float:
+        t = self.config.train
+        if t.warmup_steps > 0:
+            return t.lr * min(1.0, (step + 1) / t.warmup_steps)
+        return t.lr
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.config.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for micro in range(t.grad_accum):
+            x0, y = self._batch()
+            sync = micro == t.grad_accum - 1 or self.world_size == 1
+            ctx = self.train_net.no_sync() if not sync and hasattr(self.train_net, "no_sync") else _null()
+            with ctx:
+                loss = self._loss(x0, y) / t.grad_accum
+                loss.backward()
+            total += loss.detach()
+        if t.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), t.grad_clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.detach().norm() for p in self.net.parameters() if p.grad is not None])
+            )
+        self.optimizer.step()
+        self.step += 1
+        self.ema.update(self.step - 1)
+        return total, grad_norm
+
+    # --- sample grid -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_grid(self, path: Path, per_class: int = 8) -> None:
+        cfg = self.config
+        stage = Stage(cfg, self.ema.model, self.device, source=str(self.run_dir))
+        k = cfg.stage.num_classes
+        rows = min(k, 10)
+        labels = torch.arange(rows, device=self.device).repeat_interleave(per_class)
+        gen = torch.Generator(self.device).manual_seed(1234)
+        low = None
+        columns = []
+        if cfg.is_sr:
+            picks = []
+            for c in range(rows):
+                where = np.flatnonzero(np.asarray(self.data.labels) == c)[:per_class]
+                picks.append(np.resize(where, per_class) if len(where) else np.zeros(per_class, np.int64))
+            real = images_to_tensor(np.asarray(self.data.images[np.concatenate(picks)]), device=self.device)
+            low = downsample(real, cfg.stage.low_res)
+            columns.append(upsample(low, cfg.stage.resolution, "nearest"))
+        x = stage.sample(labels, low_res=low, steps=cfg.train.sample_steps, generator=gen, autocast=cfg.train.bf16)
+        columns.append(x)
+        if cfg.is_sr:
+            columns.append(real)
+        # interleave columns per row: for SR each row shows low-res | sample | real
+        grid = torch.stack(columns, 1).reshape(-1, *x.shape[1:]) if len(columns) > 1 else x
+        save_grid(tensor_to_images(grid), path, nrow=per_class * len(columns))
+
+    # --- the loop --------------------------------------------------------------------------------------
+    def train(self) -> TrainSummary:
+        cfg = self.config
+        t = cfg.train
+        ckpt = self._check_run_dir()
+        self._build()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.toml", cfg.to_toml())
+        if ckpt is not None:
+            self.resume(ckpt)
+            if self.is_main:
+                print(f"resumed from {ckpt} at step {self.step}", flush=True)
+        log_path = self.run_dir / "log.jsonl"
+        if self.is_main:
+            _truncate_log(log_path, self.step)
+        writer = _tensorboard(self.run_dir) if (t.tensorboard and self.is_main) else None
+        start_step = self.step
+        end_step = t.steps if self.stop_after is None else min(t.steps, start_step + self.stop_after)
+        bar = None
+        if t.progress and self.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t.steps, initial=self.step, desc=cfg.stage.name, dynamic_ncols=True)
+        self.net.train()
+        loss_sum = torch.zeros((), device=self.device)
+        norm_sum = torch.zeros((), device=self.device)
+        count = 0
+        last_loss = None
+        last_ckpt = ckpt
+        tick = time.perf_counter()
+        images_per_step = t.batch_size * t.grad_accum * self.world_size
+        while self.step < end_step:
+            loss, grad_norm = self.train_step()
+            loss_sum += loss
+            norm_sum += grad_norm
+            count += 1
+            at_end = self.step == end_step
+            if self.step % t.log_every == 0 or at_end:
+                stats = torch.stack([loss_sum, norm_sum])
+                if self.world_size > 1:
+                    dist.all_reduce(stats)
+                    stats /= self.world_size
+                mean_loss, mean_norm = (stats / count).tolist()
+                elapsed = time.perf_counter() - tick
+                record = {
+                    "step": self.step,
+                    "loss": mean_loss,
+                    "grad_norm": mean_norm,
+                    "lr": self._lr_at(self.step - 1),
+                    "img_per_s": count * images_per_step / max(elapsed, 1e-9),
+                    "time": time.time(),
+                }
+                if not math.isfinite(mean_loss):
+                    self._stop_nonfinite(record, log_path, last_ckpt)
+                last_loss = mean_loss
+                if self.is_main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if writer is not None:
+                        for key in ("loss", "grad_norm", "lr", "img_per_s"):
+                            writer.add_scalar(f"train/{key}", record[key], self.step)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['img_per_s']:.0f}")
+                loss_sum.zero_()
+                norm_sum.zero_()
+                count = 0
+                tick = time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+            if self.step % t.ckpt_every == 0 or at_end:
+                if not _all_finite(self.net):
+                    self._stop_nonfinite({"step": self.step, "loss": float("nan")}, log_path, last_ckpt)
+                last_ckpt = self.save() or last_ckpt
+            if self.is_main and ((t.sample_every and self.step % t.sample_every == 0) or self.step == t.steps):
+                if self.step != start_step:
+                    self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png")
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        return TrainSummary(self.run_dir, self.step, latest_checkpoint(self.run_dir), last_loss)
+
+    def _stop_nonfinite(self, record: dict, log_path: Path, last_ckpt: Path | None) -> None:
+        if self.is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({**record, "error": "non-finite loss"}) + "\n")
+        keep = f"the last good checkpoint is kept: {last_ckpt}" if last_ckpt else "no checkpoint had been written yet"
+        raise NonFiniteLossError(
+            f"the loss became non-finite by step {record['step']}; training stopped and {keep}. "
+            "Try a lower train.lr, train.grad_clip > 0, or train.bf16 = false."
+        )
+
+
+def train_stage(config: StageConfig, run_dir: str | Path, **kwargs) -> TrainSummary:
+    trainer = Trainer(config, run_dir, **kwargs)
+    return trainer.train()
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _all_finite(model: torch.nn.Module) -> bool:
+    flags = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all())
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they belong to lost work)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RuntimeError(
+            "train.tensorboard = true needs the tensorboard package: pip install 'cascaded-diffusion[tensorboard]'"
+        ) from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _dict_diff(va, vb, name + ".")
+        elif va != vb:
+            out.append(f"{name}: run has {va!r}, config has {vb!r}")
+    return out
