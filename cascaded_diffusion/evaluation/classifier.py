@@ -166,7 +166,8 @@ def uint8_batch_to_pixels(
     network is rejected (silently converting would hide a dataset mix-up). Downsampling uses
     antialiased bilinear filtering so high-resolution samples are not aliased.
     """
-    batch = torch.from_numpy(np.ascontiguousarray(images_uint8_nhwc)).to(device)
+    # Copy: the input may be a read-only view (np.frombuffer, np.load mmap), which torch warns about.
+    batch = torch.from_numpy(np.array(images_uint8_nhwc, dtype=np.uint8, copy=True)).to(device)
     x = batch.permute(0, 3, 1, 2).to(torch.float32)
     if x.shape[1] != channels:
         if x.shape[1] == 1 and channels == 3:

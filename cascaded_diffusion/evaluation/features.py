@@ -63,7 +63,7 @@ class InceptionFeatureExtractor:
     @torch.no_grad()
     def features_and_probs(self, images_uint8_nhwc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         images = check_images_uint8_nhwc(images_uint8_nhwc)
-        batch = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
+        batch = torch.from_numpy(np.array(images, copy=True)).to(self.device).permute(0, 3, 1, 2)
         features, logits = self.model(batch)
         logits64 = logits.double().cpu().numpy()
         return features.double().cpu().numpy(), softmax(logits64, axis=1)

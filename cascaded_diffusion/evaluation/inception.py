@@ -55,12 +55,14 @@ def default_inception_cache_path() -> Path:
 
 def _tf1_source_indices(out_size: int, in_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Neighbour indices and interpolation weights of TF1 legacy bilinear resizing along one axis."""
-    scale = in_size / out_size
-    source = torch.arange(out_size, device=device, dtype=torch.float64) * scale
-    lower = source.floor().long().clamp(max=in_size - 1)
-    upper = (lower + 1).clamp(max=in_size - 1)
-    weight = (source - lower.to(torch.float64)).to(torch.float32)
-    return lower, upper, weight
+    # float32 arithmetic, like TF's kernel, so floor() lands on the same side near integer positions.
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    source = torch.arange(out_size, device=device, dtype=torch.float32) * scale.to(device)
+    lower = source.floor()
+    weight = source - lower
+    lower_index = lower.long().clamp(max=in_size - 1)
+    upper_index = (lower_index + 1).clamp(max=in_size - 1)
+    return lower_index, upper_index, weight
 
 
 def resize_bilinear_tf1(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -96,9 +98,11 @@ def preprocess_uint8(images: torch.Tensor) -> torch.Tensor:
         images = images.expand(-1, 3, -1, -1)
     elif channels != 3:
         raise ValueError(f"Inception expects 1 or 3 channels (NCHW), got {channels} channels")
-    x = images.to(torch.float32)
+    # Contiguous NCHW: a permuted NHWC input would otherwise propagate channels-last strides, which
+    # makes the fp32 CPU convolutions several times slower.
+    x = images.to(torch.float32).contiguous()
     x = resize_bilinear_tf1(x, (INCEPTION_INPUT_SIZE, INCEPTION_INPUT_SIZE))
-    return (x - 128.0) / 128.0
+    return ((x - 128.0) / 128.0).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------

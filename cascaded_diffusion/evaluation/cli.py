@@ -1,0 +1,200 @@
+"""``cdm stats | eval | classifier train | cas | sweep``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _write_json(path: str | Path, payload: dict) -> None:
+    from ..checkpoint import atomic_write_text
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(payload, indent=2))
+
+
+def _device(name: str):
+    from ..training import resolve_device
+
+    return resolve_device(name)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .evaluate import reference_stats
+    from .features import get_feature_extractor
+
+    extractor = get_feature_extractor(args.features, _device(args.device))
+    start = time.time()
+    stats = reference_stats(args.ref, extractor, resolution=args.resolution, channels=args.channels, num=args.num)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stats.save(out)
+    print(f"wrote {out}: {stats.num} images, {stats.dim}-d {extractor.name} features ({time.time() - start:.0f} s)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_images, load_samples, reference_stats
+    from .features import get_feature_extractor
+
+    images, _ = load_samples(args.samples, args.num)
+    extractor = get_feature_extractor(args.features, _device(args.device))
+    reference = reference_stats(args.ref, extractor, resolution=images.shape[1], channels=images.shape[-1])
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    result = evaluate_images(images, reference, extractor, metrics, source=str(args.samples))
+    result["reference"]["spec"] = args.ref
+    _write_json(args.out, result)
+    shown = {k: result[k] for k in ("fid", "kid", "is", "precision", "recall") if k in result}
+    print(f"{args.samples} vs {args.ref} ({result['num_samples']} samples, {extractor.name}): {json.dumps(shown)}")
+    return 0
+
+
+def cmd_classifier_train(args: argparse.Namespace) -> int:
+    from ..data import load_images
+    from .classifier import evaluate_classifier, save_classifier, train_classifier
+
+    train = load_images(args.data, args.resolution)
+    test_spec = args.test or (args.data.split(":")[0] + ":test" if args.data.startswith("fashion-mnist") else None)
+    test = load_images(test_spec, args.resolution) if test_spec else None
+    start = time.time()
+    kwargs = dict(seed=args.seed, device=_device(args.device), progress=True)
+    if args.epochs is not None:
+        kwargs["epochs"] = args.epochs
+    model, history = train_classifier(train.images, train.labels, train.num_classes, **kwargs)
+    minutes = (time.time() - start) / 60
+    accuracy = None
+    if test is not None:
+        accuracy = evaluate_classifier(model, test.images, test.labels)
+    save_classifier(model, args.out, metadata={
+        "train_data": train.source, "test_data": test.source if test is not None else None,
+        "test_top1": accuracy["top1"] if accuracy else None, "train_minutes": minutes,
+    })
+    msg = f"trained classifier on {train.source} in {minutes:.1f} min"
+    if accuracy:
+        msg += f"; {test.source} top-1 {100 * accuracy['top1']:.2f}%"
+    print(msg + f"; saved {args.out}")
+    return 0
+
+
+def cmd_cas(args: argparse.Namespace) -> int:
+    from ..data import load_images
+    from .cas import classification_accuracy_score
+    from .evaluate import load_samples
+
+    images, labels = load_samples(args.samples, args.num)
+    if labels is None:
+        raise ValueError(f"{args.samples} has no arr_1 labels: CAS needs the class each sample was generated for")
+    test = load_images(args.test, images.shape[1], channels=images.shape[-1])
+    num_classes = test.num_classes
+    recipe = dict(seed=args.seed, device=_device(args.device))
+    if args.epochs is not None:
+        recipe["epochs"] = args.epochs
+    start = time.time()
+    generated = classification_accuracy_score(images, labels, test.images, test.labels, num_classes, **recipe)
+    result = {"samples": str(args.samples), "test": test.source, "generated": generated}
+    line = f"CAS on {test.source}: generated top-1 {100 * generated['top1']:.2f}% top-5 {100 * generated['top5']:.2f}%"
+    if args.real:
+        real = load_images(args.real, images.shape[1], channels=images.shape[-1])
+        rng = np.random.default_rng(args.seed)
+        pick = np.sort(rng.choice(len(real.images), size=min(len(images), len(real.images)), replace=False))
+        baseline = classification_accuracy_score(
+            np.asarray(real.images[pick]), np.asarray(real.labels[pick]), test.images, test.labels, num_classes, **recipe
+        )
+        result["real"] = {**baseline, "source": real.source}
+        line += f"; real-data baseline ({baseline['n_train']} images) top-1 {100 * baseline['top1']:.2f}% top-5 {100 * baseline['top5']:.2f}%"
+    result["minutes"] = (time.time() - start) / 60
+    if args.out:
+        _write_json(args.out, result)
+    print(line)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ..cli import load_cascade
+    from .evaluate import reference_stats
+    from .features import get_feature_extractor
+    from .sweep import augmentation_sweep, plot_sweep
+
+    device = _device(args.device)
+    cascade = load_cascade(args.run_dirs, args.pretrained, device, weights=args.weights)
+    extractor = get_feature_extractor(args.features, device)
+    final = cascade.stages[-1]
+    reference = reference_stats(args.ref, extractor, resolution=final.resolution, channels=final.channels)
+    ground_truth = None if args.no_ground_truth else (args.ground_truth or (args.ref if ":" in args.ref or not args.ref.endswith(".npz") else None))
+    sampling = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
+                    autocast=args.precision == "bf16")
+    result = augmentation_sweep(
+        cascade, args.aug_levels, num=args.num, reference=reference, extractor=extractor,
+        ground_truth=ground_truth, truncated=args.truncated, seed=args.seed, batch_size=args.batch_size,
+        sampling={k: v for k, v in sampling.items() if v is not None},
+    )
+    result["sampling"] = {k: v for k, v in sampling.items() if v is not None}
+    _write_json(args.out, result)
+    if args.plot:
+        plot_sweep(result, args.plot)
+    print(f"best level s={result['best_level']} (FID {result['best_fid']:.3f}, {extractor.name}); wrote {args.out}")
+    return 0
+
+
+def add_evaluation_commands(sub, add_sampling_args) -> None:
+    p = sub.add_parser("stats", help="reference feature statistics of a dataset")
+    p.add_argument("ref", help="fashion-mnist | fashion-mnist:test | imagefolder:PATH | npz:PATH")
+    p.add_argument("--out", required=True)
+    p.add_argument("--features", default="inception", help="inception[:WEIGHTS] | classifier[:PATH]")
+    p.add_argument("--resolution", type=int, default=None, help="image resolution (that of the samples you score)")
+    p.add_argument("--channels", type=int, default=None)
+    p.add_argument("--num", type=int, default=None, help="use the first N images")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("eval", help="FID / KID / IS / precision-recall of a samples .npz")
+    p.add_argument("samples")
+    p.add_argument("--ref", required=True, help="dataset spec or stats .npz from `cdm stats`")
+    p.add_argument("--out", required=True, help="metrics JSON")
+    p.add_argument("--metrics", default="fid,kid,is,pr")
+    p.add_argument("--features", default="inception", help="inception[:WEIGHTS] | classifier[:PATH]")
+    p.add_argument("--num", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("classifier", help="the evaluation classifier")
+    csub = p.add_subparsers(dest="classifier_command", required=True)
+    c = csub.add_parser("train", help="train the small ResNet on real data (features for FID/KID/PR, IS, CAS)")
+    c.add_argument("--data", default="fashion-mnist")
+    c.add_argument("--test", default=None, help="test split (default: DATA:test for fashion-mnist)")
+    c.add_argument("--out", required=True, help=".safetensors path")
+    c.add_argument("--resolution", type=int, default=32)
+    c.add_argument("--epochs", type=int, default=None)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="auto")
+    c.set_defaults(func=cmd_classifier_train)
+
+    p = sub.add_parser("cas", help="Classification Accuracy Score of a samples .npz")
+    p.add_argument("samples")
+    p.add_argument("--test", default="fashion-mnist:test")
+    p.add_argument("--real", default=None, help="also train on this many real images (e.g. fashion-mnist)")
+    p.add_argument("--out", default=None, help="JSON result")
+    p.add_argument("--num", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_cas)
+
+    p = sub.add_parser("sweep", help="FID over the conditioning-augmentation level s")
+    p.add_argument("run_dirs", nargs="*")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--aug-levels", required=True, type=lambda s: [int(v) for v in s.split(",") if v.strip()])
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--ref", required=True, help="dataset spec or stats .npz")
+    p.add_argument("--ground-truth", default=None, help="dataset for the ground-truth low-res curve (default: --ref)")
+    p.add_argument("--no-ground-truth", action="store_true")
+    p.add_argument("--features", default="inception")
+    p.add_argument("--out", required=True)
+    p.add_argument("--plot", default=None)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_sweep)

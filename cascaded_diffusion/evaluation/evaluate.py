@@ -1,0 +1,172 @@
+"""Scoring sample files against a reference: the Python API behind ``cdm stats`` and ``cdm eval``.
+
+A reference is either a dataset spec (``fashion-mnist``, ``fashion-mnist:test``, ``imagefolder:PATH``,
+``npz:PATH``) whose statistics are computed (and cached) at the samples' resolution, or a statistics file
+written by ``cdm stats``. Every result states the number of samples, the reference and the feature
+network, so a number can never be separated from what it measures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .features import FeatureExtractor, extract
+from .metrics import (
+    FeatureStats,
+    check_compatible,
+    fid_from_stats,
+    inception_score,
+    kid,
+    precision_recall,
+    warn_if_rank_deficient,
+)
+
+METRICS = ("fid", "kid", "is", "pr")
+
+
+def load_samples(path: str | os.PathLike, num: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read ``arr_0`` (uint8 N×H×W×C) and optional ``arr_1`` labels from a samples ``.npz``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"samples file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable .npz file: {e}") from None
+    with data:
+        if "arr_0" not in data.files:
+            raise ValueError(
+                f"{path} has no 'arr_0' (keys: {', '.join(data.files) or 'none'}); expected the guided-diffusion "
+                "sample format: arr_0 = uint8 images N×H×W×C, arr_1 = labels"
+            )
+        images = data["arr_0"]
+        labels = data["arr_1"] if "arr_1" in data.files else None
+    if images.dtype != np.uint8:
+        hint = ""
+        if np.issubdtype(images.dtype, np.floating) and images.size:
+            lo, hi = float(images.min()), float(images.max())
+            hint = f" (values in [{lo:.3g}, {hi:.3g}]: convert with ((x + 1) * 127.5).round().clip(0, 255).astype(uint8))"
+        raise ValueError(f"{path}: arr_0 must be uint8 in [0, 255], got {images.dtype}{hint}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: arr_0 must have shape N×H×W×C with C in (1, 3), got {images.shape}")
+    if labels is not None and labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{path}: arr_1 has {labels.shape[0]} labels for {images.shape[0]} images")
+    if num is not None:
+        if num > images.shape[0]:
+            raise ValueError(f"{path} holds {images.shape[0]} samples, fewer than --num {num}")
+        images = images[:num]
+        labels = labels[:num] if labels is not None else None
+    return images, (labels.astype(np.int64) if labels is not None else None)
+
+
+def default_stats_cache() -> Path:
+    root = os.environ.get("CDM_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "cascaded_diffusion") / "stats"
+
+
+def reference_stats(
+    ref: str,
+    extractor: FeatureExtractor,
+    *,
+    resolution: int | None,
+    channels: int | None = None,
+    num: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 250,
+) -> FeatureStats:
+    """Statistics of a reference: a stats ``.npz`` file as is, or a dataset spec computed and cached."""
+    path = Path(ref)
+    if ref.endswith(".npz") and path.is_file() and not ref.startswith("npz:"):
+        try:
+            return FeatureStats.load(path)
+        except ValueError:
+            pass  # not a stats file: treat it as an image npz below
+        ref = f"npz:{ref}"
+    from ..data import load_images
+
+    data = load_images(ref, resolution or 32, channels=channels)
+    if resolution is None:
+        resolution = data.resolution
+    images = data.images if num is None else data.images[:num]
+    key = json.dumps([ref, resolution, channels, len(images), extractor.name], sort_keys=True)
+    cache = Path(cache_dir) if cache_dir else default_stats_cache()
+    cached = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
+    if cached.is_file():
+        try:
+            return FeatureStats.load(cached)
+        except (ValueError, OSError):
+            cached.unlink(missing_ok=True)
+    stats = FeatureStats.from_features(
+        extract(np.asarray(images), extractor, batch_size=batch_size)[0],
+        network=extractor.name,
+        source=f"{ref} @ {resolution}px, n={len(images)}",
+    )
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp-{os.getpid()}")
+    stats.save(tmp)
+    os.replace(tmp, cached)
+    return stats
+
+
+def evaluate_images(
+    images: np.ndarray,
+    reference: FeatureStats,
+    extractor: FeatureExtractor,
+    metrics: Sequence[str] = ("fid",),
+    *,
+    batch_size: int = 250,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    pr_k: int = 3,
+    source: str = "",
+) -> dict[str, Any]:
+    """Score uint8 NHWC ``images`` against ``reference``; returns a JSON-ready dict."""
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)} (valid: {', '.join(METRICS)})")
+    need_probs = "is" in metrics
+    features, probs = extract(images, extractor, batch_size=batch_size, with_probs=need_probs)
+    stats = FeatureStats.from_features(features, network=extractor.name, source=source, keep_features=False)
+    check_compatible(stats, reference)
+    result: dict[str, Any] = {
+        "num_samples": int(len(images)),
+        "samples": source,
+        "reference": {"source": reference.source, "num": reference.num},
+        "feature_network": extractor.name,
+        "feature_dim": stats.dim,
+    }
+    if "fid" in metrics:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_if_rank_deficient(stats.num, stats.dim, "samples")
+            warn_if_rank_deficient(reference.num, reference.dim, "reference")
+        for w in caught:
+            warnings.warn(str(w.message), stacklevel=2)
+        result["fid"] = fid_from_stats(stats, reference)
+        if caught:
+            result["fid_warning"] = "; ".join(str(w.message) for w in caught)
+    if "kid" in metrics or "pr" in metrics:
+        if reference.features is None:
+            raise ValueError(
+                "KID and precision/recall need the reference's raw features; recompute the reference with "
+                "`cdm stats` (it keeps them) or pass a dataset spec as --ref"
+            )
+    if "kid" in metrics:
+        mean, std = kid(features, reference.features, num_subsets=kid_subsets, subset_size=kid_subset_size)
+        result["kid"] = {"mean": mean, "std": std}
+    if "pr" in metrics:
+        pr = precision_recall(reference.features, features, k=pr_k)
+        result["precision"], result["recall"] = pr.precision, pr.recall
+    if "is" in metrics:
+        mean, std = inception_score(probs, splits=10)
+        result["is"] = {"mean": mean, "std": std, "splits": 10}
+    return result

@@ -1,0 +1,133 @@
+"""Cascades of tiny stages: validation before compute, truncated / non-truncated sampling, the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cascaded_diffusion.cascade import Cascade, CascadeError, balanced_labels
+from cascaded_diffusion.config import StageConfig
+from cascaded_diffusion.stage import Stage, build_network
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage_config(kind: str, resolution: int, low_res: int = 0, *, classes: int = 3, channels: int = 1,
+                 augmentation: str = "noise", timesteps: int = 40, **conditioning) -> StageConfig:
+    raw = {
+        "stage": {"name": f"{kind}{resolution}", "kind": kind, "resolution": resolution, "low_res": low_res,
+                  "channels": channels, "num_classes": classes},
+        "diffusion": {"timesteps": timesteps, "learn_sigma": kind == "base", "loss": "hybrid" if kind == "base" else "simple"},
+        "model": {"channels": 32, "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": []},
+        "sample": {"sampler": "ddim", "steps": 5},
+    }
+    if kind == "sr":
+        raw["conditioning"] = {"augmentation": augmentation, **conditioning}
+        if augmentation == "noise":
+            raw["conditioning"].setdefault("noise_timesteps", timesteps)
+            raw["conditioning"].setdefault("s_max", timesteps)
+    return StageConfig.from_dict(raw)
+
+
+def make_stage(config: StageConfig, seed: int = 0) -> Stage:
+    torch.manual_seed(seed)
+    net = build_network(config)
+    # zero-initialised output layers make an untrained net constant; perturb so outputs depend on inputs
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return Stage(config, net.eval(), "cpu", source=config.stage.name)
+
+
+@pytest.fixture(scope="module")
+def base8():
+    return make_stage(stage_config("base", 8))
+
+
+@pytest.fixture(scope="module")
+def sr8to16():
+    return make_stage(stage_config("sr", 16, 8, sample_s=10))
+
+
+def test_two_stage_cascade_samples_end_to_end(base8, sr8to16):
+    cascade = Cascade([base8, sr8to16])
+    labels = balanced_labels(6, 3)
+    gen = torch.Generator().manual_seed(0)
+    out = cascade.sample(labels, generator=gen, aug_levels=[10])
+    assert [x.shape for x in out.stages] == [(6, 1, 8, 8), (6, 1, 16, 16)]
+    assert out.images.abs().max() <= 1 and torch.isfinite(out.images).all()
+
+
+def test_truncated_and_nontruncated_paths_differ_and_run(base8, sr8to16):
+    cascade = Cascade([base8, sr8to16])
+    labels = balanced_labels(4, 3)
+    full = cascade.sample(labels, generator=torch.Generator().manual_seed(1), aug_levels=[20])
+    trunc = cascade.sample(labels, generator=torch.Generator().manual_seed(1), aug_levels=[20], truncated=True)
+    assert full.images.shape == trunc.images.shape == (4, 1, 16, 16)
+    # truncated sampling hands on the base's noisy x_s: noisier than its clean output
+    assert not torch.allclose(trunc.stages[0], full.stages[0])
+    # s = 0 is clean conditioning in both modes: identical results for the same seed
+    a = cascade.sample(labels, generator=torch.Generator().manual_seed(2), aug_levels=[0])
+    b = cascade.sample(labels, generator=torch.Generator().manual_seed(2), aug_levels=[0], truncated=True)
+    assert torch.allclose(a.images, b.images)
+
+
+def test_truncated_stop_level_matches_forward_process(base8, sr8to16, monkeypatch):
+    """The SR stage receives z_s at exactly the requested level: check the level it is told."""
+    seen = {}
+    real = sr8to16.sample
+
+    def spy(labels, **kw):
+        seen["aug_level"] = kw["aug_level"].clone()
+        seen["low_res"] = kw["low_res"].clone()
+        return real(labels, **kw)
+
+    monkeypatch.setattr(sr8to16, "sample", spy)
+    Cascade([base8, sr8to16]).sample(balanced_labels(3, 3), aug_levels=[15], truncated=True)
+    assert seen["aug_level"].tolist() == [15, 15, 15]
+
+
+def test_ground_truth_low_res_input(base8, sr8to16):
+    cascade = Cascade([base8, sr8to16])
+    low = torch.rand(3, 1, 8, 8) * 2 - 1
+    out = cascade.sample(balanced_labels(3, 3), low_res=low, start_stage=1, aug_levels=[0])
+    assert len(out.stages) == 1 and out.images.shape == (3, 1, 16, 16)
+
+
+def test_miss_chained_cascades_are_refused():
+    base8 = make_stage(stage_config("base", 8))
+    sr8 = make_stage(stage_config("sr", 16, 8))
+    with pytest.raises(CascadeError, match="super-resolution stage.*starts with a base"):
+        Cascade([sr8, base8])
+    with pytest.raises(CascadeError, match="base model.*only super-resolution stages may follow"):
+        Cascade([base8, base8])
+    with pytest.raises(CascadeError, match="trained to upsample 8px inputs.*produces 16px"):
+        Cascade([make_stage(stage_config("base", 16)), sr8])
+    with pytest.raises(CascadeError, match="3 classes.*5"):
+        Cascade([make_stage(stage_config("base", 8, classes=5)), sr8])
+    with pytest.raises(CascadeError, match="takes 1-channel images.*produces 3"):
+        Cascade([make_stage(stage_config("base", 8, channels=3)), sr8])
+
+
+def test_truncation_needs_matching_schedules():
+    base = make_stage(stage_config("base", 8, timesteps=40))
+    sr = make_stage(stage_config("sr", 16, 8, timesteps=40, noise_timesteps=60, s_max=60))
+    with pytest.raises(CascadeError, match="truncated sampling at s=5"):
+        Cascade([base, sr]).sample(balanced_labels(2, 3), aug_levels=[5], truncated=True)
+
+
+def test_aug_level_on_a_stage_without_noise_augmentation_is_refused():
+    base = make_stage(stage_config("base", 8))
+    sr = make_stage(stage_config("sr", 16, 8, augmentation="blur"))
+    with pytest.raises(CascadeError, match="takes no augmentation level"):
+        Cascade([base, sr]).sample(balanced_labels(2, 3), aug_levels=[5])
+
+
+def test_balanced_labels():
+    assert balanced_labels(7, 3).tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert balanced_labels(4, 10, [7, 2]).tolist() == [2, 2, 7, 7]
+    with pytest.raises(ValueError, match="outside"):
+        balanced_labels(4, 3, [5])

@@ -1,0 +1,134 @@
+"""The trainer: bitwise resume, non-finite loss handling, run-dir checks, 2-process DDP on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cascaded_diffusion.checkpoint import latest_checkpoint, list_checkpoints, load_state, load_tensors
+from cascaded_diffusion.config import ConfigError, StageConfig
+from cascaded_diffusion.training import NonFiniteLossError, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path: Path, **train) -> StageConfig:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(40, 8, 8, 1), dtype=np.uint8)
+    labels = rng.integers(0, 3, size=40).astype(np.int64)
+    npz = tmp_path / "data.npz"
+    np.savez(npz, arr_0=images, arr_1=labels)
+    raw = {
+        "stage": {"name": "tiny", "resolution": 8, "channels": 1, "num_classes": 3},
+        "data": {"source": f"npz:{npz}"},
+        "diffusion": {"timesteps": 50, "learn_sigma": True, "loss": "hybrid"},
+        "model": {"channels": 32, "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": [4],
+                  "dropout": 0.1, "label_dropout": 0.2},
+        "train": {"steps": 6, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "bf16": False, "log_every": 2,
+                  "ckpt_every": 3, "keep_last": 5, "progress": False, "sample_every": 0, "sample_steps": 3,
+                  **train},
+    }
+    return StageConfig.from_dict(raw)
+
+
+def all_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for stem in ("model", "ema", "optimizer"):
+        out.update({f"{stem}/{k}": v for k, v in load_tensors(ckpt, stem).items()})
+    return out
+
+
+def test_resume_equals_uninterrupted_bitwise(tmp_path):
+    config = tiny_config(tmp_path)
+    Trainer(config, tmp_path / "straight", device="cpu").train()
+    # interrupted after 4 steps (a checkpoint exists at step 3), resumed to 6
+    Trainer(config, tmp_path / "resumed", device="cpu", stop_after=4).train()
+    # simulate preemption: lose everything after the step-3 checkpoint
+    for ckpt in list_checkpoints(tmp_path / "resumed"):
+        if load_state(ckpt)["step"] > 3:
+            import shutil
+
+            shutil.rmtree(ckpt)
+    Trainer(config, tmp_path / "resumed", device="cpu").train()
+    a = all_tensors(latest_checkpoint(tmp_path / "straight"))
+    b = all_tensors(latest_checkpoint(tmp_path / "resumed"))
+    assert load_state(latest_checkpoint(tmp_path / "resumed"))["step"] == 6
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the log of the lost steps was dropped, so each step is logged once
+    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed/log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+    # the sample grid at the end of the run was written
+    assert (tmp_path / "resumed/samples/step_00000006.png").is_file()
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, steps=12)
+    trainer = Trainer(config, tmp_path / "run", device="cpu")
+    real_step = trainer.train_step
+
+    def poisoned_step():
+        loss, norm = real_step()
+        if trainer.step >= 5:  # from step 5 on the loss (and then the weights) go NaN
+            with torch.no_grad():
+                for p in trainer.net.parameters():
+                    p.fill_(float("nan"))
+            loss = loss * float("nan")
+        return loss, norm
+
+    monkeypatch.setattr(trainer, "train_step", poisoned_step)
+    with pytest.raises(NonFiniteLossError, match="non-finite.*last good checkpoint is kept"):
+        trainer.train()
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert load_state(ckpt)["step"] == 3
+    assert all(torch.isfinite(v).all() for v in load_tensors(ckpt, "model").values())
+    last = json.loads((tmp_path / "run/log.jsonl").read_text().splitlines()[-1])
+    assert last["error"] == "non-finite loss"
+
+
+def test_resume_with_a_different_network_is_refused(tmp_path):
+    config = tiny_config(tmp_path, steps=3)
+    Trainer(config, tmp_path / "run", device="cpu").train()
+    other = StageConfig.from_dict({**config.to_dict(), "model": {**config.to_dict()["model"], "channels": 64}})
+    with pytest.raises(ConfigError, match="different network.*model.channels"):
+        Trainer(other, tmp_path / "run", device="cpu").train()
+
+
+def test_labels_beyond_num_classes_are_refused(tmp_path):
+    config = tiny_config(tmp_path)
+    bad = StageConfig.from_dict({**config.to_dict(), "stage": {**config.to_dict()["stage"], "num_classes": 2}})
+    with pytest.raises(ConfigError, match="num_classes = 2 but the data"):
+        Trainer(bad, tmp_path / "run", device="cpu").train()
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    config = tiny_config(tmp_path, steps=4, ckpt_every=2)
+    cfg_path = tmp_path / "tiny.toml"
+    cfg_path.write_text(config.to_toml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "cascaded_diffusion.cli", "train", str(cfg_path), "--out", str(tmp_path / "ddp"), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = latest_checkpoint(tmp_path / "ddp")
+    state = load_state(ckpt)
+    assert state["step"] == 4 and state["world_size"] == 2
+    rng = load_tensors(ckpt, "rng")
+    assert {"rank0.generator", "rank1.generator"} <= set(rng)
+    # ranks draw different noise: their generator states differ
+    assert not torch.equal(rng["rank0.generator"], rng["rank1.generator"])
+    # only rank 0 wrote: one log line per logged step
+    steps = [json.loads(l)["step"] for l in (tmp_path / "ddp/log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+    # and the run resumes under DDP too
+    proc = subprocess.run(cmd[:-4] + ["--steps", "6"] + cmd[-4:], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_state(latest_checkpoint(tmp_path / "ddp"))["step"] == 6
