@@ -115,7 +115,7 @@ class Cascade:
         """Truncated sampling hands the previous stage's own x_s on: the schedules must agree."""
         prev, cur = self.stages[i - 1], self.stages[i]
         a_prev = prev.diffusion.alphas_cumprod
-        a_aug = cur.augmentation.alphas_cumprod
+        a_aug = cur.augmentation.alpha_bar(torch.arange(1, cur.augmentation.num_timesteps_prev + 1))
         if len(a_prev) != len(a_aug) or not torch.allclose(
             torch.as_tensor(a_prev, dtype=torch.float64), torch.as_tensor(a_aug, dtype=torch.float64)
         ):
