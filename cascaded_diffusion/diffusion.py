@@ -356,7 +356,8 @@ class GaussianDiffusion:
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, x_t, t)
         out = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
         kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])) / math.log(2.0)
+        log_likelihood = discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])
+        nll = -mean_flat(log_likelihood) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
     def training_losses(
@@ -421,7 +422,8 @@ class GaussianDiffusion:
 
 
 def respaced_indices(num_timesteps: int, spec: int | str | Sequence[int]) -> torch.Tensor:
-    """Sorted indices of ``range(num_timesteps)`` kept by a respacing ``spec`` (see :meth:`GaussianDiffusion.respace`)."""
+    """Sorted indices of ``range(num_timesteps)`` kept by a respacing ``spec``
+    (see :meth:`GaussianDiffusion.respace`)."""
     T = num_timesteps
     usage = "use an int K, 'ddimK' or a list of indices"
     if isinstance(spec, str) and spec.strip().isdigit():

@@ -42,7 +42,9 @@ def _check_outputs(out: torch.Tensor, x: torch.Tensor, learn_sigma: bool) -> int
     return channels
 
 
-def make_cfg_model_fn(net_call: NetCall, y: torch.Tensor, null_label: int, scale: float | None, learn_sigma: bool) -> ModelFn:
+def make_cfg_model_fn(
+    net_call: NetCall, y: torch.Tensor, null_label: int, scale: float | None, learn_sigma: bool
+) -> ModelFn:
     """``model_fn(x_t, t_scaled)`` for class labels ``y`` with classifier-free guidance of scale w.
 
     ``net_call(x, t_scaled, labels)`` runs the network. Convention: **w = 1 (or None) is plain conditional
@@ -63,7 +65,9 @@ def make_cfg_model_fn(net_call: NetCall, y: torch.Tensor, null_label: int, scale
     return guided
 
 
-def guided_model_fn(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, scale: float | None, learn_sigma: bool) -> ModelFn:
+def guided_model_fn(
+    model_fn_cond: ModelFn, model_fn_uncond: ModelFn, scale: float | None, learn_sigma: bool
+) -> ModelFn:
     """Classifier-free guidance from two closures (two forwards per step); same convention as
     :func:`make_cfg_model_fn`, which batches both passes into one and should be preferred."""
     if scale is None or scale == 1.0:
@@ -122,8 +126,8 @@ def sample(
 
     Args:
         model_fn: ``model_fn(x_t, t_scaled)`` → raw network output (see docs/architecture.md).
-        sampler: ``"ddpm"`` (ancestral), ``"ddim"`` (with ``eta``: 0 deterministic, 1 ≈ ancestral with
-            fixed_small variances) or ``"dpmpp"`` (DPM-Solver++(2M), deterministic).
+        sampler: ``"ddpm"`` (ancestral), ``"ddim"`` (with ``eta``: 0 deterministic, 1 the same walk as
+            ancestral sampling with fixed_small variances) or ``"dpmpp"`` (DPM-Solver++(2M), deterministic).
         steps: number of network evaluations, evenly spaced over the schedule (None: every index).
         variance: DDPM only — ``"learned"``, ``"fixed_small"`` or ``"fixed_large"``; None picks learned when
             the model learns it, else fixed_large. Strided steps use the step's own β = 1 − ᾱ_t/ᾱ_s and
@@ -146,7 +150,9 @@ def sample(
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r} (valid: {', '.join(VARIANCES)})")
     if sampler == "ddpm" and variance == "learned" and not diffusion.learn_sigma:
-        raise ValueError("variance='learned' needs a model trained with learn_sigma=True; use fixed_small or fixed_large")
+        raise ValueError(
+            "variance='learned' needs a model trained with learn_sigma=True; use fixed_small or fixed_large"
+        )
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     if len(shape) < 2:
@@ -172,8 +178,9 @@ def sample(
     targets = seq[1:] + [stop_t]
     abar = diffusion.alphas_cumprod.tolist()
     n, channels = shape[0], shape[1]
-    # every step's network time, computed once: one small host→device copy, no per-step transfer
+    # every step's network times, computed once (one small host→device copy), one contiguous row per step
     t_scaled = diffusion.scale_timesteps(torch.tensor(seq, dtype=torch.long, device=device))
+    t_rows = t_scaled.view(-1, 1).expand(-1, n).contiguous()
 
     iterator = range(len(seq))
     if progress:
@@ -185,7 +192,7 @@ def sample(
     for i in iterator:
         t, s = seq[i], targets[i]
         a_t, a_s = abar[t], (abar[s] if s >= 0 else 1.0)
-        out = model_fn(x, t_scaled[i].expand(n)).float()
+        out = model_fn(x, t_rows[i]).float()
         pred, v = diffusion.split_output(out, channels)
         x0, eps = x0_eps_from_prediction(diffusion.prediction, pred, x, a_t, clip_denoised)
         if sampler == "ddpm":

@@ -23,6 +23,16 @@ from cascaded_diffusion.diffusion import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """These tensors are tiny: intra-op threads only add synchronisation, which costs ~1000x on a busy
+    machine. Run this module single-threaded and restore the setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def cosine_diffusion(T: int = 100, **kwargs) -> GaussianDiffusion:
     return GaussianDiffusion(make_beta_schedule("cosine", T), **kwargs)
 
@@ -427,8 +437,17 @@ def test_respacing_ddim_and_explicit_lists():
     assert torch.allclose(rr.scale_timesteps(torch.tensor([1])), torch.tensor([999.0]))
 
 
-@pytest.mark.parametrize("spec, message", [(0, "cannot respace"), (2000, "cannot respace"), ("ddimx", "bad respacing"),
-                                           ("ddim0", "DDIM steps"), ([5, 1000], r"in \[0, 1000\)"), (True, "bad respacing")])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (0, "cannot respace"),
+        (2000, "cannot respace"),
+        ("ddimx", "bad respacing"),
+        ("ddim0", "DDIM steps"),
+        ([5, 1000], r"in \[0, 1000\)"),
+        (True, "bad respacing"),
+    ],
+)
 def test_bad_respacing_raises(spec, message):
     with pytest.raises(ValueError, match=message):
         respaced_indices(1000, spec)

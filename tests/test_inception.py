@@ -136,6 +136,8 @@ def test_preprocess_grayscale_repeats_and_normalizes() -> None:
     assert x.max().item() == pytest.approx((255 - 128) / 128)
     with pytest.raises(ValueError, match="1 or 3 channels"):
         preprocess_uint8(torch.zeros(1, 2, 8, 8))
+    with pytest.raises(ValueError, match=r"\[0, 255\], got negative"):
+        preprocess_uint8(torch.rand(1, 3, 8, 8) * 2 - 1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -277,8 +277,10 @@ def train_classifier(
         config = ClassifierConfig(num_classes=num_classes, in_channels=images.shape[-1])
     elif config.num_classes != num_classes:
         raise ValueError(f"config.num_classes={config.num_classes} but num_classes={num_classes}")
-    if batch_size < 2:
-        raise ValueError(f"batch_size must be >= 2 (batch norm), got {batch_size}")
+    if batch_size < 2 or images.shape[0] < 2:
+        raise ValueError(
+            f"batch norm needs at least 2 images per batch: got batch_size={batch_size} and {images.shape[0]} images"
+        )
     device = torch.device(device)
 
     num_images = images.shape[0]

@@ -93,6 +93,11 @@ def preprocess_uint8(images: torch.Tensor) -> torch.Tensor:
     """
     if images.ndim != 4:
         raise ValueError(f"expected an NCHW batch, got shape {tuple(images.shape)}")
+    if images.is_floating_point() and images.numel() and images.min() < 0:
+        raise ValueError(
+            "Inception expects uint8-valued pixels in [0, 255], got negative values; convert library images "
+            "in [-1, 1] with ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)"
+        )
     channels = images.shape[1]
     if channels == 1:
         images = images.expand(-1, 3, -1, -1)
