@@ -32,7 +32,7 @@ from cascaded_diffusion.evaluation.features import (
 from cascaded_diffusion.evaluation.metrics import fid_from_stats, inception_score
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-TINY = ClassifierConfig(num_classes=10, in_channels=1, resolution=32, widths=(16, 32, 64), blocks_per_stage=1)
+TINY = ClassifierConfig(num_classes=10, in_channels=1, resolution=32, widths=(16, 32, 64), feature_dim=64)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -130,7 +130,7 @@ def test_bad_inputs_are_rejected_with_clear_errors() -> None:
 def test_short_training_beats_chance_by_a_wide_margin(trained, fashion_mnist) -> None:
     model, history = trained
     scores = evaluate_classifier(model, fashion_mnist["test_images"], fashion_mnist["test_labels"])
-    assert scores["top1"] > 0.6  # chance is 0.1
+    assert scores["top1"] > 0.7  # chance is 0.1
     assert scores["top5"] >= scores["top1"]
     assert history.steps == 120
     assert history.losses[-1] < history.losses[0]

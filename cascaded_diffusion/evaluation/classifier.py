@@ -37,8 +37,9 @@ DEFAULT_CLASSIFIER_PATH = (
 class ClassifierConfig:
     """Architecture of :class:`ResNetClassifier`.
 
-    ``widths`` gives one stage per entry; every stage after the first halves the resolution, and the
-    feature dimension is ``widths[-1]``.
+    ``widths`` gives one stage per entry; every stage after the first halves the resolution. The
+    last feature map is average-pooled to a ``head_pool x head_pool`` grid and projected to
+    ``feature_dim`` features.
     """
 
     num_classes: int = 10
@@ -46,6 +47,8 @@ class ClassifierConfig:
     resolution: int = 32
     widths: tuple[int, ...] = (32, 64, 128)
     blocks_per_stage: int = 1
+    head_pool: int = 4
+    feature_dim: int = 128
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
@@ -58,11 +61,9 @@ class ClassifierConfig:
             raise ValueError(f"widths must be a non-empty tuple of positive ints, got {self.widths}")
         if self.blocks_per_stage < 1:
             raise ValueError(f"blocks_per_stage must be >= 1, got {self.blocks_per_stage}")
+        if self.head_pool < 1 or self.feature_dim < 1:
+            raise ValueError(f"head_pool and feature_dim must be >= 1, got {self.head_pool} and {self.feature_dim}")
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-
-    @property
-    def feature_dim(self) -> int:
-        return self.widths[-1]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ClassifierConfig":
@@ -97,7 +98,13 @@ class ResidualBlock(nn.Module):
 
 
 class ResNetClassifier(nn.Module):
-    """Small ResNet: 3x3 stem, ``len(widths)`` residual stages, global average pool, linear head.
+    """Small ResNet: 3x3 stem, ``len(widths)`` residual stages, pooled-grid projection, linear head.
+
+    The head average-pools the last feature map to a small grid (4x4 by default) instead of a single
+    global average: keeping coarse layout (sleeves, heels, handles) makes the short CPU schedule
+    converge much faster on Fashion-MNIST. The features are the batch-normalised projection *before*
+    its ReLU, so no dimension is dead (zero variance), which keeps their covariance well conditioned
+    for FID.
 
     Input: float images in [-1, 1], NCHW, ``config.resolution`` square, ``config.in_channels`` channels.
     """
@@ -118,23 +125,26 @@ class ResNetClassifier(nn.Module):
                 blocks.append(ResidualBlock(channels, width, stride))
                 channels = width
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(channels, config.num_classes)
+        self.pool = nn.AdaptiveAvgPool2d(config.head_pool)
+        self.projection = nn.Linear(channels * config.head_pool**2, config.feature_dim, bias=False)
+        self.projection_bn = nn.BatchNorm1d(config.feature_dim)
+        self.head = nn.Linear(config.feature_dim, config.num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        # Zero-init the last BN of each residual branch so every block starts as the identity, which
-        # makes short training schedules markedly more stable.
-        for block in blocks:
-            assert isinstance(block, ResidualBlock)
-            nn.init.zeros_(block.bn2.weight)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate (globally pooled) features, shape (N, widths[-1])."""
-        return self.blocks(self.stem(x)).mean(dim=(2, 3))
+        """Penultimate features (pre-ReLU projection), shape (N, feature_dim)."""
+        pooled = self.pool(self.blocks(self.stem(x))).flatten(1)
+        return self.projection_bn(self.projection(pooled))
+
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from the output of :meth:`features`."""
+        return self.head(F.relu(features))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits, shape (N, num_classes)."""
-        return self.head(self.features(x))
+        return self.classify_features(self.features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x)
@@ -316,6 +326,7 @@ def train_classifier(
             epochs=epochs, steps=total_steps, batch_size=batch_size, lr=lr, momentum=momentum,
             weight_decay=weight_decay, label_smoothing=label_smoothing, warmup_fraction=warmup_fraction,
             seed=seed, augment=augment, crop_padding=crop_padding, bf16=bf16, num_train=num_images,
+            config=asdict(config),
         )
     )
     bar = None
@@ -423,7 +434,7 @@ def classifier_outputs(
         x = pixels_to_model_input(pixels).contiguous(memory_format=torch.channels_last)
         feats = model.features(x)
         features.append(feats.float().cpu())
-        logits.append(model.head(feats).float().cpu())
+        logits.append(model.classify_features(feats).float().cpu())
     model.train(was_training)
     return torch.cat(features).numpy(), torch.cat(logits).numpy()
 
