@@ -489,13 +489,20 @@ def save_classifier(
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
         tmp_weights = Path(tmp.name)
     save_file(state, str(tmp_weights), metadata=header)
-    os.replace(tmp_weights, path)
+    _publish(tmp_weights, path)
 
-    sidecar = metadata_sidecar_path(path)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
         json.dump(info, tmp, indent=2, sort_keys=True)
         tmp.write("\n")
-    os.replace(tmp.name, sidecar)
+    _publish(Path(tmp.name), metadata_sidecar_path(path))
+
+
+def _publish(tmp_path: Path, path: Path) -> None:
+    """Move a finished temp file into place with normal permissions (temp files are created 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
+    os.replace(tmp_path, path)
 
 
 def load_classifier(
