@@ -233,11 +233,17 @@ def balanced_labels(num: int, num_classes: int, class_labels: Sequence[int] | No
 
 
 def grid_by_class(
-    stage_images: Sequence[np.ndarray], labels: np.ndarray, per_class: int = 8, max_classes: int = 10
+    stage_images: Sequence[np.ndarray],
+    labels: np.ndarray,
+    per_class: int = 8,
+    max_classes: int = 10,
+    min_tile: int = 32,
 ) -> np.ndarray:
     """One row per class; each sample shows every stage side by side (nearest-upsampled to the final
-    resolution), low resolution to high. ``stage_images``: uint8 NHWC arrays, one per stage."""
+    resolution, and to at least ``min_tile`` pixels so tiny stages stay visible), low resolution to high.
+    ``stage_images``: uint8 NHWC arrays, one per stage."""
     final = stage_images[-1].shape[1]
+    final *= -(-min_tile // final) if final < min_tile else 1
     shown = []
     for imgs in stage_images:
         t = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float()

@@ -223,10 +223,24 @@ def load_weights_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], 
 
 
 def export_stage(
-    checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None, weights: str = "ema"
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    weights: str = "ema",
+    config_overrides: list[str] | None = None,
 ) -> Path:
-    """Write a self-contained sampling-only stage: EMA weights + resolved config."""
+    """Write a self-contained sampling-only stage: EMA weights + resolved config.
+
+    ``config_overrides`` (``section.key=value``) may change sampling defaults such as ``sample.steps`` or
+    ``conditioning.sample_s``; the result is validated like any config.
+    """
+    from .config import StageConfig, apply_overrides
+
     state = load_state(checkpoint_dir)
+    if config_overrides:
+        state["config"] = StageConfig.from_dict(
+            apply_overrides(state["config"], config_overrides), source=f"{checkpoint_dir} + overrides"
+        ).to_dict()
     tensors = load_tensors(checkpoint_dir, weights)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -173,7 +174,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if ckpt is None:
         raise SystemExit(f"{args.run_dir} holds no checkpoint")
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    out = export_stage(ckpt, args.out, dtype=dtype, weights=args.weights)
+    out = export_stage(ckpt, args.out, dtype=dtype, weights=args.weights, config_overrides=args.set)
     print(f"exported {ckpt} ({args.weights} weights, {args.dtype}) to {out}")
     return 0
 
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a sampling default, e.g. sample.steps=25")
     p.set_defaults(func=cmd_export)
 
     try:
@@ -240,12 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .training import NonFiniteLossError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, NonFiniteLossError) as e:
+        if os.environ.get("CDM_DEBUG"):
+            raise
         print(f"cdm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

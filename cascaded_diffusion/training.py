@@ -365,6 +365,9 @@ class Trainer:
             columns.append(real)
         # interleave columns per row: for SR each row shows low-res | sample | real
         grid = torch.stack(columns, 1).reshape(-1, *x.shape[1:]) if len(columns) > 1 else x
+        if grid.shape[-1] < 32:  # keep tiny stages visible
+            r = grid.shape[-1]
+            grid = upsample(grid, r * -(-32 // r), "nearest")
         save_grid(tensor_to_images(grid), path, nrow=per_class * len(columns))
 
     # --- the loop --------------------------------------------------------------------------------------
