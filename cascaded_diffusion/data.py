@@ -336,7 +336,10 @@ def _load_fashion_mnist(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _load_npz(path: Path, resolution: int, *, channels: int | None) -> ImageArray:
+def read_samples_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read and validate a guided-diffusion style ``.npz``: ``arr_0`` uint8 N×H×W×C images and the
+    optional ``arr_1`` labels (returned unvalidated, or None)."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"npz file not found: {path}")
     try:
@@ -355,7 +358,14 @@ def _load_npz(path: Path, resolution: int, *, channels: int | None) -> ImageArra
         labels = archive["arr_1"] if "arr_1" in archive.files else None
 
     if images.dtype != np.uint8:
-        raise ValueError(f"{path}: arr_0 has dtype {images.dtype}, expected uint8 images in 0..255")
+        hint = ""
+        if np.issubdtype(images.dtype, np.floating) and images.size:
+            lo, hi = float(images.min()), float(images.max())
+            hint = (
+                f" (values in [{lo:.3g}, {hi:.3g}]; from [-1, 1] convert with "
+                "((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8))"
+            )
+        raise ValueError(f"{path}: arr_0 has dtype {images.dtype}, expected uint8 images in 0..255{hint}")
     if images.ndim != 4:
         raise ValueError(
             f"{path}: arr_0 has shape {images.shape} (rank {images.ndim}), expected rank 4 N x H x W x C "
@@ -363,6 +373,11 @@ def _load_npz(path: Path, resolution: int, *, channels: int | None) -> ImageArra
         )
     if images.shape[0] == 0:
         raise ValueError(f"{path}: arr_0 holds no images")
+    return images, labels
+
+
+def _load_npz(path: Path, resolution: int, *, channels: int | None) -> ImageArray:
+    images, labels = read_samples_npz(path)
     images = _convert_channels(images, channels, str(path))
 
     if labels is None:

@@ -74,7 +74,7 @@ def test_identical_sets_score_zero_and_test_split_beats_noise(fmnist, classifier
 def test_bad_sample_files_are_explained(classifier, tmp_path, capsys):
     np.savez(tmp_path / "nokey.npz", images=np.zeros((4, 32, 32, 1), np.uint8))
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((4, 32, 32, 1), np.float32))
-    for name, message in (("nokey.npz", "has no 'arr_0'"), ("float.npz", "must be uint8")):
+    for name, message in (("nokey.npz", "no 'arr_0' array"), ("float.npz", "expected uint8")):
         rc = main(["eval", str(tmp_path / name), "--ref", "fashion-mnist", "--out", str(tmp_path / "m.json"),
                    "--features", f"classifier:{classifier}", "--device", "cpu"])
         assert rc == 2 and message in capsys.readouterr().err

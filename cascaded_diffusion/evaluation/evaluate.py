@@ -33,31 +33,11 @@ METRICS = ("fid", "kid", "is", "pr")
 
 def load_samples(path: str | os.PathLike, num: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Read ``arr_0`` (uint8 N×H×W×C) and optional ``arr_1`` labels from a samples ``.npz``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"samples file not found: {path}")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable .npz file: {e}") from None
-    with data:
-        if "arr_0" not in data.files:
-            raise ValueError(
-                f"{path} has no 'arr_0' (keys: {', '.join(data.files) or 'none'}); expected the guided-diffusion "
-                "sample format: arr_0 = uint8 images N×H×W×C, arr_1 = labels"
-            )
-        images = data["arr_0"]
-        labels = data["arr_1"] if "arr_1" in data.files else None
-    if images.dtype != np.uint8:
-        hint = ""
-        if np.issubdtype(images.dtype, np.floating) and images.size:
-            lo, hi = float(images.min()), float(images.max())
-            hint = f" (values in [{lo:.3g}, {hi:.3g}]: convert with ((x + 1) * 127.5).round().clip(0, 255).astype(uint8))"
-        raise ValueError(f"{path}: arr_0 must be uint8 in [0, 255], got {images.dtype}{hint}")
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"{path}: arr_0 must have shape N×H×W×C with C in (1, 3), got {images.shape}")
+    from ..data import read_samples_npz
+
+    images, labels = read_samples_npz(path)
+    if images.shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: arr_0 must have 1 or 3 channels (N×H×W×C), got shape {images.shape}")
     if labels is not None and labels.shape[0] != images.shape[0]:
         raise ValueError(f"{path}: arr_1 has {labels.shape[0]} labels for {images.shape[0]} images")
     if num is not None:

@@ -23,29 +23,20 @@ from .features import FeatureExtractor
 from .metrics import FeatureStats
 
 
-def _run_sr(cascade: Cascade, low: np.ndarray, labels: torch.Tensor, level: int, *, seed: int, batch_size: int,
-            sampling: dict) -> np.ndarray:
+def _final_images(cascade: Cascade, labels: torch.Tensor, level: int, *, seed: int, batch_size: int,
+                  sampling: dict, low: np.ndarray | None = None, truncated: bool = False) -> np.ndarray:
+    """Final-stage images with the first SR stage at ``level``: from the given clean low-resolution
+    images ``low`` (SR stages only), or through the whole cascade (``truncated`` or not)."""
     device = cascade.stages[0].device
     levels = [level] + cascade.default_aug_levels()[1:]
     gen = torch.Generator(device).manual_seed(seed)
     out = []
     for lo in range(0, len(labels), batch_size):
-        cond = images_to_tensor(low[lo : lo + batch_size], device=device)
-        res = cascade.sample(labels[lo : lo + batch_size], low_res=cond, start_stage=1, aug_levels=levels,
-                             generator=gen, **sampling)
-        out.append(tensor_to_images(res.images))
-    return np.concatenate(out)
-
-
-def _run_truncated(cascade: Cascade, labels: torch.Tensor, level: int, *, seed: int, batch_size: int,
-                   sampling: dict) -> np.ndarray:
-    device = cascade.stages[0].device
-    levels = [level] + cascade.default_aug_levels()[1:]
-    gen = torch.Generator(device).manual_seed(seed)
-    out = []
-    for lo in range(0, len(labels), batch_size):
-        res = cascade.sample(labels[lo : lo + batch_size], aug_levels=levels, truncated=True, generator=gen,
-                             **sampling)
+        extra = {}
+        if low is not None:
+            extra = {"low_res": images_to_tensor(low[lo : lo + batch_size], device=device), "start_stage": 1}
+        res = cascade.sample(labels[lo : lo + batch_size], aug_levels=levels, truncated=truncated, generator=gen,
+                             **extra, **sampling)
         out.append(tensor_to_images(res.images))
     return np.concatenate(out)
 
@@ -112,16 +103,17 @@ def augmentation_sweep(
     for s in levels:
         start = time.time()
         if truncated:
-            images = _run_truncated(cascade, labels, s, seed=seed, batch_size=batch_size, sampling=sampling)
+            images = _final_images(cascade, labels, s, seed=seed, batch_size=batch_size, sampling=sampling,
+                                   truncated=True)
         else:
-            images = _run_sr(cascade, base_images, labels, s, seed=seed + 1, batch_size=batch_size,
-                             sampling=sampling)
+            images = _final_images(cascade, labels, s, seed=seed + 1, batch_size=batch_size, sampling=sampling,
+                                   low=base_images)
         scores = evaluate_images(images, reference, extractor, metrics, source=f"generated low-res, s={s}")
         result["generated"].append({"level": s, **_compact(scores)})
         line = f"s={s:5d}  generated-input FID {scores['fid']:.3f}"
         if real_low is not None:
-            images = _run_sr(cascade, real_low, real_labels, s, seed=seed + 2, batch_size=batch_size,
-                             sampling=sampling)
+            images = _final_images(cascade, real_labels, s, seed=seed + 2, batch_size=batch_size,
+                                   sampling=sampling, low=real_low)
             scores = evaluate_images(images, reference, extractor, metrics, source=f"ground-truth low-res, s={s}")
             result["ground_truth"].append({"level": s, **_compact(scores)})
             line += f"  ground-truth-input FID {scores['fid']:.3f}"
