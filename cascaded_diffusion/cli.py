@@ -170,9 +170,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .checkpoint import export_stage, latest_checkpoint
 
-    ckpt = latest_checkpoint(args.run_dir)
+    given = Path(args.run_dir)
+    ckpt = given if (given / "state.json").is_file() else latest_checkpoint(given)
     if ckpt is None:
-        raise SystemExit(f"{args.run_dir} holds no checkpoint")
+        raise SystemExit(f"{args.run_dir} holds no checkpoint (give a run directory or one checkpoints/step_* dir)")
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     out = export_stage(ckpt, args.out, dtype=dtype, weights=args.weights, config_overrides=args.set)
     print(f"exported {ckpt} ({args.weights} weights, {args.dtype}) to {out}")

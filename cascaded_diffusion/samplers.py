@@ -161,8 +161,8 @@ def sample(
     start_t = T - 1 if start_t is None else int(start_t)
     if not 0 <= start_t < T:
         raise ValueError(f"start_t must be in [0, {T}), got {start_t}")
-    if not -1 <= stop_t < start_t:
-        raise ValueError(f"stop_t must be in [-1, start_t={start_t}), got {stop_t}")
+    if not -1 <= stop_t <= start_t:
+        raise ValueError(f"stop_t must be in [-1, start_t={start_t}], got {stop_t}")
 
     if device is None:
         device = x_start.device if x_start is not None else torch.device("cpu")
@@ -174,6 +174,8 @@ def sample(
             raise ValueError(f"x_start has shape {tuple(x_start.shape)}, expected {tuple(shape)}")
         x = x_start.to(device=device, dtype=torch.float32)
 
+    if stop_t == start_t:  # nothing to run: x_start already is the sample at that level (e.g. s = T)
+        return (x, x) if return_pred_x0 else x
     seq = timestep_sequence(start_t, stop_t, steps)
     targets = seq[1:] + [stop_t]
     abar = diffusion.alphas_cumprod.tolist()

@@ -487,6 +487,7 @@ class UNet(nn.Module):
     # ----------------------------------------------------------------------------------------------------------
     @property
     def gradient_checkpointing(self) -> bool:
+        """Recompute each stage in backward instead of storing its activations (stored in ``self.config``)."""
         return self.config.gradient_checkpointing
 
     @gradient_checkpointing.setter

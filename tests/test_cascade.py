@@ -131,3 +131,12 @@ def test_balanced_labels():
     assert balanced_labels(4, 10, [7, 2]).tolist() == [2, 2, 7, 7]
     with pytest.raises(ValueError, match="outside"):
         balanced_labels(4, 3, [5])
+
+
+def test_truncated_at_the_last_level_hands_on_pure_noise(base8, sr8to16):
+    """s = T: the base runs no step at all; its 'output' is the initial noise x_T."""
+    out = Cascade([base8, sr8to16]).sample(balanced_labels(2, 3), aug_levels=[40], truncated=True,
+                                           generator=torch.Generator().manual_seed(0))
+    expected = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.stages[0], expected)
+    assert out.images.shape == (2, 1, 16, 16)

@@ -331,7 +331,7 @@ def test_progress_bar_runs(capsys):
         (dict(variance="learned"), "learn_sigma=True"),
         (dict(variance="wide"), "unknown variance"),
         (dict(start_t=10), r"start_t must be in \[0, 10\)"),
-        (dict(start_t=4, stop_t=4), "stop_t must be in"),
+        (dict(start_t=4, stop_t=5), "stop_t must be in"),
         (dict(stop_t=-2), "stop_t must be in"),
         (dict(x_start=torch.zeros(2, 1, 2, 2)), "x_start has shape"),
         (dict(eta=-1.0, sampler="ddim"), "eta must be"),

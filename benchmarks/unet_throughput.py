@@ -1,0 +1,451 @@
+#!/usr/bin/env python
+"""Throughput of our ADM U-Net against diffusers' ``UNet2DModel`` at a matched configuration.
+
+Both networks are built in one process at the same widths, channel multipliers, residual blocks per level,
+attention resolutions and head width, class conditioning (same embedding-table size), scale-shift norm,
+BigGAN-style resampling residual blocks (diffusers: ``downsample_type="resnet"``/``upsample_type="resnet"`` and
+the ``Resnet{Down,Up}sampleBlock2D`` blocks at levels without attention) and learned-sigma output channels.
+Dropout is 0 in both. The script prints both parameter counts and the forward FLOPs counted by
+``torch.utils.flop_counter.FlopCounterMode`` (one multiply-add = 2 FLOPs), then measures, after warm-up and
+INTERLEAVED (ours, theirs, theirs, ours, ... so that a change of machine load hits both models alike):
+
+* training img/s: forward + MSE loss against a random target + backward + AdamW step (fused on CUDA);
+* forward img/s: ``torch.no_grad()`` forward;
+* peak memory: CUDA ``torch.cuda.max_memory_allocated`` above what was allocated when the step started
+  (activations, gradients, workspaces) plus the model's resident bytes (parameters + AdamW state); on CPU the
+  peak-RSS growth (``VmHWM``) of one training step of each model, measured in a fresh subprocess per model
+  (``--no-cpu-memory`` skips it).
+
+Throughputs are medians over ``--iters`` timed iterations. ``bf16`` is ``torch.autocast`` with parameters in
+fp32. The last line of output is one JSON object (``train_speedup``/``forward_speedup`` = ours / diffusers).
+
+Examples::
+
+    python benchmarks/unet_throughput.py --config cpu-32 --device cpu --dtype bf16 --warmup 2 --iters 5
+    python benchmarks/unet_throughput.py --config adm-64 --device cuda --dtype bf16 --compile
+    python benchmarks/unet_throughput.py --config adm-64 --device cpu --batch-size 2 --iters 1 --warmup 0
+
+Needs diffusers (``pip install -e .[bench]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # run from a checkout without installing the package
+    import cascaded_diffusion  # noqa: F401
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cascaded_diffusion.unet import UNet, UNetConfig, count_parameters
+
+# ------------------------------------------------------------------------------------------------------------------
+# Matched configurations
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    resolution: int
+    in_channels: int
+    model_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    attention_resolutions: tuple[int, ...]
+    head_channels: int
+    num_classes: int
+    batch_size: int
+    learn_sigma: bool = True
+
+
+CONFIGS = {
+    # A CIFAR-sized class-conditional model: the size of the Fashion-MNIST 32x32 stages.
+    "cpu-32": BenchConfig("cpu-32", 32, 3, 64, (1, 2, 2), 2, (16,), 32, 10, 64),
+    # ADM's ImageNet 64x64 class-conditional model (Dhariwal & Nichol 2021, Table 11).
+    "adm-64": BenchConfig("adm-64", 64, 3, 192, (1, 2, 3, 4), 3, (32, 16, 8), 64, 1000, 64),
+}
+
+
+def ours_config(bc: BenchConfig) -> UNetConfig:
+    return UNetConfig(
+        resolution=bc.resolution,
+        in_channels=bc.in_channels,
+        out_channels=bc.in_channels,
+        model_channels=bc.model_channels,
+        channel_mult=bc.channel_mult,
+        num_res_blocks=bc.num_res_blocks,
+        attention_resolutions=bc.attention_resolutions,
+        num_head_channels=bc.head_channels,
+        dropout=0.0,
+        num_classes=bc.num_classes,
+        learn_sigma=bc.learn_sigma,
+        resblock_updown=True,
+        use_scale_shift_norm=True,
+        norm_groups=32,
+    )
+
+
+def diffusers_kwargs(bc: BenchConfig) -> dict[str, Any]:
+    levels = [bc.resolution // 2**i for i in range(len(bc.channel_mult))]
+    down = tuple("AttnDownBlock2D" if r in bc.attention_resolutions else "ResnetDownsampleBlock2D" for r in levels)
+    up = tuple(
+        "AttnUpBlock2D" if r in bc.attention_resolutions else "ResnetUpsampleBlock2D" for r in reversed(levels)
+    )
+    return dict(
+        sample_size=bc.resolution,
+        in_channels=bc.in_channels,
+        out_channels=2 * bc.in_channels if bc.learn_sigma else bc.in_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=tuple(bc.model_channels * m for m in bc.channel_mult),
+        layers_per_block=bc.num_res_blocks,
+        attention_head_dim=bc.head_channels,
+        norm_num_groups=32,
+        # With scale-shift norm diffusers builds the middle block's attention WITHOUT a group norm unless
+        # this is given; ADM (and ours) normalises the input of every attention block.
+        attn_norm_num_groups=32,
+        norm_eps=1e-5,
+        resnet_time_scale_shift="scale_shift",
+        downsample_type="resnet",
+        upsample_type="resnet",
+        dropout=0.0,
+        # Our table has num_classes + 1 rows (the last is the null class for guidance); give diffusers the
+        # same table so that the parameter counts compare like for like.
+        num_class_embeds=bc.num_classes + 1,
+    )
+
+
+def build_ours(bc: BenchConfig, device: torch.device | str) -> nn.Module:
+    return UNet(ours_config(bc), device=device)
+
+
+def build_diffusers(bc: BenchConfig, device: torch.device | str) -> nn.Module:
+    from diffusers import UNet2DModel
+
+    with torch.device(device):
+        return UNet2DModel(**diffusers_kwargs(bc))
+
+
+# The two call conventions, unified as fn(model, x, t, y) -> Tensor.
+def call_ours(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x, t, y=y)
+
+
+def call_diffusers(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x, t, class_labels=y, return_dict=False)[0]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Measurement helpers
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def forward_flops(build: Callable, call: Callable, bc: BenchConfig, batch: int = 1) -> int:
+    """Forward FLOPs at ``batch`` images, counted on the meta device (shapes only, nothing is computed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build(bc, "meta")
+    x = torch.empty(batch, bc.in_channels, bc.resolution, bc.resolution, device="meta")
+    t = torch.empty(batch, device="meta")
+    y = torch.empty(batch, dtype=torch.long, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        call(model, x, t, y)
+    return int(counter.get_total_flops())
+
+
+def make_inputs(bc: BenchConfig, batch: int, device: torch.device, channels_last: bool, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(batch, bc.in_channels, bc.resolution, bc.resolution, generator=g)
+    out_ch = 2 * bc.in_channels if bc.learn_sigma else bc.in_channels
+    target = torch.randn(batch, out_ch, bc.resolution, bc.resolution, generator=g)
+    t = torch.rand(batch, generator=g) * 1000
+    y = torch.randint(0, bc.num_classes, (batch,), generator=g)
+    x, target, t, y = (v.to(device) for v in (x, target, t, y))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        target = target.contiguous(memory_format=torch.channels_last)
+    return x, t, y, target
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class Runner:
+    """One model with its optimizer, a training step and a forward step."""
+
+    def __init__(self, name: str, model: nn.Module, call: Callable, args: argparse.Namespace, device: torch.device):
+        self.name = name
+        self.device = device
+        self.model = model
+        self.call = call
+        self.autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
+        )
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        self.train_fn = self._train_step
+        self.forward_fn = self._forward
+        if args.compile:
+            self.compiled = torch.compile(model, mode=args.compile_mode)
+        else:
+            self.compiled = model
+
+    def _train_step(self, x, t, y, target) -> None:
+        self.model.train()
+        with self.autocast:
+            out = self.call(self.compiled, x, t, y)
+        loss = F.mse_loss(out.float(), target)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _forward(self, x, t, y, target) -> None:
+        self.model.eval()
+        with torch.no_grad(), self.autocast:
+            self.call(self.compiled, x, t, y)
+
+    def resident_bytes(self) -> int:
+        total = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        total += sum(b.numel() * b.element_size() for b in self.model.buffers())
+        for state in self.optimizer.state.values():
+            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+        return total
+
+
+def timed(fn: Callable, inputs, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn(*inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved(runners: list[Runner], kind: str, inputs, warmup: int, iters: int, device) -> dict[str, list[float]]:
+    """Per-iteration seconds of each runner, in ABBA order (ours, theirs, theirs, ours, ...)."""
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    peaks: dict[str, int] = {r.name: 0 for r in runners}
+    for i in range(warmup + iters):
+        order = runners if i % 2 == 0 else runners[::-1]
+        for r in order:
+            fn = r.train_fn if kind == "train" else r.forward_fn
+            if device.type == "cuda":
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = timed(fn, inputs, device)
+            if device.type == "cuda":
+                peaks[r.name] = max(peaks[r.name], torch.cuda.max_memory_allocated(device) - base)
+            if i >= warmup:
+                times[r.name].append(seconds)
+            print(f"  {kind:7s} {'warmup' if i < warmup else 'iter':6s} {i:3d} {r.name:9s} {seconds * 1e3:9.1f} ms",
+                  flush=True)
+    return times, peaks
+
+
+def cpu_memory_probe(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak-RSS growth of training steps of each model, each in a fresh subprocess."""
+    result = {}
+    for which in ("ours", "diffusers"):
+        cmd = [sys.executable, __file__, "--config", args.config, "--device", "cpu", "--dtype", args.dtype,
+               "--batch-size", str(args.batch_size), "--threads", str(torch.get_num_threads()),
+               "--memory-probe", which]
+        if args.channels_last:
+            cmd.append("--channels-last")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            result[which] = None
+            continue
+        result[which] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run_memory_probe(args: argparse.Namespace, bc: BenchConfig) -> None:
+    device = torch.device("cpu")
+    build, call = (build_ours, call_ours) if args.memory_probe == "ours" else (build_diffusers, call_diffusers)
+    torch.manual_seed(0)
+    model = build(bc, device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    runner = Runner(args.memory_probe, model, call, args, device)
+    inputs = make_inputs(bc, args.batch_size, device, args.channels_last)
+    before = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:  # reset VmHWM to the current RSS
+        fh.write("5")
+    for _ in range(2):
+        runner.train_fn(*inputs)
+    peak = _rss_kib("VmHWM")
+    print(json.dumps({"rss_before_kib": before, "peak_growth_bytes": (peak - before) * 1024}))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=sorted(CONFIGS), default="cpu-32")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (same mode)")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode for both models")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the config's batch size")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per model and measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations per model before timing")
+    p.add_argument("--channels-last", action="store_true", help="both models and inputs in channels_last")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
+    p.add_argument("--skip-forward", action="store_true", help="measure training only")
+    p.add_argument("--skip-train", action="store_true", help="measure forward only")
+    p.add_argument("--no-cpu-memory", action="store_true", help="skip the CPU peak-RSS subprocesses")
+    p.add_argument("--memory-probe", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = CONFIGS[args.config].batch_size
+    if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
+        p.error("--iters and --batch-size must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    return args
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bc = CONFIGS[args.config]
+    if args.memory_probe:
+        run_memory_probe(args, bc)
+        return {}
+
+    import diffusers
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    # Sizes and FLOPs (meta device: nothing is allocated or computed).
+    params = {
+        "ours": count_parameters(build_ours(bc, "meta")),
+        "diffusers": count_parameters(build_diffusers(bc, "meta")),
+    }
+    flops = {
+        "ours": forward_flops(build_ours, call_ours, bc),
+        "diffusers": forward_flops(build_diffusers, call_diffusers, bc),
+    }
+    print(f"config {bc.name}: {bc}")
+    print(f"device {device} dtype {args.dtype} batch {args.batch_size} compile {args.compile} "
+          f"channels_last {args.channels_last} threads {torch.get_num_threads()} torch {torch.__version__} "
+          f"diffusers {diffusers.__version__}")
+    for name in ("ours", "diffusers"):
+        print(f"{name:9s} parameters {params[name]:>13,d}   forward FLOPs/image {flops[name] / 1e9:9.3f} G")
+
+    torch.manual_seed(0)
+    runners = []
+    for name, build, call in (("ours", build_ours, call_ours), ("diffusers", build_diffusers, call_diffusers)):
+        model = build(bc, device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        runners.append(Runner(name, model, call, args, device))
+    inputs = make_inputs(bc, args.batch_size, device, args.channels_last)
+    results: dict[str, Any] = {}
+
+    def summarize(kind: str, times: dict[str, list[float]], peaks: dict[str, int]) -> None:
+        for r in runners:
+            ts = times[r.name]
+            results[f"{kind}_img_s_{r.name}"] = args.batch_size / statistics.median(ts)
+            results[f"{kind}_ms_{r.name}"] = [round(s * 1e3, 2) for s in ts]
+            if device.type == "cuda":
+                results[f"{kind}_peak_mem_bytes_{r.name}"] = peaks[r.name] + (
+                    r.resident_bytes() if kind == "train" else 0)
+        results[f"{kind}_speedup"] = results[f"{kind}_img_s_ours"] / results[f"{kind}_img_s_diffusers"]
+        # Robust to load drift on a shared machine: median of the per-iteration-pair ratios.
+        pairs = [d / o for o, d in zip(times["ours"], times["diffusers"])]
+        results[f"{kind}_speedup_paired_median"] = statistics.median(pairs)
+        print(f"{kind}: ours {results[f'{kind}_img_s_ours']:.2f} img/s, diffusers "
+              f"{results[f'{kind}_img_s_diffusers']:.2f} img/s, speedup {results[f'{kind}_speedup']:.3f}x "
+              f"(paired median {results[f'{kind}_speedup_paired_median']:.3f}x)", flush=True)
+
+    if not args.skip_train:
+        summarize("train", *interleaved(runners, "train", inputs, args.warmup, args.iters, device))
+    if not args.skip_forward:
+        summarize("forward", *interleaved(runners, "forward", inputs, args.warmup, args.iters, device))
+
+    if device.type == "cpu" and not args.no_cpu_memory and not args.skip_train:
+        probe = cpu_memory_probe(args)
+        for name in ("ours", "diffusers"):
+            results[f"train_peak_mem_bytes_{name}"] = probe[name]["peak_growth_bytes"] if probe[name] else None
+        print("train peak RSS growth (2 steps, fresh process): " + ", ".join(
+            f"{n} {results[f'train_peak_mem_bytes_{n}'] / 2**20:.0f} MiB"
+            if results[f"train_peak_mem_bytes_{n}"] is not None else f"{n} n/a" for n in ("ours", "diffusers")))
+    elif device.type == "cpu":
+        results["train_peak_mem_bytes_ours"] = results["train_peak_mem_bytes_diffusers"] = "n/a"
+
+    summary = {
+        "train_speedup": results.get("train_speedup"),
+        "forward_speedup": results.get("forward_speedup"),
+        "config": bc.name,
+        "bench_config": {k: list(v) if isinstance(v, tuple) else v for k, v in bc.__dict__.items()},
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "compile_mode": args.compile_mode if args.compile else None,
+        "channels_last": args.channels_last,
+        "batch_size": args.batch_size,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "threads": torch.get_num_threads(),
+        "params_ours": params["ours"],
+        "params_diffusers": params["diffusers"],
+        "forward_flops_per_image_ours": flops["ours"],
+        "forward_flops_per_image_diffusers": flops["diffusers"],
+        **{k: v for k, v in results.items() if k not in ("train_speedup", "forward_speedup")},
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+def _cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} CPUs)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Print the markdown tables of docs/results.md from a study directory's JSON results.
+
+    python scripts/study_tables.py RUNS_DIR
+
+Reads ``sweep_nontruncated.json``, ``sweep_truncated.json`` and, per setting, ``NAME.metrics.json`` and
+``NAME.cas.json`` (as written by scripts/fashion_mnist_study.sh), so the tables are generated, never typed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+SETTINGS = [
+    ("cascade_noise", "cascade 8→32, noise augmentation (s from the sweep)"),
+    ("cascade_noise_s0", "same cascade, s = 0 (no augmentation at sampling)"),
+    ("cascade_noaug", "cascade 8→32, SR trained without augmentation"),
+    ("single32", "single 32×32 model"),
+]
+
+
+def load(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def main(root: str) -> None:
+    runs = Path(root)
+    rows = []
+    for name, label in SETTINGS:
+        m = load(runs / f"{name}.metrics.json")
+        if m is None:
+            continue
+        cas = load(runs / f"{name}.cas.json")
+        cells = [
+            label,
+            str(m["num_samples"]),
+            f"{m['fid']:.2f}",
+            f"{1000 * m['kid']['mean']:.2f} ± {1000 * m['kid']['std']:.2f}",
+            f"{m['is']['mean']:.2f} ± {m['is']['std']:.2f}",
+            f"{m['precision']:.3f}",
+            f"{m['recall']:.3f}",
+        ]
+        if cas:
+            g = cas["generated"]
+            cells.append(f"{100 * g['top1']:.1f} / {100 * g['top5']:.1f}")
+            r = cas.get("real")
+            cells.append(f"{100 * r['top1']:.1f} / {100 * r['top5']:.1f}" if r else "")
+        else:
+            cells += ["", ""]
+        rows.append(cells)
+    if rows:
+        network = load(runs / f"{SETTINGS[0][0]}.metrics.json") or {}
+        print(f"Feature network: `{network.get('feature_network', '?')}` (classifier features, not Inception).\n")
+        print("| setting | N | FID | KID ×10³ | IS | precision | recall | CAS top-1 / top-5 % | real-data CAS (same N) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for cells in rows:
+            print("| " + " | ".join(cells) + " |")
+        print()
+    for mode in ("nontruncated", "truncated"):
+        sweep = load(runs / f"sweep_{mode}.json")
+        if sweep is None:
+            continue
+        gt = {r["level"]: r["fid"] for r in sweep.get("ground_truth", [])}
+        print(f"Sweep, {mode} (N = {sweep['num_samples']} per level, best s = {sweep['best_level']}):\n")
+        print("| s | FID, generated low-res inputs | FID, ground-truth low-res inputs |")
+        print("|---|---|---|")
+        for r in sweep["generated"]:
+            g = gt.get(r["level"])
+            print(f"| {r['level']} | {r['fid']:.2f} | {'' if g is None else f'{g:.2f}'} |")
+        print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/study")
