@@ -36,7 +36,7 @@ def main(root: str) -> None:
             label,
             str(m["num_samples"]),
             f"{m['fid']:.2f}",
-            f"{1000 * m['kid']['mean']:.2f} ± {1000 * m['kid']['std']:.2f}",
+            f"{m['kid']['mean']:.3f} ± {m['kid']['std']:.3f}",
             f"{m['is']['mean']:.2f} ± {m['is']['std']:.2f}",
             f"{m['precision']:.3f}",
             f"{m['recall']:.3f}",
@@ -52,7 +52,7 @@ def main(root: str) -> None:
     if rows:
         network = load(runs / f"{SETTINGS[0][0]}.metrics.json") or {}
         print(f"Feature network: `{network.get('feature_network', '?')}` (classifier features, not Inception).\n")
-        print("| setting | N | FID | KID ×10³ | IS | precision | recall | CAS top-1 / top-5 % | real-data CAS (same N) |")
+        print("| setting | N | FID | KID | IS | precision | recall | CAS top-1 / top-5 % | real-data CAS (same N) |")
         print("|---|---|---|---|---|---|---|---|---|")
         for cells in rows:
             print("| " + " | ".join(cells) + " |")
