@@ -14,7 +14,7 @@ INTERLEAVED (ours, theirs, theirs, ours, ... so that a change of machine load hi
 * peak memory: CUDA ``torch.cuda.max_memory_allocated`` above what was allocated when the step started
   (activations, gradients, workspaces) plus the model's resident bytes (parameters + AdamW state); on CPU the
   peak-RSS growth (``VmHWM``) of one training step of each model, measured in a fresh subprocess per model
-  (``--no-cpu-memory`` skips it).
+  (``--no-cpu-memory`` skips it; the probe runs eager even with ``--compile``).
 
 Throughputs are medians over ``--iters`` timed iterations. ``bf16`` is ``torch.autocast`` with parameters in
 fp32. The last line of output is one JSON object (``train_speedup``/``forward_speedup`` = ours / diffusers).
@@ -209,7 +209,7 @@ class Runner:
         self.train_fn = self._train_step
         self.forward_fn = self._forward
         if args.compile:
-            self.compiled = torch.compile(model, mode=args.compile_mode)
+            self.compiled = torch.compile(model, mode=args.compile_mode, backend=args.compile_backend)
         else:
             self.compiled = model
 
@@ -245,8 +245,11 @@ def timed(fn: Callable, inputs, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(runners: list[Runner], kind: str, inputs, warmup: int, iters: int, device) -> dict[str, list[float]]:
-    """Per-iteration seconds of each runner, in ABBA order (ours, theirs, theirs, ours, ...)."""
+def interleaved(
+    runners: list[Runner], kind: str, inputs, warmup: int, iters: int, device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Per-iteration seconds of each runner in ABBA order (ours, theirs, theirs, ours, ...), and on CUDA the
+    largest per-step peak of allocated memory above what was allocated when the step started."""
     times: dict[str, list[float]] = {r.name: [] for r in runners}
     peaks: dict[str, int] = {r.name: 0 for r in runners}
     for i in range(warmup + iters):
@@ -314,6 +317,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (same mode)")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode for both models")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend for both models ('aot_eager' smoke-tests the wiring cheaply)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's batch size")
     p.add_argument("--iters", type=int, default=10, help="timed iterations per model and measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations per model before timing")
@@ -328,6 +333,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.batch_size = CONFIGS[args.config].batch_size
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
         p.error("--iters and --batch-size must be >= 1 and --warmup >= 0")
+    if args.compile and args.warmup < 1:
+        p.error("--compile needs --warmup >= 1 so that compilation is not timed")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     return args
@@ -417,6 +424,7 @@ def main(argv=None) -> dict[str, Any]:
         "dtype": args.dtype,
         "compile": args.compile,
         "compile_mode": args.compile_mode if args.compile else None,
+        "compile_backend": args.compile_backend if args.compile else None,
         "channels_last": args.channels_last,
         "batch_size": args.batch_size,
         "warmup": args.warmup,
