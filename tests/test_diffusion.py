@@ -23,16 +23,6 @@ from cascaded_diffusion.diffusion import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which costs ~1000x on a busy
-    machine. Run this module single-threaded and restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def cosine_diffusion(T: int = 100, **kwargs) -> GaussianDiffusion:
     return GaussianDiffusion(make_beta_schedule("cosine", T), **kwargs)
 

@@ -27,16 +27,6 @@ VAR = torch.tensor([0.25, 0.64, 1.0])
 T = 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which costs ~1000x on a busy
-    machine. Run this module single-threaded and restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def per_channel(values: torch.Tensor) -> torch.Tensor:
     return values.view(1, -1, 1, 1)
 

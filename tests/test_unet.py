@@ -20,15 +20,6 @@ from cascaded_diffusion.unet import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # These tensors are tiny; on a shared 2-core machine extra intra-op threads only add contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_config(**overrides) -> UNetConfig:
     fields = dict(
         resolution=16, in_channels=3, out_channels=3, model_channels=16, channel_mult=(1, 2),
