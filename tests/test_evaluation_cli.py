@@ -137,3 +137,17 @@ def test_sweep_over_levels_with_both_curves(fmnist, classifier, tmp_path, monkey
                                    ground_truth=None, truncated=True, batch_size=20, metrics=("fid",),
                                    sampling={"steps": 3}, log=lambda *_: None)
     assert truncated["truncated"] and len(truncated["generated"]) == 2 and not truncated["ground_truth"]
+
+
+def test_classifier_train_command_writes_a_loadable_classifier(fmnist, tmp_path, capsys):
+    from cascaded_diffusion.evaluation import load_classifier
+
+    train, test = fmnist
+    tr = npz(tmp_path / "tr.npz", train.images[:600], train.labels[:600])
+    te = npz(tmp_path / "te.npz", test.images[:300], test.labels[:300])
+    out = tmp_path / "clf.safetensors"
+    assert main(["classifier", "train", "--data", f"npz:{tr}", "--test", f"npz:{te}", "--out", str(out),
+                 "--epochs", "2", "--device", "cpu"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    model, meta = load_classifier(out)
+    assert meta["train_data"].startswith("npz:") and 0.0 <= meta["test_top1"] <= 1.0
