@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .data import make_grid, save_grid, tensor_to_images
-from .augment import NoiseAugmentation, upsample
+from .augment import upsample
 from .stage import Stage
 
 

@@ -12,6 +12,7 @@ never written from non-finite weights, so the last checkpoint on disk is always 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -28,7 +29,6 @@ import torch.distributed as dist
 from . import __version__
 from .augment import downsample, upsample
 from .checkpoint import (
-    CheckpointError,
     atomic_write_text,
     latest_checkpoint,
     load_state,
@@ -324,7 +324,7 @@ class Trainer:
         for micro in range(t.grad_accum):
             x0, y = self._batch()
             sync = micro == t.grad_accum - 1 or self.world_size == 1
-            ctx = self.train_net.no_sync() if not sync and hasattr(self.train_net, "no_sync") else _null()
+            ctx = self.train_net.no_sync() if not sync and hasattr(self.train_net, "no_sync") else contextlib.nullcontext()
             with ctx:
                 loss = self._loss(x0, y) / t.grad_accum
                 loss.backward()
@@ -470,14 +470,6 @@ def train_stage(config: StageConfig, run_dir: str | Path, **kwargs) -> TrainSumm
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _all_finite(model: torch.nn.Module) -> bool:
