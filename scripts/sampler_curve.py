@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""FID against sampling steps for DDPM, DDIM and DPM-Solver++ on a whole cascade (docs/performance.md).
+
+Every point samples ``--num`` class-balanced images through every stage with the same sampler and step count
+(``--base-steps`` pins the base stage instead), times it, and scores the final images against ``--ref``.
+Points are written to ``--out`` as they finish, so an interrupted run keeps what it measured and a rerun
+skips the points already there.
+
+    python scripts/sampler_curve.py runs/base8 runs/sr8to32 --ref runs/ref.npz --num 1000 \
+        --points ddpm:1000,ddpm:100,ddim:50,ddim:20,dpmpp:20,dpmpp:10 --out curve.json --plot curve.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cascaded_diffusion.cascade import Cascade, balanced_labels
+from cascaded_diffusion.data import tensor_to_images
+from cascaded_diffusion.evaluation.evaluate import evaluate_images, reference_stats
+from cascaded_diffusion.evaluation.features import get_feature_extractor
+
+
+def parse_points(text: str) -> list[tuple[str, int]]:
+    points = []
+    for item in text.split(","):
+        name, _, steps = item.strip().partition(":")
+        if name not in ("ddpm", "ddim", "dpmpp") or not steps.isdigit() or int(steps) < 1:
+            raise SystemExit(f"bad point {item!r}: use SAMPLER:STEPS with SAMPLER in ddpm, ddim, dpmpp")
+        points.append((name, int(steps)))
+    return points
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="*", help="stage directories, base first")
+    p.add_argument("--pretrained", help="a bundled cascade instead of run_dirs")
+    p.add_argument("--ref", required=True, help="reference stats .npz or dataset spec")
+    p.add_argument("--features", default="classifier")
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--points", default="ddpm:1000,ddpm:100,ddpm:50,ddim:100,ddim:50,ddim:20,dpmpp:50,dpmpp:20,dpmpp:10")
+    p.add_argument("--base-steps", help="SAMPLER:STEPS for the base stage at every point (default: same as SR)")
+    p.add_argument("--aug-level", type=int, help="level s of the SR stages (default: their sample_s)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True)
+    p.add_argument("--plot")
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    cascade = (Cascade.from_pretrained(args.pretrained, device=device) if args.pretrained
+               else Cascade.from_run_dirs(args.run_dirs, device=device))
+    n_stages = len(cascade.stages)
+    extractor = get_feature_extractor(args.features, device=device)
+    reference = reference_stats(args.ref, extractor, resolution=cascade.resolutions[-1],
+                                channels=cascade.stages[-1].channels)
+    base = parse_points(args.base_steps)[0] if args.base_steps else None
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {"points": []}
+    result.update({
+        "stages": [s.source for s in cascade.stages], "num_samples": args.num, "feature_network": extractor.name,
+        "reference": reference.source, "device": str(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "base_point": list(base) if base else None,
+        "aug_levels": [args.aug_level] * (n_stages - 1) if args.aug_level is not None else cascade.default_aug_levels(),
+    })
+    done = {(r["sampler"], r["steps"]) for r in result["points"]}
+    labels = balanced_labels(args.num, cascade.num_classes)
+    for sampler, steps in parse_points(args.points):
+        if (sampler, steps) in done:
+            continue
+        samplers = [sampler] * n_stages
+        steps_l = [steps] * n_stages
+        if base:
+            samplers[0], steps_l[0] = base
+        gen = torch.Generator(device).manual_seed(args.seed)
+        start = time.perf_counter()
+        images = []
+        for lo in range(0, args.num, args.batch_size):
+            res = cascade.sample(labels[lo : lo + args.batch_size], sampler=samplers, steps=steps_l,
+                                 aug_levels=result["aug_levels"], generator=gen)
+            images.append(tensor_to_images(res.images))
+        seconds = time.perf_counter() - start
+        scores = evaluate_images(np.concatenate(images), reference, extractor, ("fid", "kid"))
+        row = {"sampler": sampler, "steps": steps, "stage_samplers": samplers, "stage_steps": steps_l,
+               "fid": scores["fid"], "kid": scores.get("kid"), "seconds": seconds,
+               "samples_per_s": args.num / seconds}
+        result["points"].append(row)
+        print(f"{sampler:5s} {steps:5d} steps  FID {row['fid']:8.3f}  {row['samples_per_s']:7.2f} samples/s", flush=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, out)
+    if args.plot:
+        plot(result, args.plot)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for sampler, marker in (("ddpm", "o"), ("ddim", "s"), ("dpmpp", "^")):
+        rows = sorted((r for r in result["points"] if r["sampler"] == sampler), key=lambda r: r["steps"])
+        if rows:
+            ax.plot([r["steps"] for r in rows], [r["fid"] for r in rows], marker + "-",
+                    label={"dpmpp": "DPM-Solver++(2M)"}.get(sampler, sampler.upper()))
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations per stage")
+    ax.set_ylabel(f"FID ({result['feature_network']} features, N={result['num_samples']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()
