@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,7 @@ class StageConfig:
         return "\n".join(lines)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "StageConfig":
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> StageConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a table of sections, got {type(raw).__name__}")
         sections = {f.name: f for f in dataclasses.fields(cls)}
@@ -203,6 +204,14 @@ class StageConfig:
             fail("model.channel_mult", f"{len(m.channel_mult)} levels downsample {s.resolution}px below 1px")
         if m.channels < 1 or m.num_res_blocks < 1:
             fail("model.channels", "channels and num_res_blocks must be >= 1")
+        if m.norm_groups >= 1 and m.channels // m.norm_groups < 2:
+            warnings.warn(
+                f"{source}: model.norm_groups = {m.norm_groups} puts one channel in each group at the first level "
+                f"(model.channels = {m.channels}): every group norm then removes each feature map's mean, and the "
+                "network cannot predict the per-image mean of the noise at high t (samples come out too bright or "
+                "too dark). Use norm_groups <= channels / 4, e.g. 8 for 32 channels.",
+                stacklevel=3,
+            )
         if not 0.0 <= m.dropout < 1.0:
             fail("model.dropout", f"must be in [0, 1), got {m.dropout}")
         if not 0.0 <= m.label_dropout < 1.0:

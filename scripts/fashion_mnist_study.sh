@@ -5,21 +5,25 @@
 #   sweep the augmentation level s (non-truncated and truncated, generated and ground-truth inputs).
 # Everything resumes: rerunning skips finished training and reuses existing sample files.
 #
-# Knobs (environment): RUNS (output dir), STEPS_BASE / STEPS_SR / STEPS_SINGLE (training steps),
-# NUM (samples per setting, paper protocol 10000), SWEEP_NUM, LEVELS, SAMPLER, SAMPLE_STEPS, S (sampling level),
-# DEVICE (cpu|cuda), FEATURES (default: the classifier shipped with the package).
+# Knobs (environment): RUNS (output dir), STEPS_BASE / STEPS_SR / STEPS_SINGLE (training steps; the single
+# model's default matches base + SR in training FLOPs: one base step costs 0.68 of a 32x32 step),
+# NUM (samples per setting, paper protocol 10000), SWEEP_NUM, LEVELS, SAMPLER / SAMPLE_STEPS (per stage,
+# base,SR), S (sampling level; default: the non-truncated sweep's optimum), DEVICE (cpu|cuda),
+# FEATURES (default: the classifier shipped with the package).
+# After training, two lanes run side by side (one CPU core each): the sweeps, and the settings that do not
+# depend on s (base samples, the cascade without augmentation, the single model); then the s-dependent ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-runs/study}
-STEPS_BASE=${STEPS_BASE:-3000}
-STEPS_SR=${STEPS_SR:-1500}
-STEPS_SINGLE=${STEPS_SINGLE:-1800}
+STEPS_BASE=${STEPS_BASE:-4000}
+STEPS_SR=${STEPS_SR:-3500}
+STEPS_SINGLE=${STEPS_SINGLE:-$((STEPS_SR + STEPS_BASE * 68 / 100))}
 NUM=${NUM:-10000}
-SWEEP_NUM=${SWEEP_NUM:-2000}
-LEVELS=${LEVELS:-0,25,50,100,200,300,450,600,800,1000}
-SAMPLER=${SAMPLER:-ddim}
-SAMPLE_STEPS=${SAMPLE_STEPS:-50}
+SWEEP_NUM=${SWEEP_NUM:-1000}
+LEVELS=${LEVELS:-0,50,100,200,400,700}
+SAMPLER=${SAMPLER:-dpmpp}
+SAMPLE_STEPS=${SAMPLE_STEPS:-20,10}
 S=${S:-}
 DEVICE=${DEVICE:-auto}
 FEATURES=${FEATURES:-classifier}
@@ -39,34 +43,63 @@ train single32 single32 "$STEPS_SINGLE"
 
 REF="$RUNS/ref_fmnist_train_32.npz"
 [ -f "$REF" ] || { log "reference stats"; cdm stats fashion-mnist --resolution 32 --features "$FEATURES" --out "$REF" --device "$DEVICE"; }
-
-# the sweep picks s for the noise-augmented cascade (generated and ground-truth low-res curves)
-for mode in nontruncated truncated; do
-  flag=""; [ "$mode" = truncated ] && flag="--truncated"
-  out="$RUNS/sweep_$mode.json"
-  [ -f "$out" ] || { log "sweep $mode"; cdm sweep "$RUNS/base8" "$RUNS/sr8to32" --aug-levels "$LEVELS" --num "$SWEEP_NUM" \
-      --ref "$REF" --ground-truth fashion-mnist --features "$FEATURES" --sampler "$SAMPLER" --steps "$SAMPLE_STEPS" \
-      --device "$DEVICE" --out "$out" --plot "$RUNS/sweep_$mode.png" $flag; }
-done
-if [ -z "$S" ]; then
-  S=$(python -c "import json; print(json.load(open('$RUNS/sweep_nontruncated.json'))['best_level'])")
-fi
-log "sampling level s=$S (non-truncated sweep optimum)"
+SR_STEPS=${SAMPLE_STEPS##*,}
+BASE_STEPS=${SAMPLE_STEPS%%,*}
 
 sample() {  # name args...
   local name=$1; shift
   [ -f "$RUNS/$name.npz" ] || { log "sample $name"; cdm sample "$@" --num "$NUM" --out "$RUNS/$name.npz" \
-      --grid "$RUNS/$name.png" --sampler "$SAMPLER" --steps "$SAMPLE_STEPS" --device "$DEVICE" --quiet; }
+      --grid "$RUNS/$name.png" --sampler "$SAMPLER" --device "$DEVICE" --quiet; }
 }
-sample cascade_noise "$RUNS/base8" "$RUNS/sr8to32" --aug-level "$S" --save-stages "$RUNS/stages_noise"
-sample cascade_noise_s0 "$RUNS/base8" "$RUNS/sr8to32" --aug-level 0 --low-res-samples "$RUNS/stages_noise/stage1_8px.npz"
-sample cascade_noaug "$RUNS/base8" "$RUNS/sr8to32_noaug" --low-res-samples "$RUNS/stages_noise/stage1_8px.npz"
-sample single32 "$RUNS/single32"
 
-for name in cascade_noise cascade_noise_s0 cascade_noaug single32; do
+sweeps() {  # the sweep picks s for the noise-augmented cascade (generated and ground-truth low-res curves)
+  for mode in nontruncated truncated; do
+    local flag="" gt="--ground-truth fashion-mnist"
+    # with ground-truth inputs truncation changes nothing (the base does not run), so that curve is measured once
+    [ "$mode" = truncated ] && { flag="--truncated"; gt="--no-ground-truth"; }
+    local out="$RUNS/sweep_$mode.json"
+    [ -f "$out" ] || { log "sweep $mode"; cdm sweep "$RUNS/base8" "$RUNS/sr8to32" --aug-levels "$LEVELS" --num "$SWEEP_NUM" \
+        --ref "$REF" $gt --features "$FEATURES" --sampler "$SAMPLER" --steps "$SAMPLE_STEPS" \
+        --device "$DEVICE" --out "$out" --plot "$RUNS/sweep_$mode.png" $flag; }
+  done
+  # is the sampling default close to many-step sampling? (the full FID-vs-steps curve: docs/performance.md)
+  [ -f "$RUNS/sampler_check.json" ] || { log "sampler check"; python scripts/sampler_curve.py "$RUNS/base8" "$RUNS/sr8to32" \
+      --ref "$REF" --features "$FEATURES" --num "${CHECK_NUM:-500}" --aug-level 0 --device "$DEVICE" \
+      --points "${CHECK_POINTS:-dpmpp:10,dpmpp:20,ddpm:100}" --base-steps "dpmpp:$BASE_STEPS" \
+      --out "$RUNS/sampler_check.json"; }
+}
+
+independent_of_s() {
+  # base samples once, shared by every cascade setting (so the settings differ only in their SR stage)
+  [ -f "$RUNS/base8_samples.npz" ] || { log "sample base"; cdm sample "$RUNS/base8" --num "$NUM" --steps "$BASE_STEPS" \
+      --sampler "$SAMPLER" --out "$RUNS/base8_samples.npz" --grid "$RUNS/base8_samples.png" --device "$DEVICE" --quiet; }
+  sample cascade_noaug "$RUNS/base8" "$RUNS/sr8to32_noaug" --steps "$SAMPLE_STEPS" --low-res-samples "$RUNS/base8_samples.npz"
+  sample single32 "$RUNS/single32" --steps "$SR_STEPS"
+}
+
+sweeps > "$RUNS/lane_sweeps.log" 2>&1 &
+independent_of_s > "$RUNS/lane_settings.log" 2>&1 &
+wait
+if [ -z "$S" ]; then
+  S=$(python -c "import json; print(json.load(open('$RUNS/sweep_nontruncated.json'))['best_level'])")
+fi
+log "sampling level s=$S (non-truncated sweep optimum)"
+sample cascade_noise "$RUNS/base8" "$RUNS/sr8to32" --steps "$SAMPLE_STEPS" --aug-level "$S" --low-res-samples "$RUNS/base8_samples.npz" &
+[ "$S" = 0 ] || sample cascade_noise_s0 "$RUNS/base8" "$RUNS/sr8to32" --steps "$SAMPLE_STEPS" --aug-level 0 \
+    --low-res-samples "$RUNS/base8_samples.npz" &
+wait
+
+score() {
+  local name=$1 real=$2
+  [ -f "$RUNS/$name.npz" ] || return 0
   [ -f "$RUNS/$name.metrics.json" ] || { log "eval $name"; cdm eval "$RUNS/$name.npz" --ref "$REF" --features "$FEATURES" \
       --metrics fid,kid,is,pr --out "$RUNS/$name.metrics.json" --device "$DEVICE"; }
-  [ -f "$RUNS/$name.cas.json" ] || { log "cas $name"; cdm cas "$RUNS/$name.npz" --test fashion-mnist:test --real fashion-mnist \
+  [ -f "$RUNS/$name.cas.json" ] || { log "cas $name"; cdm cas "$RUNS/$name.npz" --test fashion-mnist:test $real \
       --out "$RUNS/$name.cas.json" --device "$DEVICE"; }
-done
-log "done: results in $RUNS"
+}
+# the real-data CAS baseline (same N, same recipe) is trained once, with the first setting
+{ score cascade_noise "--real fashion-mnist"; score cascade_noise_s0 ""; } &
+{ score cascade_noaug ""; score single32 ""; } &
+wait
+python scripts/study_tables.py "$RUNS" > "$RUNS/tables.md"
+log "done: results in $RUNS (tables.md)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,9 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.toml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_configs_load_and_round_trip(path):
-    config = load_config(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no shipped config may trip a validation warning
+        config = load_config(path)
     again = StageConfig.from_dict(json.loads(config.to_json()))
     assert again == config
     import tomllib
@@ -66,6 +69,15 @@ def test_bad_choice_and_semantics(tmp_path):
         load_config(write(tmp_path, '[stage]\nkind = "sr"\nresolution = 32\nlow_res = 32\n'))
     with pytest.raises(ConfigError, match=r"diffusion\.loss.*learn_sigma"):
         load_config(write(tmp_path, '[diffusion]\nloss = "hybrid"\nlearn_sigma = false\n'))
+
+
+def test_one_channel_per_norm_group_warns(tmp_path):
+    # 32 channels in 32 groups: every group norm would strip each feature map's mean (the samples' brightness)
+    with pytest.warns(UserWarning, match=r"model\.norm_groups = 32 puts one channel in each group"):
+        load_config(write(tmp_path, "[model]\nchannels = 32\nchannel_mult = [1, 2]\n"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(write(tmp_path, "[model]\nchannels = 32\nchannel_mult = [1, 2]\nnorm_groups = 8\n"))
 
 
 def test_overrides():
