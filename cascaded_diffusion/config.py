@@ -207,9 +207,9 @@ class StageConfig:
         if m.norm_groups >= 1 and m.channels // m.norm_groups < 2:
             warnings.warn(
                 f"{source}: model.norm_groups = {m.norm_groups} puts one channel in each group at the first level "
-                f"(model.channels = {m.channels}): every group norm then removes each feature map's mean, and the "
-                "network cannot predict the per-image mean of the noise at high t (samples come out too bright or "
-                "too dark). Use norm_groups <= channels / 4, e.g. 8 for 32 channels.",
+                f"(model.channels = {m.channels}): group norm becomes instance norm, which strips every feature map's "
+                "mean and scale. Use norm_groups <= channels / 4 "
+                "(ADM: 128 channels in 32 groups), e.g. 8 for 32 channels.",
                 stacklevel=3,
             )
         if not 0.0 <= m.dropout < 1.0:
