@@ -32,6 +32,7 @@ mkdir -p "$RUNS"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$RUNS/study.log"; }
 
 train() {  # config run_dir steps
+  [ -d "$RUNS/$2/checkpoints/step_$(printf %08d "$3")" ] && return 0  # already trained that far
   log "train $1 -> $2 ($3 steps)"
   cdm train "configs/fashion-mnist/$1.toml" --out "$RUNS/$2" --steps "$3" --device "$DEVICE" --set train.progress=false
 }
