@@ -21,7 +21,8 @@ def stage_config(kind: str, resolution: int, low_res: int = 0, *, classes: int =
         "stage": {"name": f"{kind}{resolution}", "kind": kind, "resolution": resolution, "low_res": low_res,
                   "channels": channels, "num_classes": classes},
         "diffusion": {"timesteps": timesteps, "learn_sigma": kind == "base", "loss": "hybrid" if kind == "base" else "simple"},
-        "model": {"channels": 32, "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": []},
+        "model": {"channels": 32, "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": [],
+                  "norm_groups": 8},
         "sample": {"sampler": "ddim", "steps": 5},
     }
     if kind == "sr":

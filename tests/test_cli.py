@@ -11,7 +11,8 @@ import pytest
 from cascaded_diffusion.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.channels=32", "model.channel_mult=[1,1]", "model.num_res_blocks=1", "model.attention_resolutions=[]",
+TINY = ["model.channels=32", "model.norm_groups=8", "model.channel_mult=[1,1]", "model.num_res_blocks=1",
+        "model.attention_resolutions=[]",
         "train.batch_size=8", "train.log_every=1", "train.ckpt_every=2", "train.progress=false",
         "train.sample_steps=2", "sample.steps=3", "diffusion.timesteps=50", "conditioning.noise_timesteps=50"]
 

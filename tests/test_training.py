@@ -29,7 +29,7 @@ def tiny_config(tmp_path: Path, **train) -> StageConfig:
         "stage": {"name": "tiny", "resolution": 8, "channels": 1, "num_classes": 3},
         "data": {"source": f"npz:{npz}"},
         "diffusion": {"timesteps": 50, "learn_sigma": True, "loss": "hybrid"},
-        "model": {"channels": 32, "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": [4],
+        "model": {"channels": 32, "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": [4], "norm_groups": 8,
                   "dropout": 0.1, "label_dropout": 0.2},
         "train": {"steps": 6, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "bf16": False, "log_every": 2,
                   "ckpt_every": 3, "keep_last": 5, "progress": False, "sample_every": 0, "sample_steps": 3,
