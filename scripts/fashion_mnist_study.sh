@@ -63,11 +63,6 @@ sweeps() {  # the sweep picks s for the noise-augmented cascade (generated and g
         --ref "$REF" $gt --features "$FEATURES" --sampler "$SAMPLER" --steps "$SAMPLE_STEPS" \
         --device "$DEVICE" --out "$out" --plot "$RUNS/sweep_$mode.png" $flag; }
   done
-  # is the sampling default close to many-step sampling? (the full FID-vs-steps curve: docs/performance.md)
-  [ -f "$RUNS/sampler_check.json" ] || { log "sampler check"; python scripts/sampler_curve.py "$RUNS/base8" "$RUNS/sr8to32" \
-      --ref "$REF" --features "$FEATURES" --num "${CHECK_NUM:-500}" --aug-level 0 --device "$DEVICE" \
-      --points "${CHECK_POINTS:-dpmpp:10,dpmpp:20,ddpm:100}" --base-steps "dpmpp:$BASE_STEPS" \
-      --out "$RUNS/sampler_check.json"; }
 }
 
 independent_of_s() {
@@ -85,6 +80,11 @@ if [ -z "$S" ]; then
   S=$(python -c "import json; print(json.load(open('$RUNS/sweep_nontruncated.json'))['best_level'])")
 fi
 log "sampling level s=$S (non-truncated sweep optimum)"
+# is the sampling default close to many-step sampling? (the full FID-vs-steps curve: docs/performance.md)
+[ -f "$RUNS/sampler_check.json" ] || { log "sampler check"; python scripts/sampler_curve.py "$RUNS/base8" "$RUNS/sr8to32" \
+    --ref "$REF" --features "$FEATURES" --num "${CHECK_NUM:-500}" --aug-level "$S" --device "$DEVICE" \
+    --points "${CHECK_POINTS:-dpmpp:10,dpmpp:20,ddpm:100}" --base-steps "dpmpp:$BASE_STEPS" \
+    --out "$RUNS/sampler_check.json" --plot "$RUNS/sampler_check.png"; } &
 sample cascade_noise "$RUNS/base8" "$RUNS/sr8to32" --steps "$SAMPLE_STEPS" --aug-level "$S" --low-res-samples "$RUNS/base8_samples.npz" &
 [ "$S" = 0 ] || sample cascade_noise_s0 "$RUNS/base8" "$RUNS/sr8to32" --steps "$SAMPLE_STEPS" --aug-level 0 \
     --low-res-samples "$RUNS/base8_samples.npz" &
