@@ -375,8 +375,10 @@ def precision_recall(
 def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
     """Inception Score exp(E_x KL(p(y|x) || p(y))), mean and std over ``splits`` equal chunks.
 
-    ``probs`` is an (N, C) matrix of class probabilities (softmax outputs), in the sample order; chunks
-    are contiguous, as in the original implementation.
+    ``probs`` is an (N, C) matrix of class probabilities (softmax outputs). Split i takes every
+    ``splits``-th sample starting at i, not a contiguous chunk as the original implementation did: class-conditional
+    sampling writes images grouped by class, and a contiguous chunk of one class scores ~1 whatever the
+    images look like. For samples in random order the two are the same estimator.
     """
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2:
@@ -392,10 +394,9 @@ def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
         worst = float(row_sums[np.argmax(np.abs(row_sums - 1.0))])
         raise ValueError(f"each row of probs must sum to 1 (softmax outputs, not logits); found a row summing to {worst}")
 
-    n = p.shape[0]
     scores = np.empty(splits, dtype=np.float64)
     for i in range(splits):
-        part = p[i * n // splits : (i + 1) * n // splits]
+        part = p[i::splits]
         marginal = part.mean(axis=0, keepdims=True)
         # xlogy gives 0·log 0 = 0, so one-hot predictions are handled exactly.
         kl = (xlogy(part, part) - xlogy(part, marginal)).sum(axis=1)
