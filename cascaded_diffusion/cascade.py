@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data import make_grid, save_grid, tensor_to_images
+from .data import images_to_tensor, make_grid, save_grid, tensor_to_images
 from .augment import upsample
 from .stage import Stage
 
@@ -217,6 +217,38 @@ class Cascade:
                 handed_on = x.clamp(-1, 1)
                 handed_level = None
         return CascadeOutput(images=outputs[-1], stages=outputs, labels=labels)
+
+
+def sample_in_batches(cascade: Cascade, labels: torch.Tensor, *, batch_size: int, seed: int,
+                      low_res: np.ndarray | None = None, start_stage: int = 0, progress: bool = False,
+                      **kwargs) -> tuple[list[np.ndarray], np.ndarray]:
+    """Sample ``labels`` through ``cascade`` ``batch_size`` at a time from one generator seeded with ``seed``;
+    ``low_res`` (uint8 NHWC) with ``start_stage`` feeds given images to that stage. Other keyword arguments go
+    to :meth:`Cascade.sample`. Returns (one uint8 NHWC array per stage run, labels as numpy)."""
+    device = cascade.stages[0].device
+    generator = torch.Generator(device).manual_seed(seed)
+    per_stage: list[list[np.ndarray]] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(labels), desc="sampling", unit="img", dynamic_ncols=True)
+    for lo in range(0, len(labels), batch_size):
+        y = labels[lo : lo + batch_size]
+        cond = None
+        if low_res is not None:
+            cond = images_to_tensor(low_res[lo : lo + batch_size], device=device)
+        out = cascade.sample(y, low_res=cond, start_stage=start_stage, generator=generator, **kwargs)
+        arrays = [tensor_to_images(x.clamp(-1, 1)) for x in out.stages]
+        if not per_stage:
+            per_stage = [[] for _ in arrays]
+        for acc, a in zip(per_stage, arrays):
+            acc.append(a)
+        if bar is not None:
+            bar.update(len(y))
+    if bar is not None:
+        bar.close()
+    return [np.concatenate(a) for a in per_stage], labels.numpy()
 
 
 def balanced_labels(num: int, num_classes: int, class_labels: Sequence[int] | None = None) -> torch.Tensor:

@@ -65,39 +65,6 @@ def load_cascade(run_dirs: list[str], pretrained: str | None, device: str, weigh
     return Cascade.from_run_dirs(run_dirs, device=device, weights=weights)
 
 
-def run_cascade_batches(cascade, labels, *, batch_size: int, seed: int, low_res=None, start_stage=0, progress=True, **kwargs):
-    """Sample in batches; returns (list of uint8 NHWC arrays per stage, labels)."""
-    import torch
-
-    from .data import images_to_tensor, tensor_to_images
-
-    device = cascade.stages[0].device
-    generator = torch.Generator(device).manual_seed(seed)
-    per_stage: list[list[np.ndarray]] = []
-    batches = range(0, len(labels), batch_size)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(labels), desc="sampling", unit="img", dynamic_ncols=True)
-    for lo in batches:
-        y = labels[lo : lo + batch_size]
-        cond = None
-        if low_res is not None:
-            cond = images_to_tensor(low_res[lo : lo + batch_size], device=device)
-        out = cascade.sample(y, low_res=cond, start_stage=start_stage, generator=generator, **kwargs)
-        arrays = [tensor_to_images(x.clamp(-1, 1)) for x in out.stages]
-        if not per_stage:
-            per_stage = [[] for _ in arrays]
-        for acc, a in zip(per_stage, arrays):
-            acc.append(a)
-        if bar is not None:
-            bar.update(len(y))
-    if bar is not None:
-        bar.close()
-    return [np.concatenate(a) for a in per_stage], labels.numpy()
-
-
 def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
     from .checkpoint import atomic_write_bytes
     import io
@@ -112,7 +79,7 @@ def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .cascade import balanced_labels, grid_by_class
+    from .cascade import balanced_labels, grid_by_class, sample_in_batches
     from .data import load_images, save_grid
     from .training import resolve_device
 
@@ -139,7 +106,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         autocast=args.precision == "bf16",
     )
     start = time.time()
-    stage_images, label_array = run_cascade_batches(
+    stage_images, label_array = sample_in_batches(
         cascade, labels, batch_size=args.batch_size, seed=args.seed, low_res=low_res, start_stage=start_stage,
         progress=not args.quiet, **kwargs
     )

@@ -18,11 +18,9 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from cascaded_diffusion.cascade import Cascade, balanced_labels
-from cascaded_diffusion.data import tensor_to_images
+from cascaded_diffusion.cascade import Cascade, balanced_labels, sample_in_batches
 from cascaded_diffusion.evaluation.evaluate import evaluate_images, reference_stats
 from cascaded_diffusion.evaluation.features import get_feature_extractor
 
@@ -79,15 +77,11 @@ def main() -> None:
         steps_l = [steps] * n_stages
         if base:
             samplers[0], steps_l[0] = base
-        gen = torch.Generator(device).manual_seed(args.seed)
         start = time.perf_counter()
-        images = []
-        for lo in range(0, args.num, args.batch_size):
-            res = cascade.sample(labels[lo : lo + args.batch_size], sampler=samplers, steps=steps_l,
-                                 aug_levels=result["aug_levels"], generator=gen)
-            images.append(tensor_to_images(res.images))
+        stages, _ = sample_in_batches(cascade, labels, batch_size=args.batch_size, seed=args.seed,
+                                      sampler=samplers, steps=steps_l, aug_levels=result["aug_levels"])
         seconds = time.perf_counter() - start
-        scores = evaluate_images(np.concatenate(images), reference, extractor, ("fid", "kid"))
+        scores = evaluate_images(stages[-1], reference, extractor, ("fid", "kid"))
         row = {"sampler": sampler, "steps": steps, "stage_samplers": samplers, "stage_steps": steps_l,
                "fid": scores["fid"], "kid": scores.get("kid"), "seconds": seconds,
                "samples_per_s": args.num / seconds}

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..augment import downsample
-from ..cascade import Cascade, balanced_labels
+from ..cascade import Cascade, balanced_labels, sample_in_batches
 from ..data import images_to_tensor, load_images, tensor_to_images
 from .evaluate import evaluate_images
 from .features import FeatureExtractor
@@ -27,18 +27,11 @@ def _final_images(cascade: Cascade, labels: torch.Tensor, level: int, *, seed: i
                   sampling: dict, low: np.ndarray | None = None, truncated: bool = False) -> np.ndarray:
     """Final-stage images with the first SR stage at ``level``: from the given clean low-resolution
     images ``low`` (SR stages only), or through the whole cascade (``truncated`` or not)."""
-    device = cascade.stages[0].device
     levels = [level] + cascade.default_aug_levels()[1:]
-    gen = torch.Generator(device).manual_seed(seed)
-    out = []
-    for lo in range(0, len(labels), batch_size):
-        extra = {}
-        if low is not None:
-            extra = {"low_res": images_to_tensor(low[lo : lo + batch_size], device=device), "start_stage": 1}
-        res = cascade.sample(labels[lo : lo + batch_size], aug_levels=levels, truncated=truncated, generator=gen,
-                             **extra, **sampling)
-        out.append(tensor_to_images(res.images))
-    return np.concatenate(out)
+    stages, _ = sample_in_batches(cascade, labels, batch_size=batch_size, seed=seed, low_res=low,
+                                  start_stage=0 if low is None else 1, aug_levels=levels, truncated=truncated,
+                                  **sampling)
+    return stages[-1]
 
 
 def augmentation_sweep(
