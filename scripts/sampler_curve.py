@@ -25,13 +25,16 @@ from cascaded_diffusion.evaluation.evaluate import evaluate_images, reference_st
 from cascaded_diffusion.evaluation.features import get_feature_extractor
 
 
-def parse_points(text: str) -> list[tuple[str, int]]:
-    points = []
+def parse_points(text: str) -> list[tuple[str, int | tuple[int, ...]]]:
+    """``SAMPLER:STEPS`` (every stage) or ``SAMPLER:S1/S2/...`` (steps per stage, base first)."""
+    points: list[tuple[str, int | tuple[int, ...]]] = []
     for item in text.split(","):
         name, _, steps = item.strip().partition(":")
-        if name not in ("ddpm", "ddim", "dpmpp") or not steps.isdigit() or int(steps) < 1:
-            raise SystemExit(f"bad point {item!r}: use SAMPLER:STEPS with SAMPLER in ddpm, ddim, dpmpp")
-        points.append((name, int(steps)))
+        parts = steps.split("/")
+        if name not in ("ddpm", "ddim", "dpmpp") or not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise SystemExit(f"bad point {item!r}: use SAMPLER:STEPS or SAMPLER:BASE_STEPS/SR_STEPS with SAMPLER "
+                             "in ddpm, ddim, dpmpp")
+        points.append((name, int(parts[0]) if len(parts) == 1 else tuple(int(p) for p in parts)))
     return points
 
 
@@ -68,13 +71,19 @@ def main() -> None:
         "torch": torch.__version__, "base_point": list(base) if base else None,
         "aug_levels": [args.aug_level] * (n_stages - 1) if args.aug_level is not None else cascade.default_aug_levels(),
     })
-    done = {(r["sampler"], r["steps"]) for r in result["points"]}
+    done = {(r["sampler"], r["steps"] if isinstance(r["steps"], int) else tuple(r["steps"])) for r in result["points"]}
     labels = balanced_labels(args.num, cascade.num_classes)
     for sampler, steps in parse_points(args.points):
         if (sampler, steps) in done:
             continue
         samplers = [sampler] * n_stages
-        steps_l = [steps] * n_stages
+        if isinstance(steps, tuple):
+            if len(steps) != n_stages:
+                raise SystemExit(f"point {sampler}:{'/'.join(map(str, steps))} gives {len(steps)} step counts for "
+                                 f"{n_stages} stages")
+            steps_l = list(steps)
+        else:
+            steps_l = [steps] * n_stages
         if base:
             samplers[0], steps_l[0] = base
         start = time.perf_counter()
@@ -82,11 +91,12 @@ def main() -> None:
                                       sampler=samplers, steps=steps_l, aug_levels=result["aug_levels"])
         seconds = time.perf_counter() - start
         scores = evaluate_images(stages[-1], reference, extractor, ("fid", "kid"))
-        row = {"sampler": sampler, "steps": steps, "stage_samplers": samplers, "stage_steps": steps_l,
+        row = {"sampler": sampler, "steps": steps if isinstance(steps, int) else list(steps), "stage_samplers": samplers, "stage_steps": steps_l,
                "fid": scores["fid"], "kid": scores.get("kid"), "seconds": seconds,
                "samples_per_s": args.num / seconds}
         result["points"].append(row)
-        print(f"{sampler:5s} {steps:5d} steps  FID {row['fid']:8.3f}  {row['samples_per_s']:7.2f} samples/s", flush=True)
+        label = steps if isinstance(steps, int) else "/".join(map(str, steps))
+        print(f"{sampler:5s} {label!s:>7s} steps  FID {row['fid']:8.3f}  {row['samples_per_s']:7.2f} samples/s", flush=True)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out)
@@ -102,10 +112,15 @@ def plot(result: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for sampler, marker in (("ddpm", "o"), ("ddim", "s"), ("dpmpp", "^")):
-        rows = sorted((r for r in result["points"] if r["sampler"] == sampler), key=lambda r: r["steps"])
+        name = {"dpmpp": "DPM-Solver++(2M)"}.get(sampler, sampler.upper())
+        rows = sorted((r for r in result["points"] if r["sampler"] == sampler and isinstance(r["steps"], int)),
+                      key=lambda r: r["steps"])
         if rows:
-            ax.plot([r["steps"] for r in rows], [r["fid"] for r in rows], marker + "-",
-                    label={"dpmpp": "DPM-Solver++(2M)"}.get(sampler, sampler.upper()))
+            ax.plot([r["steps"] for r in rows], [r["fid"] for r in rows], marker + "-", label=name)
+        for r in result["points"]:  # per-stage step counts: a star at the last stage's steps
+            if r["sampler"] == sampler and not isinstance(r["steps"], int):
+                label = "/".join(map(str, r["steps"]))
+                ax.plot([r["steps"][-1]], [r["fid"]], "*", markersize=11, label=f"{name} {label} (base/SR)")
     ax.set_xscale("log")
     ax.set_xlabel("network evaluations per stage")
     ax.set_ylabel(f"FID ({result['feature_network']} features, N={result['num_samples']})")
