@@ -66,6 +66,12 @@ class Cascade:
 
         return cls.from_run_dirs(pretrained_stage_dirs(name), device=device, weights="ema")
 
+    def compile(self, mode: str | None = None, backend: str = "inductor") -> "Cascade":
+        """Sample every stage through ``torch.compile`` (see :meth:`Stage.compile`)."""
+        for stage in self.stages:
+            stage.compile(mode=mode, backend=backend)
+        return self
+
     def validate(self) -> None:
         if not self.stages:
             raise CascadeError("a cascade needs at least one stage")

@@ -91,3 +91,24 @@ def test_bad_config_key_and_missing_run_dir(tmp_path, capsys):
     assert rc == 2 and "unknown key 'train.lrr'" in capsys.readouterr().err
     rc = main(["sample", str(tmp_path / "nope"), "--num", "2", "--out", str(tmp_path / "x.npz"), "--device", "cpu"])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_sample_compile_flag_compiles_every_stage(tmp_path, monkeypatch):
+    from cascaded_diffusion.cascade import Cascade
+
+    modes = []
+    real_compile = Cascade.compile
+
+    def compile_cheaply(self, mode=None, backend="inductor"):
+        modes.append(mode)
+        return real_compile(self, mode=mode, backend="aot_eager")  # inductor would take minutes on a CPU
+
+    monkeypatch.setattr(Cascade, "compile", compile_cheaply)
+    for flag, expected in ((["--compile"], None), (["--compile", "reduce-overhead"], "reduce-overhead")):
+        out = tmp_path / f"s{len(modes)}.npz"
+        assert main(["sample", "--pretrained", "fashion-mnist", "--num", "4", "--steps", "2", "--out", str(out),
+                     "--quiet", *flag]) == 0
+        assert modes[-1] == expected and np.load(out)["arr_0"].shape == (4, 32, 32, 1)
+    with pytest.raises(SystemExit):
+        main(["sample", "--pretrained", "fashion-mnist", "--num", "4", "--out", str(tmp_path / "x.npz"),
+              "--compile", "fastest"])
