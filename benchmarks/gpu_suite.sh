@@ -79,7 +79,7 @@ print(json.dumps({"device": torch.cuda.get_device_name(d), "torch": torch.__vers
 EOF
 
 BENCH="python3 benchmarks/unet_throughput.py --config $BENCH_CONFIG --device $DEVICE --dtype bf16 --channels-last --no-cpu-memory $BENCH_EXTRA"
-section ${BENCH_CONFIG}_eager 120 $BENCH --warmup 3 --iters 10
+section ${BENCH_CONFIG}_eager 120 $BENCH --warmup 3 --iters 10 --profile 20
 # Compilation is CPU work: warm the inductor caches (FX graph, AOT autograd, Triton kernels) for both models in
 # the background while the GPU does the smoke test and the sampler curve, so that the compiled sections
 # below mostly load compiled code. Started after the eager section so that it does not perturb it.
@@ -107,7 +107,7 @@ section cuda_train_smoke 90 bash -c "
 echo "=== waiting for the background compilation ($(($(date +%s) - START))s into the run)" | tee -a "$LOG"
 wait $PRECOMPILE
 echo "--- background compilation ended ($(($(date +%s) - START))s into the run): $(grep -c '^{' "$OUT/precompile.log") of 2 done" | tee -a "$LOG"
-section ${BENCH_CONFIG}_compiled_train 240 $BENCH --compile --warmup 3 --iters 10 --skip-forward
+section ${BENCH_CONFIG}_compiled_train 240 $BENCH --compile --warmup 3 --iters 10 --skip-forward --profile 20
 section ${BENCH_CONFIG}_compiled_forward 150 $BENCH --compile --warmup 2 --iters 10 --skip-train
 echo "=== done in $(($(date +%s) - START))s" | tee -a "$LOG"
 # The short table last, so that the end of the output is the summary.

@@ -9,7 +9,7 @@ Dropout is 0 in both. The script prints both parameter counts and the forward FL
 ``torch.utils.flop_counter.FlopCounterMode`` (one multiply-add = 2 FLOPs), then measures, after warm-up and
 INTERLEAVED (ours, theirs, theirs, ours, ... so that a change of machine load hits both models alike):
 
-* training img/s: forward + MSE loss against a random target + backward + AdamW step (fused on CUDA);
+* training img/s: forward + MSE loss against a random target + backward + fused AdamW step;
 * forward img/s: ``torch.no_grad()`` forward;
 * peak memory: CUDA ``torch.cuda.max_memory_allocated`` above what was allocated when the step started
   (activations, gradients, workspaces) plus the model's resident bytes (parameters + AdamW state); on CPU the
@@ -204,7 +204,7 @@ class Runner:
         self.autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
         )
-        fused = device.type == "cuda"
+        fused = device.type in ("cuda", "cpu")  # the same fused AdamW for both models
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
         self.train_fn = self._train_step
         self.forward_fn = self._forward
@@ -269,6 +269,63 @@ def interleaved(
     return times, peaks
 
 
+# Kernel/op name fragments -> category, first match wins (lower-case). CUDA kernel names come from cuDNN,
+# cuBLAS/CUTLASS, flash attention, inductor's Triton kernels and ATen; CPU op names from ATen/oneDNN.
+PROFILE_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("convolution", ("conv", "cudnn", "implicit_gemm", "xmma_fprop", "xmma_dgrad", "xmma_wgrad", "mkldnn")),
+    ("matmul", ("gemm", "matmul", "addmm", "bmm", "mm", "linear", "cutlass", "nvjet")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("normalization", ("group_norm", "groupnorm", "layer_norm", "batch_norm")),
+    ("fused element-wise (triton)", ("triton",)),
+    ("copies and layout", ("copy", "contiguous", "cat", "clone", "to_copy", "transpose", "permute")),
+)
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    for category, fragments in PROFILE_CATEGORIES:
+        if any(f in low for f in fragments):
+            return category
+    return "other"
+
+
+def profile_step(runner: "Runner", kind: str, inputs, device: torch.device, rows: int) -> dict[str, float]:
+    """Profile one warm step; print the top ``rows`` ops/kernels by self time and return milliseconds per
+    category (device kernels on CUDA, CPU ops otherwise)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn = runner.train_fn if kind == "train" else runner.forward_fn
+    fn(*inputs)  # warm
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    with profile(activities=activities) as prof:
+        fn(*inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    print(f"--- profile: {kind} step of {runner.name} (self {'device' if device.type == 'cuda' else 'CPU'} time)")
+    print(events.table(sort_by=key, row_limit=rows, max_name_column_width=70))
+    totals: dict[str, float] = {}
+    uncategorized: dict[str, float] = {}
+    for event in events:
+        us = getattr(event, key)
+        if device.type == "cuda" and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if us > 0:
+            cat = categorize(event.key)
+            totals[cat] = totals.get(cat, 0.0) + us / 1e3
+            if cat == "other":
+                uncategorized[event.key] = us / 1e3
+    totals = {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+    print(f"    by category (ms): {totals}")
+    top_other = sorted(uncategorized.items(), key=lambda kv: -kv[1])[:6]
+    print("    largest in 'other' (ms): " + ", ".join(f"{name[:60]} {ms:.1f}" for name, ms in top_other))
+    return totals
+
+
 def cpu_memory_probe(args: argparse.Namespace) -> dict[str, Any]:
     """Peak-RSS growth of training steps of each model, each in a fresh subprocess."""
     result = {}
@@ -327,6 +384,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-forward", action="store_true", help="measure training only")
     p.add_argument("--skip-train", action="store_true", help="measure forward only")
     p.add_argument("--no-cpu-memory", action="store_true", help="skip the CPU peak-RSS subprocesses")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="after timing, profile one step of each model: top ROWS ops/kernels and time per category")
     p.add_argument("--memory-probe", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.batch_size is None:
@@ -403,6 +462,12 @@ def main(argv=None) -> dict[str, Any]:
         summarize("train", *interleaved(runners, "train", inputs, args.warmup, args.iters, device))
     if not args.skip_forward:
         summarize("forward", *interleaved(runners, "forward", inputs, args.warmup, args.iters, device))
+
+    if args.profile:
+        for kind in [k for k, skip in (("train", args.skip_train), ("forward", args.skip_forward)) if not skip]:
+            for r in runners:
+                results[f"profile_{kind}_ms_by_category_{r.name}"] = profile_step(r, kind, inputs, device,
+                                                                                   args.profile)
 
     if device.type == "cpu" and not args.no_cpu_memory and not args.skip_train:
         probe = cpu_memory_probe(args)

@@ -107,7 +107,7 @@ def test_benchmark_models_match(bench, name):
 def test_benchmark_end_to_end_json(bench, capsys):
     module, _ = bench
     summary = module.main(["--config", "tiny", "--device", "cpu", "--dtype", "bf16", "--warmup", "1",
-                           "--iters", "2", "--no-cpu-memory"])
+                           "--iters", "2", "--no-cpu-memory", "--profile", "3"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(json.dumps(summary))
     for key in ("train_speedup", "forward_speedup"):
@@ -115,4 +115,9 @@ def test_benchmark_end_to_end_json(bench, capsys):
     assert last["train_speedup"] == pytest.approx(last["train_img_s_ours"] / last["train_img_s_diffusers"])
     assert len(last["train_ms_ours"]) == len(last["train_ms_diffusers"]) == 2
     assert last["params_ours"] == last["params_diffusers"]
+    for kind in ("train", "forward"):
+        for name in ("ours", "diffusers"):
+            by_category = last[f"profile_{kind}_ms_by_category_{name}"]
+            # convolutions are the largest share of a U-Net step; the categories must find them
+            assert by_category["convolution"] > 0 and max(by_category, key=by_category.get) == "convolution"
     assert torch.get_num_threads() >= 1
