@@ -14,7 +14,7 @@ BUDGET=${BUDGET:-540}
 REF=${REF:-.devcarry/ref_stats.npz}
 SMOKE_DATA=${SMOKE_DATA:-.devcarry/fmnist_2k_32.npz}
 CURVE_NUM=${CURVE_NUM:-5000}
-CURVE_POINTS=${CURVE_POINTS:-ddpm:1000,dpmpp:20/10,dpmpp:20,dpmpp:10,ddim:50,ddpm:100,dpmpp:5,ddim:20,ddim:100,ddpm:250,dpmpp:50,ddim:10,ddpm:50}
+CURVE_POINTS=${CURVE_POINTS:-ddpm:1000,ddpm:50,ddpm:100,dpmpp:20,dpmpp:30,ddim:50,ddpm:250,ddim:20,ddim:100,dpmpp:10,dpmpp:50,ddim:10,dpmpp:5}
 # A dry run of the wiring on a CPU: DEVICE=cpu BENCH_CONFIG=cpu-32 BENCH_EXTRA="--batch-size 2 --compile-backend aot_eager" ...
 DEVICE=${DEVICE:-cuda}
 BENCH_CONFIG=${BENCH_CONFIG:-adm-64}

@@ -197,7 +197,8 @@ class Trainer:
         opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
         opt_kwargs: dict[str, Any] = dict(lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         if self.device.type in ("cuda", "cpu"):
-            # One fused kernel over all parameters; on CPU 5x faster than the default per-tensor loop.
+            # One fused kernel over all parameters; on CPU 3x faster than the default per-tensor loop
+            # (7 against 25 ms per step for 7.7M parameters, 2 cores).
             opt_kwargs["fused"] = True
         self.optimizer = opt_cls(self.net.parameters(), **opt_kwargs)
         self.train_net: torch.nn.Module = self.net

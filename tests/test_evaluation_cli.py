@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cascaded_diffusion.cli import main
 from cascaded_diffusion.data import load_images
