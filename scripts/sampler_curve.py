@@ -25,6 +25,11 @@ from cascaded_diffusion.evaluation.evaluate import evaluate_images, reference_st
 from cascaded_diffusion.evaluation.features import get_feature_extractor
 
 
+def steps_label(steps: int | list[int] | tuple[int, ...]) -> str:
+    """``20`` for one count for every stage, ``20/10`` for per-stage counts: a point's name in output and plot."""
+    return str(steps) if isinstance(steps, int) else "/".join(map(str, steps))
+
+
 def parse_points(text: str) -> list[tuple[str, int | tuple[int, ...]]]:
     """``SAMPLER:STEPS`` (every stage) or ``SAMPLER:S1/S2/...`` (steps per stage, base first)."""
     points: list[tuple[str, int | tuple[int, ...]]] = []
@@ -72,15 +77,15 @@ def main() -> None:
         "torch": torch.__version__, "base_point": list(base) if base else None,
         "aug_levels": [args.aug_level] * (n_stages - 1) if args.aug_level is not None else cascade.default_aug_levels(),
     })
-    done = {(r["sampler"], r["steps"] if isinstance(r["steps"], int) else tuple(r["steps"])) for r in result["points"]}
+    done = {(r["sampler"], steps_label(r["steps"])) for r in result["points"]}
     labels = balanced_labels(args.num, cascade.num_classes)
     for sampler, steps in parse_points(args.points):
-        if (sampler, steps) in done:
+        if (sampler, steps_label(steps)) in done:
             continue
         samplers = [sampler] * n_stages
         if isinstance(steps, tuple):
             if len(steps) != n_stages:
-                raise SystemExit(f"point {sampler}:{'/'.join(map(str, steps))} gives {len(steps)} step counts for "
+                raise SystemExit(f"point {sampler}:{steps_label(steps)} gives {len(steps)} step counts for "
                                  f"{n_stages} stages")
             steps_l = list(steps)
         else:
@@ -96,8 +101,7 @@ def main() -> None:
                "fid": scores["fid"], "kid": scores.get("kid"), "seconds": seconds,
                "samples_per_s": args.num / seconds}
         result["points"].append(row)
-        label = steps if isinstance(steps, int) else "/".join(map(str, steps))
-        print(f"{sampler:5s} {label!s:>7s} steps  FID {row['fid']:8.3f}  {row['samples_per_s']:7.2f} samples/s", flush=True)
+        print(f"{sampler:5s} {steps_label(steps):>7s} steps  FID {row['fid']:8.3f}  {row['samples_per_s']:7.2f} samples/s", flush=True)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out)
@@ -120,8 +124,8 @@ def plot(result: dict, path: str) -> None:
             ax.plot([r["steps"] for r in rows], [r["fid"] for r in rows], marker + "-", label=name)
         for r in result["points"]:  # per-stage step counts: a star at the last stage's steps
             if r["sampler"] == sampler and not isinstance(r["steps"], int):
-                label = "/".join(map(str, r["steps"]))
-                ax.plot([r["steps"][-1]], [r["fid"]], "*", markersize=11, label=f"{name} {label} (base/SR)")
+                ax.plot([r["steps"][-1]], [r["fid"]], "*", markersize=11,
+                        label=f"{name} {steps_label(r['steps'])} (base/SR)")
     full = [r for r in result["points"] if r["sampler"] == "ddpm" and isinstance(r["steps"], int) and r["steps"] >= 1000]
     if full:
         ax.axhline(1.05 * full[0]["fid"], color="gray", linestyle="--", linewidth=1,
