@@ -7,19 +7,22 @@
 # (seconds) is nearly spent; every section appends to $OUT/suite.log and its JSON results to
 # $OUT/results.jsonl as it finishes, so a run cut short keeps what it measured. Needs diffusers for the
 # U-Net comparison (pip install -e .[bench]) and, for the sampler curve, a reference stats file
-# (REF, default .devcarry/ref_stats.npz; `cdm stats` or scripts/gpu_ref_stats.py writes one).
+# (REF, default .devcarry/ref_stats.npz, written by `cdm stats`).
 set -u
 OUT=${OUT:-gpu_out}
 BUDGET=${BUDGET:-540}
 REF=${REF:-.devcarry/ref_stats.npz}
 SMOKE_DATA=${SMOKE_DATA:-.devcarry/fmnist_2k_32.npz}
 CURVE_NUM=${CURVE_NUM:-5000}
-CURVE_POINTS=${CURVE_POINTS:-ddpm:1000,ddpm:50,ddpm:100,dpmpp:20,dpmpp:30,ddim:50,ddpm:250,ddim:20,ddim:100,dpmpp:10,dpmpp:50,ddim:10,dpmpp:5}
-# A dry run of the wiring on a CPU: DEVICE=cpu BENCH_CONFIG=cpu-32 BENCH_EXTRA="--batch-size 2 --compile-backend aot_eager" ...
+CURVE_POINTS=${CURVE_POINTS:-ddpm:50,ddpm:250,ddim:20,ddim:100,dpmpp:30,dpmpp:50,ddim:10}
+# A dry run of the wiring on a CPU: DEVICE=cpu BENCH_CONFIG=cpu-32 BENCH_EXTRA="--batch-size 2 --compile-backend aot_eager"
+#   SAMPLING_BATCH=4 SAMPLING_EXTRA="--compile-backend aot_eager" ...
 DEVICE=${DEVICE:-cuda}
 BENCH_CONFIG=${BENCH_CONFIG:-adm-64}
 BENCH_EXTRA=${BENCH_EXTRA:-}
 mkdir -p "$OUT"
+# CURVE_RESUME=earlier_curve.json: the sampler curve adds its points to that run's (same settings and reference)
+[[ -n ${CURVE_RESUME:-} ]] && cp "$CURVE_RESUME" "$OUT/curve.json"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 LOG="$OUT/suite.log"
 START=$(date +%s)
@@ -79,18 +82,13 @@ print(json.dumps({"device": torch.cuda.get_device_name(d), "torch": torch.__vers
 EOF
 
 BENCH="python3 benchmarks/unet_throughput.py --config $BENCH_CONFIG --device $DEVICE --dtype bf16 --channels-last --no-cpu-memory $BENCH_EXTRA"
-section ${BENCH_CONFIG}_eager 120 $BENCH --warmup 3 --iters 10 --profile 20
-# Compilation is CPU work: warm the inductor caches (FX graph, AOT autograd, Triton kernels) for both models in
-# the background while the GPU does the smoke test and the sampler curve, so that the compiled sections
-# below mostly load compiled code. Started after the eager section so that it does not perturb it.
-PRECOMPILE_LIMIT=$(($(left) - 200))
-((PRECOMPILE_LIMIT < 30)) && PRECOMPILE_LIMIT=30
-timeout -k 10 $PRECOMPILE_LIMIT bash -c "
-    $BENCH --compile --warmup 1 --iters 1 --skip-forward && $BENCH --compile --warmup 1 --iters 1 --skip-train
-" >"$OUT/precompile.log" 2>&1 &
-PRECOMPILE=$!
-section sampler_curve 170 python3 scripts/sampler_curve.py --pretrained fashion-mnist --ref "$REF" \
-    --num "$CURVE_NUM" --batch-size 2500 --device "$DEVICE" --out "$OUT/curve.json" --plot "$OUT/curve.png" --points "$CURVE_POINTS"
+# The issue's targets first: compiled training (ours against diffusers, both compiled, with a profile of one step),
+# then eager with the A/B of our sub-pixel upsampling, then compiled forward. Compilation dominates these sections.
+section ${BENCH_CONFIG}_compiled_train 280 $BENCH --compile --warmup 3 --iters 10 --skip-forward --profile 15
+section ${BENCH_CONFIG}_eager 100 $BENCH --warmup 3 --iters 10 --with-direct-upsample --profile 15
+section ${BENCH_CONFIG}_compiled_forward 150 $BENCH --compile --warmup 2 --iters 10 --skip-train
+section cascade_sampling 150 python3 benchmarks/cascade_sampling.py --pretrained fashion-mnist --device "$DEVICE" \
+    --batch-size "${SAMPLING_BATCH:-1000}" --batches 3 --modes "${SAMPLING_MODES:-eager,reduce-overhead}" ${SAMPLING_EXTRA:-}
 section cuda_train_smoke 90 bash -c "
     set -e
     cdm() { python3 -m cascaded_diffusion.cli \"\$@\"; }
@@ -104,11 +102,8 @@ section cuda_train_smoke 90 bash -c "
     cdm sample --pretrained fashion-mnist --num ${SMOKE_NUM:-2000} --batch-size 1000 --device $DEVICE --out \$R/s.npz --quiet
     python3 -c \"import json,numpy as np; a=np.load('\$R/s.npz')['arr_0']; print(json.dumps({'samples': a.shape[0], 'mean': float(a.mean())}))\"
 "
-echo "=== waiting for the background compilation ($(($(date +%s) - START))s into the run)" | tee -a "$LOG"
-wait $PRECOMPILE
-echo "--- background compilation ended ($(($(date +%s) - START))s into the run): $(grep -c '^{' "$OUT/precompile.log") of 2 done" | tee -a "$LOG"
-section ${BENCH_CONFIG}_compiled_train 240 $BENCH --compile --warmup 3 --iters 10 --skip-forward --profile 20
-section ${BENCH_CONFIG}_compiled_forward 150 $BENCH --compile --warmup 2 --iters 10 --skip-train
+section sampler_curve 170 python3 scripts/sampler_curve.py --pretrained fashion-mnist --ref "$REF" \
+    --num "$CURVE_NUM" --batch-size 2500 --device "$DEVICE" --out "$OUT/curve.json" --plot "$OUT/curve.png" --points "$CURVE_POINTS"
 echo "=== done in $(($(date +%s) - START))s" | tee -a "$LOG"
 # The short table last, so that the end of the output is the summary.
 python3 - "$OUT/results.jsonl" <<'EOF'
@@ -117,9 +112,11 @@ for line in open(sys.argv[1]):
     row = json.loads(line)
     r = row["result"] or {}
     keys = [k for k in ("device", "bf16_matmul_tflops", "train_img_s_ours", "train_img_s_diffusers", "train_speedup",
-                        "train_speedup_paired_median", "forward_img_s_ours", "forward_img_s_diffusers",
+                        "train_speedup_paired_median", "train_subpixel_speedup", "forward_img_s_ours",
+                        "forward_img_s_diffusers", "forward_subpixel_speedup",
                         "forward_speedup", "forward_speedup_paired_median", "train_peak_mem_bytes_ours",
-                        "train_peak_mem_bytes_diffusers", "samples", "mean") if r.get(k) is not None]
+                        "train_peak_mem_bytes_diffusers", "samples_per_s", "speedup_vs_eager", "max_abs_diff_vs_eager",
+                        "samples", "mean") if r.get(k) is not None]
     cells = ", ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys)
     print(f"{row['section']:28s} rc={row['rc']} {row['seconds']:4d}s  {cells}")
 EOF

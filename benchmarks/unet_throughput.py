@@ -53,7 +53,7 @@ try:  # run from a checkout without installing the package
 except ImportError:  # pragma: no cover
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cascaded_diffusion.unet import UNet, UNetConfig, count_parameters
+from cascaded_diffusion.unet import UNet, UNetConfig, count_parameters, set_upsample_algorithm
 
 # ------------------------------------------------------------------------------------------------------------------
 # Matched configurations
@@ -134,6 +134,11 @@ def diffusers_kwargs(bc: BenchConfig) -> dict[str, Any]:
 
 def build_ours(bc: BenchConfig, device: torch.device | str) -> nn.Module:
     return UNet(ours_config(bc), device=device)
+
+
+def build_ours_direct_upsample(bc: BenchConfig, device: torch.device | str) -> nn.Module:
+    """Ours with the upsampling convolutions run on the upsampled map, as ADM and diffusers do (A/B baseline)."""
+    return set_upsample_algorithm(build_ours(bc, device), "direct")
 
 
 def build_diffusers(bc: BenchConfig, device: torch.device | str) -> nn.Module:
@@ -384,6 +389,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-forward", action="store_true", help="measure training only")
     p.add_argument("--skip-train", action="store_true", help="measure forward only")
     p.add_argument("--no-cpu-memory", action="store_true", help="skip the CPU peak-RSS subprocesses")
+    p.add_argument("--with-direct-upsample", action="store_true",
+                   help="also time ours with its upsampling convolutions run the direct way (upsample, then "
+                        "3x3 conv), interleaved with the other two: an A/B of the sub-pixel upsampling")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, profile one step of each model: top ROWS ops/kernels and time per category")
     p.add_argument("--memory-probe", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
@@ -416,25 +424,22 @@ def main(argv=None) -> dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
+    models = [("ours", build_ours, call_ours), ("diffusers", build_diffusers, call_diffusers)]
+    if args.with_direct_upsample:
+        models.append(("ours_direct_upsample", build_ours_direct_upsample, call_ours))
     # Sizes and FLOPs (meta device: nothing is allocated or computed).
-    params = {
-        "ours": count_parameters(build_ours(bc, "meta")),
-        "diffusers": count_parameters(build_diffusers(bc, "meta")),
-    }
-    flops = {
-        "ours": forward_flops(build_ours, call_ours, bc),
-        "diffusers": forward_flops(build_diffusers, call_diffusers, bc),
-    }
+    params = {name: count_parameters(build(bc, "meta")) for name, build, _ in models}
+    flops = {name: forward_flops(build, call, bc) for name, build, call in models}
     print(f"config {bc.name}: {bc}")
     print(f"device {device} dtype {args.dtype} batch {args.batch_size} compile {args.compile} "
           f"channels_last {args.channels_last} threads {torch.get_num_threads()} torch {torch.__version__} "
           f"diffusers {diffusers.__version__}")
-    for name in ("ours", "diffusers"):
+    for name, _, _ in models:
         print(f"{name:9s} parameters {params[name]:>13,d}   forward FLOPs/image {flops[name] / 1e9:9.3f} G")
 
     torch.manual_seed(0)
     runners = []
-    for name, build, call in (("ours", build_ours, call_ours), ("diffusers", build_diffusers, call_diffusers)):
+    for name, build, call in models:
         model = build(bc, device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -457,6 +462,14 @@ def main(argv=None) -> dict[str, Any]:
         print(f"{kind}: ours {results[f'{kind}_img_s_ours']:.2f} img/s, diffusers "
               f"{results[f'{kind}_img_s_diffusers']:.2f} img/s, speedup {results[f'{kind}_speedup']:.3f}x "
               f"(paired median {results[f'{kind}_speedup_paired_median']:.3f}x)", flush=True)
+        if "ours_direct_upsample" in times:
+            direct = times["ours_direct_upsample"]
+            results[f"{kind}_subpixel_speedup"] = statistics.median(direct) / statistics.median(times["ours"])
+            results[f"{kind}_subpixel_speedup_paired_median"] = statistics.median(
+                [d / o for o, d in zip(times["ours"], direct)])
+            print(f"{kind}: ours with direct upsampling {results[f'{kind}_img_s_ours_direct_upsample']:.2f} img/s; "
+                  f"sub-pixel upsampling speedup {results[f'{kind}_subpixel_speedup']:.3f}x (paired median "
+                  f"{results[f'{kind}_subpixel_speedup_paired_median']:.3f}x)", flush=True)
 
     if not args.skip_train:
         summarize("train", *interleaved(runners, "train", inputs, args.warmup, args.iters, device))
@@ -499,6 +512,8 @@ def main(argv=None) -> dict[str, Any]:
         "params_diffusers": params["diffusers"],
         "forward_flops_per_image_ours": flops["ours"],
         "forward_flops_per_image_diffusers": flops["diffusers"],
+        **({"forward_flops_per_image_ours_direct_upsample": flops["ours_direct_upsample"]}
+           if args.with_direct_upsample else {}),
         **{k: v for k, v in results.items() if k not in ("train_speedup", "forward_speedup")},
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,

@@ -92,14 +92,18 @@ def bench(monkeypatch):
 
 @pytest.mark.parametrize("name", ["cpu-32", "adm-64", "tiny"])
 def test_benchmark_models_match(bench, name):
-    """Same parameter count and forward FLOPs for ours and diffusers: the comparison is like for like."""
+    """Same parameters and, computed the direct way, the same forward FLOPs: the comparison is like for like.
+    Our sub-pixel upsampling computes the same function with fewer FLOPs (a 3x3 conv of an upsampled map as
+    2x2 convs of the low-res map), and only in the upsampling blocks."""
     module, _ = bench
     bc = module.CONFIGS[name]
     ours = module.count_parameters(module.build_ours(bc, "meta"))
     theirs = module.count_parameters(module.build_diffusers(bc, "meta"))
-    assert ours == theirs
-    assert module.forward_flops(module.build_ours, module.call_ours, bc) == module.forward_flops(
-        module.build_diffusers, module.call_diffusers, bc)
+    assert ours == theirs == module.count_parameters(module.build_ours_direct_upsample(bc, "meta"))
+    flops_theirs = module.forward_flops(module.build_diffusers, module.call_diffusers, bc)
+    assert module.forward_flops(module.build_ours_direct_upsample, module.call_ours, bc) == flops_theirs
+    flops_ours = module.forward_flops(module.build_ours, module.call_ours, bc)
+    assert 0.85 * flops_theirs < flops_ours < 0.97 * flops_theirs
     if name == "adm-64":  # the issue's reference model: ~295M parameters, ~219 GFLOP per image
         assert 290e6 < ours < 300e6
 
@@ -107,7 +111,7 @@ def test_benchmark_models_match(bench, name):
 def test_benchmark_end_to_end_json(bench, capsys):
     module, _ = bench
     summary = module.main(["--config", "tiny", "--device", "cpu", "--dtype", "bf16", "--warmup", "1",
-                           "--iters", "2", "--no-cpu-memory", "--profile", "3"])
+                           "--iters", "2", "--no-cpu-memory", "--profile", "3", "--with-direct-upsample"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(json.dumps(summary))
     for key in ("train_speedup", "forward_speedup"):
@@ -115,6 +119,11 @@ def test_benchmark_end_to_end_json(bench, capsys):
     assert last["train_speedup"] == pytest.approx(last["train_img_s_ours"] / last["train_img_s_diffusers"])
     assert len(last["train_ms_ours"]) == len(last["train_ms_diffusers"]) == 2
     assert last["params_ours"] == last["params_diffusers"]
+    for kind in ("train", "forward"):  # the sub-pixel A/B: a third model, timed interleaved with the two others
+        assert len(last[f"{kind}_ms_ours_direct_upsample"]) == 2
+        assert last[f"{kind}_subpixel_speedup"] == pytest.approx(
+            last[f"{kind}_img_s_ours"] / last[f"{kind}_img_s_ours_direct_upsample"])
+    assert last["forward_flops_per_image_ours"] < last["forward_flops_per_image_ours_direct_upsample"]
     for kind in ("train", "forward"):
         for name in ("ours", "diffusers"):
             by_category = last[f"profile_{kind}_ms_by_category_{name}"]

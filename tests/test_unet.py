@@ -15,7 +15,9 @@ from cascaded_diffusion.unet import (
     UNet,
     UNetConfig,
     _dropout,
+    _upsample_conv3x3,
     count_parameters,
+    set_upsample_algorithm,
     timestep_embedding,
 )
 
@@ -307,6 +309,58 @@ def test_conv_resampling_variant_without_scale_shift():
     out_b = model(x, torch.tensor([900.0, 900.0]), y=torch.tensor([0, 1]))
     assert out_a.shape == (2, 3, 16, 16)
     assert (out_a - out_b).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(2, 5, 4, 6), (1, 3, 1, 1), (3, 8, 7, 5)])
+def test_subpixel_upsample_conv_is_conv_of_the_upsampled_map(shape, channels_last):
+    """Values and all three gradients equal the direct form in float64, on odd and one-pixel maps too."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(shape[1], 6, 3, padding=1).double()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    h = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    direct = conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+    subpixel = _upsample_conv3x3(h, conv)
+    assert subpixel.shape == direct.shape == (shape[0], 6, 2 * shape[2], 2 * shape[3])
+    torch.testing.assert_close(subpixel, direct, rtol=1e-12, atol=1e-12)
+    assert subpixel.is_contiguous(memory_format=torch.channels_last) == (channels_last and shape[2] * shape[3] > 1)
+    grad = torch.randn_like(direct)
+    for a, b in zip(torch.autograd.grad(subpixel, (x, conv.weight, conv.bias), grad),
+                    torch.autograd.grad(direct, (x, conv.weight, conv.bias), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("resblock_updown", [True, False])
+def test_upsample_algorithms_give_the_same_network(resblock_updown):
+    model = perturb_(UNet(sr_config(resblock_updown=resblock_updown))).double()
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in sr_inputs().items()}
+    subpixel = model(**inputs)
+    (grad_subpixel,) = torch.autograd.grad(subpixel.square().sum(), model.input_conv.weight)
+    set_upsample_algorithm(model, "direct")
+    direct = model(**inputs)
+    (grad_direct,) = torch.autograd.grad(direct.square().sum(), model.input_conv.weight)
+    torch.testing.assert_close(subpixel, direct, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_subpixel, grad_direct, rtol=1e-10, atol=1e-12)
+    # the switch is not part of the architecture: same parameters, same config, same state-dict keys
+    assert model.config == UNet(sr_config(resblock_updown=resblock_updown)).config
+    with pytest.raises(ValueError, match="upsample algorithm"):
+        set_upsample_algorithm(model, "bilinear")
+
+
+def test_subpixel_upsampling_counts_fewer_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(algorithm: str) -> int:
+        model = set_upsample_algorithm(UNet(sr_config()), algorithm)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(**sr_inputs())
+        return counter.get_total_flops()
+
+    # One upsampling conv, 32 -> 32 channels, 8 -> 16 px, batch 2, 2 FLOPs per multiply-add. Direct: a 3x3 kernel
+    # at 16x16 outputs; sub-pixel: 2x2 kernels with 4 x 32 outputs over the (8 + 1) x (8 + 1) windows.
+    saved = 2 * 2 * (16 * 16 * 32 * 32 * 9 - 9 * 9 * 4 * 32 * 32 * 4)
+    assert flops("direct") - flops("subpixel") == saved
 
 
 def test_dropout_statistics_and_eval_determinism():
