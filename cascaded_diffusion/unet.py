@@ -323,23 +323,24 @@ def _upsample_conv3x3(h: Tensor, conv: nn.Conv2d) -> Tensor:
 
     Each of the four output phases (row parity a, column parity b) is a 2×2 convolution of the zero-padded
     low-res map (:func:`_phase_kernels`), so all four are one convolution with 4·C_out channels over the
-    ``(H+1)×(W+1)`` window positions; phase (a, b) of output pixel (i, j) sits at window (i + a, j + b). The
-    interleave is a strided view of that result and one copy, in the input's memory format. The same function
+    ``(H+1)×(W+1)`` window positions; phase (a, b) of output pixel (i, j) sits at window (i + a, j + b). Four
+    slice copies interleave the phases into an output in the input's memory format (written without
+    ``as_strided``/``storage_offset``, which would break a ``torch.compile`` graph). The same function
     of the same weights as the direct form, with the products summed in another order (fp32 differences are
     rounding-sized); it skips the 4× larger upsampled input and 5/9 of the multiply-adds, forward and backward.
     """
     n, _, height, width = h.shape
     c = conv.out_channels
     bias = None if conv.bias is None else conv.bias.repeat(4)
-    windows = F.conv2d(h, _phase_kernels(conv.weight), bias, padding=1)  # (N, 4·C, H+1, W+1)
-    sn, sc, sh, sw = windows.stride()
-    phases = windows.as_strided((n, c, height, 2, width, 2),
-                                (sn, sc, sh, 2 * c * sc + sh, sw, c * sc + sw), windows.storage_offset())
+    windows = F.conv2d(h, _phase_kernels(conv.weight), bias, padding=1).unflatten(1, (2, 2, c))
     memory_format = (torch.channels_last if h.dim() == 4 and not h.is_contiguous()
                      and h.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
     out = torch.empty((n, c, 2 * height, 2 * width), dtype=windows.dtype, device=windows.device,
                       memory_format=memory_format)
-    out.unflatten(3, (width, 2)).unflatten(2, (height, 2)).copy_(phases)
+    phases = out.unflatten(3, (width, 2)).unflatten(2, (height, 2))  # (N, C, H, a, W, b), a view of out
+    for a in (0, 1):
+        for b in (0, 1):
+            phases[:, :, :, a, :, b].copy_(windows[:, a, b, :, a:a + height, b:b + width])
     return out
 
 
