@@ -12,7 +12,11 @@ scaled to ``[0, 1000)`` by ``GaussianDiffusion.scale_timesteps``; class ``num_cl
 Speed notes:
 
 * Every op in the hot path keeps the memory format of its input, so ``model.to(memory_format=torch.channels_last)``
-  keeps activations channels-last end to end (on CPU this lets oneDNN convolutions skip layout reorders).
+  keeps activations channels-last end to end (on CPU this lets oneDNN convolutions skip layout reorders). The
+  exception is PyTorch's CUDA ``group_norm``, which makes its input NCHW-contiguous: in eager mode on a GPU,
+  channels_last then costs layout copies around every norm (torch.compile generates its own norm instead).
+* Upsampling blocks compute ``conv3x3(nearest_upsample(h))`` as one 2×2 convolution of the low-resolution map
+  (``_upsample_conv3x3``): the same function with 4/9 of that convolution's multiply-adds.
 * Group norms run in the activation dtype under autocast (statistics are still accumulated in fp32 by the
   kernel), as ADM's ``GroupNorm32`` does, instead of being upcast to an fp32 copy of the whole activation.
 * SiLU after a norm is applied in place; scale-shift is a single ``addcmul``; the SiLU of the embedding is
@@ -40,6 +44,8 @@ __all__ = [
     "LOW_RES_UPSAMPLE_MODES",
     "UNetConfig",
     "UNet",
+    "UPSAMPLE_ALGORITHMS",
+    "set_upsample_algorithm",
     "ResBlock",
     "AttentionBlock",
     "timestep_embedding",
@@ -312,35 +318,52 @@ def _phase_kernels(weight: Tensor) -> Tensor:
     rows are ``(w0, w1 + w2)`` and ``(w0 + w1, w2)``. The same holds for columns. Returns ``(4·C_out, C_in, 2, 2)``
     with the output channels ordered (a, b, c_out).
     """
-    w = weight
-    rows = (torch.stack((w[:, :, 0], w[:, :, 1] + w[:, :, 2]), 2), torch.stack((w[:, :, 0] + w[:, :, 1], w[:, :, 2]), 2))
-    return torch.cat([torch.stack(cols, -1) for r in rows
-                      for cols in ((r[..., 0], r[..., 1] + r[..., 2]), (r[..., 0] + r[..., 1], r[..., 2]))], 0)
+    def by_parity(w: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        w0, w1, w2 = w.unbind(dim)
+        return torch.stack((w0, w1 + w2), dim), torch.stack((w0 + w1, w2), dim)
+
+    return torch.cat([kernel for rows in by_parity(weight, 2) for kernel in by_parity(rows, 3)], 0)
 
 
-def _upsample_conv3x3(h: Tensor, conv: nn.Conv2d) -> Tensor:
+def _upsample_conv3x3(h: Tensor, conv: nn.Conv2d, interleave: str = "auto") -> Tensor:
     """``conv(F.interpolate(h, scale_factor=2, mode="nearest"))`` for a 3×3, padding-1 ``conv``, at 4/9 the FLOPs.
 
     Each of the four output phases (row parity a, column parity b) is a 2×2 convolution of the zero-padded
     low-res map (:func:`_phase_kernels`), so all four are one convolution with 4·C_out channels over the
-    ``(H+1)×(W+1)`` window positions; phase (a, b) of output pixel (i, j) sits at window (i + a, j + b). Four
-    slice copies interleave the phases into an output in the input's memory format (written without
-    ``as_strided``/``storage_offset``, which would break a ``torch.compile`` graph). The same function
-    of the same weights as the direct form, with the products summed in another order (fp32 differences are
-    rounding-sized); it skips the 4× larger upsampled input and 5/9 of the multiply-adds, forward and backward.
+    ``(H+1)×(W+1)`` window positions; phase (a, b) of output pixel (i, j) sits at window (i + a, j + b). The
+    same function of the same weights as the direct form, with the products summed in another order (fp32
+    differences are rounding-sized); it skips the 4× larger upsampled input and 5/9 of the multiply-adds,
+    forward and backward. The output keeps the input's memory format.
+
+    Interleaving the phases: window k holds output rows 2k − 1 (phase a = 1 of row k − 1) and 2k (phase a = 0
+    of row k), and likewise for columns. With the phases ordered (c, 1 − a, 1 − b), ``pixel_shuffle`` puts every
+    phase in place, one row and column down, and a crop removes the first and last rows and columns. That is
+    fastest on CPUs (PyTorch has a native pixel-shuffle kernel there, in either memory format). On other devices
+    a channels_last input takes four slice copies instead, each writing contiguous runs of channels, because
+    pixel_shuffle is a reshape-permute composite there. Neither uses ``as_strided``/``storage_offset``, which
+    break a ``torch.compile`` graph. ``interleave="shuffle"`` or ``"copies"`` forces one way (for tests).
     """
     n, _, height, width = h.shape
     c = conv.out_channels
+    channels_last = h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    kernels = _phase_kernels(conv.weight)  # output channels (a, b, c)
+    if interleave == "auto":
+        interleave = "shuffle" if h.device.type == "cpu" or not channels_last else "copies"
+    if interleave == "shuffle":
+        kernels = kernels.unflatten(0, (2, 2, c)).flip(0, 1).permute(2, 0, 1, 3, 4, 5).flatten(0, 2)
+        bias = None if conv.bias is None else conv.bias.repeat_interleave(4)
+        windows = F.conv2d(h, kernels, bias, padding=1)  # (N, 4·C, H+1, W+1), channels (c, 1 - a, 1 - b)
+        out = F.pixel_shuffle(windows, 2)[:, :, 1 : 2 * height + 1, 1 : 2 * width + 1]
+        return out.contiguous(memory_format=memory_format)
     bias = None if conv.bias is None else conv.bias.repeat(4)
-    windows = F.conv2d(h, _phase_kernels(conv.weight), bias, padding=1).unflatten(1, (2, 2, c))
-    memory_format = (torch.channels_last if h.dim() == 4 and not h.is_contiguous()
-                     and h.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+    windows = F.conv2d(h, kernels, bias, padding=1).unflatten(1, (2, 2, c))  # (N, a, b, C, H+1, W+1)
     out = torch.empty((n, c, 2 * height, 2 * width), dtype=windows.dtype, device=windows.device,
                       memory_format=memory_format)
     phases = out.unflatten(3, (width, 2)).unflatten(2, (height, 2))  # (N, C, H, a, W, b), a view of out
     for a in (0, 1):
         for b in (0, 1):
-            phases[:, :, :, a, :, b].copy_(windows[:, a, b, :, a:a + height, b:b + width])
+            phases[:, :, :, a, :, b].copy_(windows[:, a, b, :, a : a + height, b : b + width])
     return out
 
 

@@ -69,11 +69,34 @@ def test_sampler_curve_scores_resumes_and_plots(tmp_path, monkeypatch):
     curve.main()
     after = json.loads(out.read_text())["points"]
     assert after[:2] == before and [(p["sampler"], p["steps"]) for p in after[2:]] == [("ddim", 2)]
+    assert {p["device_name"] for p in after} == {"cpu"}  # every point says where it ran
 
     # Step counts per stage must match the cascade.
     monkeypatch.setattr(sys, "argv", argv + ["--points", "dpmpp:3/2/1"])
     with pytest.raises(SystemExit, match="3 step counts for 2 stages"):
         curve.main()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks/cascade_sampling.py
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_cascade_sampling_benchmark_compares_modes_on_the_same_samples(capsys):
+    bench = _load("benchmarks/cascade_sampling.py", "cascade_sampling_under_test")
+    torch._dynamo.reset()
+    summary = bench.main(["--pretrained", "fashion-mnist", "--device", "cpu", "--batch-size", "4", "--batches", "2",
+                          "--steps", "3/2", "--modes", "eager,default", "--compile-backend", "aot_eager"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(summary))
+    assert set(last["samples_per_s"]) == {"eager", "default"} and all(v > 0 for v in last["samples_per_s"].values())
+    assert last["speedup_vs_eager"]["eager"] == 1.0
+    assert [len(v) for v in last["batch_seconds"].values()] == [2, 2]
+    assert last["steps"] == [3, 2] and last["resolutions"] == [8, 32]
+    # the same seed through the compiled network gives the same images (up to kernel rounding)
+    assert last["max_abs_diff_vs_eager"]["eager"] == 0.0 and last["max_abs_diff_vs_eager"]["default"] < 1e-2
+    with pytest.raises(SystemExit):
+        bench.main(["--modes", "eager,turbo"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,3 +153,18 @@ def test_benchmark_end_to_end_json(bench, capsys):
             # convolutions are the largest share of a U-Net step; the categories must find them
             assert by_category["convolution"] > 0 and max(by_category, key=by_category.get) == "convolution"
     assert torch.get_num_threads() >= 1
+
+
+def test_profile_categories(bench):
+    module, _ = bench
+    cases = {
+        "triton_poi_fused__to_copy_convolution_native_group_norm_silu_141": "fused element-wise (triton)",
+        "sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize": "convolution",
+        "aten::mkldnn_convolution": "convolution",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16": "attention",
+        "aten::native_group_norm_backward": "normalization",
+        "void at::native::(anonymous namespace)::CatArrayBatchedCopy<float>": "copies and layout",
+        "aten::_fused_adamw_": "optimizer",
+        "aten::silu_backward": "other",
+    }
+    assert {name: module.categorize(name) for name in cases} == cases

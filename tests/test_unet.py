@@ -311,16 +311,18 @@ def test_conv_resampling_variant_without_scale_shift():
     assert (out_a - out_b).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("interleave", ["auto", "shuffle", "copies"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(2, 5, 4, 6), (1, 3, 1, 1), (3, 8, 7, 5)])
-def test_subpixel_upsample_conv_is_conv_of_the_upsampled_map(shape, channels_last):
-    """Values and all three gradients equal the direct form in float64, on odd and one-pixel maps too."""
+def test_subpixel_upsample_conv_is_conv_of_the_upsampled_map(shape, channels_last, interleave):
+    """Values and all three gradients equal the direct form in float64, on odd and one-pixel maps too, for both
+    ways of interleaving the phases (CPUs use pixel_shuffle; GPUs slice copies for channels_last)."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(shape[1], 6, 3, padding=1).double()
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     h = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     direct = conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-    subpixel = _upsample_conv3x3(h, conv)
+    subpixel = _upsample_conv3x3(h, conv, interleave=interleave)
     assert subpixel.shape == direct.shape == (shape[0], 6, 2 * shape[2], 2 * shape[3])
     torch.testing.assert_close(subpixel, direct, rtol=1e-12, atol=1e-12)
     assert subpixel.is_contiguous(memory_format=torch.channels_last) == (channels_last and shape[2] * shape[3] > 1)
@@ -364,6 +366,13 @@ def test_forward_compiles_as_one_graph(channels_last):
         out = compiled(**inputs)
         out.square().mean().backward()
         torch.testing.assert_close(out, model(**inputs))
+    # the GPU's way of interleaving the sub-pixel phases (CPUs take pixel_shuffle) must trace as one graph too
+    conv = torch.nn.Conv2d(8, 4, 3, padding=1)
+    h = torch.randn(2, 8, 5, 5)
+    h = h.contiguous(memory_format=torch.channels_last) if channels_last else h
+    for interleave in ("copies", "shuffle"):
+        traced = torch.compile(lambda x: _upsample_conv3x3(x, conv, interleave), backend="eager", fullgraph=True)
+        torch.testing.assert_close(traced(h), _upsample_conv3x3(h, conv, interleave))
 
 
 def test_subpixel_upsampling_counts_fewer_flops():
