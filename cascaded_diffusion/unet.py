@@ -458,8 +458,11 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, emb_act: Tensor | None = None) -> Tensor:
         n, c, height, width = x.shape
-        tokens = _group_norm(x, self.norm).flatten(2).transpose(1, 2)  # (N, L, C)
-        qkv = self.qkv(tokens).unflatten(-1, (3, self.num_heads, self.head_dim))  # (N, L, 3, heads, d)
+        # (N·L, C) token rows: a free view of channels-last activations, one copy of NCHW ones. A strided 3-D
+        # input would send nn.Linear to a batched matmul against the weight expanded over the batch, which the
+        # CPU kernel materialises (N copies of the weight).
+        tokens = _group_norm(x, self.norm).flatten(2).transpose(1, 2).reshape(n * height * width, c)
+        qkv = self.qkv(tokens).view(n, height * width, 3, self.num_heads, self.head_dim)  # (N, L, 3, heads, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, L, d)
         attended = _attention(q, k, v)
         attended = attended.transpose(1, 2).reshape(n, height * width, c)
