@@ -217,7 +217,10 @@ class Runner:
         self.train_fn = self._train_step
         self.forward_fn = self._forward
         if args.compile:
-            self.compiled = torch.compile(model, mode=args.compile_mode, backend=args.compile_backend)
+            # Ours must trace as one graph: a graph break would silently run parts of it eagerly (and once cost a
+            # whole GPU measurement), so it fails loudly instead. diffusers is compiled as users compile it.
+            self.compiled = torch.compile(model, mode=args.compile_mode, backend=args.compile_backend,
+                                          fullgraph=name.startswith("ours"))
         else:
             self.compiled = model
 

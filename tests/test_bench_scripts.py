@@ -168,3 +168,13 @@ def test_profile_categories(bench):
         "aten::silu_backward": "other",
     }
     assert {name: module.categorize(name) for name in cases} == cases
+
+
+def test_benchmark_compiles_ours_as_one_graph(bench, capsys):
+    """--compile traces ours with fullgraph=True, so a graph break fails the run instead of silently timing a
+    partly eager model; the 'eager' backend checks the tracing without generating code."""
+    module, _ = bench
+    torch._dynamo.reset()
+    summary = module.main(["--config", "tiny", "--device", "cpu", "--dtype", "bf16", "--warmup", "1", "--iters", "1",
+                           "--no-cpu-memory", "--compile", "--compile-backend", "eager", "--with-direct-upsample"])
+    assert summary["compile"] and summary["train_speedup"] > 0 and summary["forward_speedup"] > 0
