@@ -350,6 +350,8 @@ def _upsample_conv3x3(h: Tensor, conv: nn.Conv2d, interleave: str = "auto") -> T
     kernels = _phase_kernels(conv.weight)  # output channels (a, b, c)
     if interleave == "auto":
         interleave = "shuffle" if h.device.type == "cpu" or not channels_last else "copies"
+    elif interleave not in ("shuffle", "copies"):
+        raise ValueError(f"interleave must be 'auto', 'shuffle' or 'copies', got {interleave!r}")
     if interleave == "shuffle":
         kernels = kernels.unflatten(0, (2, 2, c)).flip(0, 1).permute(2, 0, 1, 3, 4, 5).flatten(0, 2)
         bias = None if conv.bias is None else conv.bias.repeat_interleave(4)
