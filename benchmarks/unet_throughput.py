@@ -19,8 +19,8 @@ machine load hits both models alike):
   (``--no-cpu-memory`` skips it; the probe runs eager even with ``--compile``).
 
 ``--with-direct-upsample`` adds a third model, ours with direct upsampling, timed in the same interleaved
-order (``*_subpixel_speedup`` = ours / that model). Throughputs are medians over ``--iters`` timed iterations. ``bf16`` is ``torch.autocast`` with parameters in
-fp32. The last line of output is one JSON object (``train_speedup``/``forward_speedup`` = ours / diffusers).
+order (``*_subpixel_speedup`` = ours / that model). Throughputs are medians over ``--iters`` timed iterations.
+``bf16`` is ``torch.autocast`` with parameters in fp32. The last line of output is one JSON object (``train_speedup``/``forward_speedup`` = ours / diffusers).
 
 Examples::
 
@@ -462,18 +462,20 @@ def main(argv=None) -> dict[str, Any]:
             if device.type == "cuda":
                 results[f"{kind}_peak_mem_bytes_{r.name}"] = peaks[r.name] + (
                     r.resident_bytes() if kind == "train" else 0)
-        results[f"{kind}_speedup"] = results[f"{kind}_img_s_ours"] / results[f"{kind}_img_s_diffusers"]
-        # Robust to load drift on a shared machine: median of the per-iteration-pair ratios.
-        pairs = [d / o for o, d in zip(times["ours"], times["diffusers"])]
-        results[f"{kind}_speedup_paired_median"] = statistics.median(pairs)
+
+        def speedup(key: str, baseline: str) -> None:
+            """ours / baseline: ratio of median img/s, and (robust to load drift on a shared machine) the median
+            of the per-iteration-pair ratios."""
+            ours, base = times["ours"], times[baseline]
+            results[f"{kind}_{key}"] = statistics.median(base) / statistics.median(ours)
+            results[f"{kind}_{key}_paired_median"] = statistics.median([b / o for o, b in zip(ours, base)])
+
+        speedup("speedup", "diffusers")
         print(f"{kind}: ours {results[f'{kind}_img_s_ours']:.2f} img/s, diffusers "
               f"{results[f'{kind}_img_s_diffusers']:.2f} img/s, speedup {results[f'{kind}_speedup']:.3f}x "
               f"(paired median {results[f'{kind}_speedup_paired_median']:.3f}x)", flush=True)
         if "ours_direct_upsample" in times:
-            direct = times["ours_direct_upsample"]
-            results[f"{kind}_subpixel_speedup"] = statistics.median(direct) / statistics.median(times["ours"])
-            results[f"{kind}_subpixel_speedup_paired_median"] = statistics.median(
-                [d / o for o, d in zip(times["ours"], direct)])
+            speedup("subpixel_speedup", "ours_direct_upsample")
             print(f"{kind}: ours with direct upsampling {results[f'{kind}_img_s_ours_direct_upsample']:.2f} img/s; "
                   f"sub-pixel upsampling speedup {results[f'{kind}_subpixel_speedup']:.3f}x (paired median "
                   f"{results[f'{kind}_subpixel_speedup_paired_median']:.3f}x)", flush=True)
