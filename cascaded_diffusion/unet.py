@@ -19,7 +19,9 @@ Speed notes:
   (``_upsample_conv3x3``): the same function with 4/9 of that convolution's multiply-adds.
 * Group norms run in the activation dtype under autocast (statistics are still accumulated in fp32 by the
   kernel), as ADM's ``GroupNorm32`` does, instead of being upcast to an fp32 copy of the whole activation.
-* SiLU after a norm is applied in place; scale-shift is a single ``addcmul``; the SiLU of the embedding is
+* SiLU after a norm is applied in place; scale-shift is a single ``addcmul`` (on CPU a multiply and an in-place
+  add, see ``_scale_shift``); 2×2 average pooling without autograd is a depthwise convolution on CPU
+  (``_avg_pool2x2``), nearest ×2 upsampling a broadcast copy (``_nearest_upsample2x``); the SiLU of the embedding is
   computed once per forward instead of once per residual block; attention uses one fused qkv projection
   on a token-major view and ``F.scaled_dot_product_attention`` (in fp32 on CPU for bf16/fp16 inputs over short
   sequences, where the CPU kernel is faster in fp32; see ``_attention``).
@@ -262,6 +264,58 @@ def _group_norm_silu(x: Tensor, norm: nn.GroupNorm) -> Tensor:
     return F.silu(_group_norm(x, norm), inplace=True)
 
 
+def _needs_grad(x: Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _scale_shift(h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``h * (1 + scale) + shift`` for per-(N, C) ``scale``/``shift`` of shape ``(N, C, 1, 1)``.
+
+    One ``addcmul`` everywhere but on CPU. There, with two of its three operands broadcast over H×W, the CPU
+    TensorIterator leaves its vectorised loop for a scalar one: on a 2-core Zen 4 at (64, 32, 32, 32) addcmul took
+    3.7 ms in bf16 and 0.48 ms in fp32, a multiply followed by an in-place add (each with one broadcast operand,
+    which stays vectorised) 0.66 and 0.17 ms. The results differ by rounding: addcmul fuses the multiply-add
+    (fp32: one rounding instead of two), and in bf16 the product is now rounded to bf16 before the add.
+    """
+    if h.device.type == "cpu":  # also when compiling, so that a traced graph computes what eager mode does
+        return (h * (1.0 + scale)).add_(shift)
+    return torch.addcmul(shift, h, 1.0 + scale)
+
+
+def _avg_pool2x2(x: Tensor) -> Tensor:
+    """``F.avg_pool2d(x, 2)``; on CPU without autograd, the same average as a depthwise 2×2 stride-2 convolution.
+
+    PyTorch's CPU ``avg_pool2d`` kernel for NCHW tensors is not vectorised: on a 2-core Zen 4, (64, 64, 32, 32)
+    took 5.6 ms in bf16 and 4.0 ms in fp32, the oneDNN depthwise convolution 0.8 and 1.3 ms. The weights 1/4
+    are exact and oneDNN accumulates in fp32, so the results equal ``avg_pool2d``'s (tests check this). Its bf16
+    backward is slow (25 ms against 11 ms), so training and any input that needs a gradient keep
+    ``avg_pool2d``; sampling is where this runs. Autocast is off around it: pooling is not an autocast op, so the
+    input keeps its dtype, as with ``avg_pool2d``.
+    """
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or _needs_grad(x)
+            or torch.compiler.is_compiling()):
+        return F.avg_pool2d(x, kernel_size=2)
+    channels = x.shape[1]
+    weight = torch.full((channels, 1, 2, 2), 0.25, dtype=x.dtype, device=x.device)
+    with torch.autocast("cpu", enabled=False):
+        return F.conv2d(x, weight, stride=2, groups=channels)
+
+
+def _nearest_upsample2x(x: Tensor) -> Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="nearest")``; on CPU without autograd, a broadcast copy.
+
+    For NCHW tensors the CPU kernel converts its input to channels_last and its output back (two extra copies):
+    on a 2-core Zen 4, (64, 64, 16, 16) took 7.3 ms in bf16 and 9.8 ms in fp32, writing the expanded
+    ``(N, C, H, 2, W, 2)`` view out in one copy 2.8 and 3.2 ms, with identical values. Training keeps
+    ``F.interpolate``: the broadcast's backward is a strided sum, and forward + backward took 18.1 against 9.7 ms
+    (bf16) at that shape.
+    """
+    if x.device.type != "cpu" or not x.is_contiguous() or _needs_grad(x) or torch.compiler.is_compiling():
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    n, c, height, width = x.shape
+    return x[:, :, :, None, :, None].expand(n, c, height, 2, width, 2).reshape(n, c, 2 * height, 2 * width)
+
+
 def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Dropout that is ~3x cheaper than ``F.dropout`` on CPU in eager mode.
 
@@ -338,9 +392,11 @@ def _upsample_conv3x3(h: Tensor, conv: nn.Conv2d, interleave: str = "auto") -> T
     Interleaving the phases: window k holds output rows 2k − 1 (phase a = 1 of row k − 1) and 2k (phase a = 0
     of row k), and likewise for columns. With the phases ordered (c, 1 − a, 1 − b), ``pixel_shuffle`` puts every
     phase in place, one row and column down, and a crop removes the first and last rows and columns. That is
-    fastest on CPUs (PyTorch has a native pixel-shuffle kernel there, in either memory format). On other devices
-    a channels_last input takes four slice copies instead, each writing contiguous runs of channels, because
-    pixel_shuffle is a reshape-permute composite there. Neither uses ``as_strided``/``storage_offset``, which
+    fastest for CPU training (PyTorch has a native pixel-shuffle kernel there, in either memory format). On other
+    devices a channels_last input takes four slice copies instead, each writing contiguous runs of channels,
+    because pixel_shuffle is a reshape-permute composite there. So does CPU work without autograd (sampling):
+    there the copies beat pixel_shuffle + crop + copy (bf16, batch 64: 4.9 against 7.2 ms for 64 → 32 channels
+    at 16×16), while in training their backward (strided scatters, CopySlices' gradient clones) loses. Neither uses ``as_strided``/``storage_offset``, which
     break a ``torch.compile`` graph. ``interleave="shuffle"`` or ``"copies"`` forces one way (for tests).
     """
     n, _, height, width = h.shape
@@ -349,7 +405,10 @@ def _upsample_conv3x3(h: Tensor, conv: nn.Conv2d, interleave: str = "auto") -> T
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     kernels = _phase_kernels(conv.weight)  # output channels (a, b, c)
     if interleave == "auto":
-        interleave = "shuffle" if h.device.type == "cpu" or not channels_last else "copies"
+        if h.device.type == "cpu":
+            interleave = "shuffle" if _needs_grad(h) or _needs_grad(conv.weight) else "copies"
+        else:
+            interleave = "copies" if channels_last else "shuffle"
     elif interleave not in ("shuffle", "copies"):
         raise ValueError(f"interleave must be 'auto', 'shuffle' or 'copies', got {interleave!r}")
     if interleave == "shuffle":
@@ -411,9 +470,9 @@ class ResBlock(nn.Module):
 
     def _resample(self, x: Tensor) -> Tensor:
         if self.resample == "down":
-            return F.avg_pool2d(x, kernel_size=2)
+            return _avg_pool2x2(x)
         if self.resample == "up":
-            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+            return _nearest_upsample2x(x)
         return x
 
     def forward(self, x: Tensor, emb_act: Tensor) -> Tensor:
@@ -427,7 +486,7 @@ class ResBlock(nn.Module):
         emb_out = self.emb_proj(emb_act)[:, :, None, None]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = torch.addcmul(shift, _group_norm(h, self.out_norm), 1.0 + scale)
+            h = _scale_shift(_group_norm(h, self.out_norm), scale, shift)
             h = F.silu(h, inplace=True)
         else:
             h = _group_norm_silu(h + emb_out, self.out_norm)
@@ -495,7 +554,7 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor, emb_act: Tensor | None = None) -> Tensor:
         if self.upsample_algorithm == "subpixel":
             return _upsample_conv3x3(x, self.conv)
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(_nearest_upsample2x(x))
 
 
 class EmbedSequential(nn.ModuleList):

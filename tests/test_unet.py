@@ -14,7 +14,10 @@ from cascaded_diffusion.unet import (
     AttentionBlock,
     UNet,
     UNetConfig,
+    _avg_pool2x2,
     _dropout,
+    _nearest_upsample2x,
+    _scale_shift,
     _upsample_conv3x3,
     count_parameters,
     set_upsample_algorithm,
@@ -373,6 +376,63 @@ def test_forward_compiles_as_one_graph(channels_last):
     for interleave in ("copies", "shuffle"):
         traced = torch.compile(lambda x: _upsample_conv3x3(x, conv, interleave), backend="eager", fullgraph=True)
         torch.testing.assert_close(traced(h), _upsample_conv3x3(h, conv, interleave))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(4, 64, 16, 16), (2, 5, 6, 10), (1, 3, 7, 9)])
+def test_cpu_resampling_fast_paths_equal_the_pytorch_ops(shape, channels_last, dtype):
+    """Without autograd, CPU pooling runs as a depthwise convolution and nearest upsampling as a broadcast copy
+    (both faster than PyTorch's NCHW CPU kernels); their values must be exactly avg_pool2d's and interpolate's,
+    odd sizes included (avg_pool2d drops the last row/column), in the input's memory format, autocast or not."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=dtype) * 10 + 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            pooled, upsampled = _avg_pool2x2(x), _nearest_upsample2x(x)
+            pooled_ref, upsampled_ref = F.avg_pool2d(x, 2), F.interpolate(x, scale_factor=2.0, mode="nearest")
+        assert pooled.dtype == upsampled.dtype == dtype
+        assert torch.equal(pooled, pooled_ref) and torch.equal(upsampled, upsampled_ref)
+        for out in (pooled, upsampled):
+            assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    # with autograd both keep the PyTorch ops (whose backward is faster on CPU): same values, gradients flow
+    leaf = x.detach().float().requires_grad_(True)
+    (_avg_pool2x2(leaf).sum() + _nearest_upsample2x(leaf).sum()).backward()
+    expected = torch.full_like(leaf.grad, 4.0)  # each pixel is copied to four upsampled pixels
+    expected[:, :, : shape[2] // 2 * 2, : shape[3] // 2 * 2] += 0.25  # and averaged into one pooled pixel
+    torch.testing.assert_close(leaf.grad, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_scale_shift_is_the_addcmul_it_replaces(dtype):
+    """On CPU scale-shift is a multiply and an in-place add instead of one (unvectorised) addcmul: equal up to
+    rounding, the same memory format, and the same gradients."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 8, 5, 7, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    scale = torch.randn(3, 8, 1, 1, dtype=dtype, requires_grad=True)
+    shift = torch.randn(3, 8, 1, 1, dtype=dtype, requires_grad=True)
+    out, ref = _scale_shift(h, scale, shift), torch.addcmul(shift, h, 1.0 + scale)
+    tol = {torch.bfloat16: 2e-2, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    assert out.stride() == ref.stride()
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (h, scale, shift), grad), torch.autograd.grad(ref, (h, scale, shift), grad)):
+        torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol * 10)
+
+
+def test_subpixel_interleave_without_autograd_matches_training_interleave():
+    """CPU sampling interleaves the sub-pixel phases with slice copies, training with pixel_shuffle."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1)
+    h = torch.randn(2, 8, 5, 7)
+    with torch.no_grad():
+        sampled = _upsample_conv3x3(h, conv)
+    trained = _upsample_conv3x3(h, conv)
+    assert trained.requires_grad
+    torch.testing.assert_close(sampled, trained, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sampled, conv(F.interpolate(h, scale_factor=2.0, mode="nearest")), rtol=1e-5, atol=1e-5)
 
 
 def test_subpixel_upsampling_counts_fewer_flops():
