@@ -96,6 +96,12 @@ class Stage:
         self.step: int | None = None
         self._sampling_net: Callable[..., torch.Tensor] = net
         self._cuda_graphs = False
+        # As in training, channels_last sampling (GPUs only) needs the weights in channels_last too: a
+        # one-channel input (grayscale) is contiguous in both formats, so converting it alone leaves the
+        # convolutions in NCHW.
+        self._channels_last = config.train.channels_last and self.device.type == "cuda"
+        if self._channels_last:
+            net.to(memory_format=torch.channels_last)
 
     def compile(self, mode: str | None = None, backend: str = "inductor") -> "Stage":
         """Sample through ``torch.compile(self.net)``. The first batch of each new shape pays the compilation
@@ -177,7 +183,7 @@ class Stage:
             if aug_level is None:
                 aug_level = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
             scaled_aug = self.augmentation.scaled_level(aug_level)
-        channels_last = self.config.train.channels_last and self.device.type == "cuda"
+        channels_last = self._channels_last
 
         def net_call(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             repeat = x.shape[0] // y.shape[0]  # classifier-free guidance batches cond + uncond together

@@ -157,3 +157,19 @@ def test_compiled_sampling_matches_eager(mode):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # bit-identical here; another seed differs by ~1.5
     assert all(s._sampling_net is not s.net for s in compiled.stages)
+
+
+def test_channels_last_sampling_converts_the_weights_too():
+    """train.channels_last samples in channels_last on GPUs. A one-channel x_t is contiguous in both memory formats,
+    so the weights must be converted as well, or every convolution would stay NCHW. (The conversion itself is
+    device-independent; the CPU keeps NCHW, where channels_last group norms are slower.)"""
+    config = stage_config("base", 8)
+    config.train.channels_last = True
+    conv_weights = lambda stage: [m.weight for m in stage.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    cpu_stage = Stage(config, build_network(config), "cpu")
+    assert not cpu_stage._channels_last
+    assert all(w.is_contiguous() for w in conv_weights(cpu_stage))
+    gpu_stage = Stage(config, build_network(config), torch.device("cuda"))  # never run here: only the setup
+    assert gpu_stage._channels_last
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(gpu_stage)
+               if w.shape[1] * w.shape[2] * w.shape[3] > 1)
