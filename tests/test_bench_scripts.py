@@ -178,3 +178,44 @@ def test_benchmark_compiles_ours_as_one_graph(bench, capsys):
     summary = module.main(["--config", "tiny", "--device", "cpu", "--dtype", "bf16", "--warmup", "1", "--iters", "1",
                            "--no-cpu-memory", "--compile", "--compile-backend", "eager", "--with-direct-upsample"])
     assert summary["compile"] and summary["train_speedup"] > 0 and summary["forward_speedup"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks/cpu_fast_paths.py
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_cpu_fast_paths_benchmark_compares_each_path_with_its_pytorch_op(capsys):
+    fast_paths = _load("benchmarks/cpu_fast_paths.py", "cpu_fast_paths_under_test")
+    import cascaded_diffusion.unet as unet
+
+    originals = {attr: getattr(unet, attr) for attr, _ in fast_paths.PLAIN_OPS.values()}
+    result = fast_paths.main(["--batch-size", "2", "--reps", "1", "--dtypes", "fp32,bf16"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert {attr: getattr(unet, attr) for attr in originals} == originals  # the plain ops were patched back out
+    ops = result["ops"]
+    assert {(r["op"], r["mode"]) for r in ops} == {("scale_shift", "forward"), ("scale_shift", "train"),
+                                                   ("avg_pool", "forward"), ("nearest", "forward"),
+                                                   ("interleave", "forward")}
+    assert len(ops) == 2 * len(fast_paths.op_cases(2))
+    for r in ops:
+        assert r["fast_ms"] > 0 and r["plain_ms"] > 0
+        if r["op"] != "scale_shift" or r["mode"] == "train":  # exact replacements (and the same input gradient)
+            assert r["max_abs_diff"] == 0.0, r
+        else:  # addcmul rounds once, multiply + add twice
+            assert 0.0 < r["max_abs_diff"] < (0.1 if r["dtype"] == "bfloat16" else 1e-5), r
+    # the network A/B really swaps the ops: the bf16 forwards differ by rounding, not more
+    assert [r["stage"] for r in result["networks"]] == ["fmnist-base8", "fmnist-sr8to32-noaug"]
+    for r in result["networks"]:
+        assert 0.0 < r["max_abs_diff"] < 0.2, r
+
+
+def test_plain_pytorch_ops_restores_the_fast_paths_after_an_error():
+    fast_paths = _load("benchmarks/cpu_fast_paths.py", "cpu_fast_paths_under_test")
+    import cascaded_diffusion.unet as unet
+
+    before = unet._scale_shift
+    with pytest.raises(RuntimeError, match="boom"), fast_paths.plain_pytorch_ops():
+        assert unet._scale_shift is not before
+        raise RuntimeError("boom")
+    assert unet._scale_shift is before

@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""The CPU fast paths of ``cascaded_diffusion.unet`` against the PyTorch ops they replace.
+
+On CPU, several element-wise steps of the U-Net skip PyTorch's own kernel for a faster equivalent:
+
+* ``scale_shift``: ``h * (1 + scale) + shift`` as a multiply and an in-place add instead of one ``addcmul``
+  (training and sampling);
+* ``avg_pool``: 2×2 average pooling as a depthwise convolution instead of ``avg_pool2d`` (no autograd only);
+* ``nearest``: nearest ×2 upsampling as one broadcast copy instead of ``F.interpolate`` (no autograd only);
+* ``interleave``: the sub-pixel upsampling phases put in place by four slice copies instead of
+  ``pixel_shuffle`` + crop (no autograd only).
+
+Part 1 times each against the op it replaces at the shapes of the bundled Fashion-MNIST cascade and the cpu-32
+benchmark model, in bf16 and fp32, interleaved (ABBA), and reports the largest difference between the two
+results (0 means bit-identical). ``scale_shift`` is also timed forward + backward, as training runs it.
+Part 2 runs one forward of each bundled stage network (bf16 autocast, no autograd: what sampling does) with the
+fast paths on and patched out, interleaved; ``--cascade`` also times whole cascade samples both ways.
+The last line of output is one JSON object.
+
+Examples::
+
+    OMP_NUM_THREADS=2 python benchmarks/cpu_fast_paths.py --threads 2
+    OMP_NUM_THREADS=2 python benchmarks/cpu_fast_paths.py --threads 2 --skip-ops --cascade --reps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+try:  # run from a checkout without installing the package
+    import cascaded_diffusion  # noqa: F401
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cascaded_diffusion.unet as unet
+from cascaded_diffusion.cascade import Cascade, balanced_labels
+
+_upsample_conv3x3 = unet._upsample_conv3x3
+
+
+def _plain_upsample_conv3x3(h, conv, interleave="auto"):
+    return _upsample_conv3x3(h, conv, "shuffle" if interleave == "auto" and h.device.type == "cpu" else interleave)
+
+
+# name -> (module attribute, the PyTorch op it stands for)
+PLAIN_OPS: dict[str, tuple[str, Callable]] = {
+    "scale_shift": ("_scale_shift", lambda h, scale, shift: torch.addcmul(shift, h, 1.0 + scale)),
+    "avg_pool": ("_avg_pool2x2", lambda x: F.avg_pool2d(x, kernel_size=2)),
+    "nearest": ("_nearest_upsample2x", lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest")),
+    "interleave": ("_upsample_conv3x3", _plain_upsample_conv3x3),
+}
+
+
+@contextlib.contextmanager
+def plain_pytorch_ops():
+    """Run the U-Net with the PyTorch ops the CPU fast paths replace (the code before they existed)."""
+    saved = {attr: getattr(unet, attr) for attr, _ in PLAIN_OPS.values()}
+    try:
+        for attr, plain in PLAIN_OPS.values():
+            setattr(unet, attr, plain)
+        yield
+    finally:
+        for attr, fn in saved.items():
+            setattr(unet, attr, fn)
+
+
+def interleaved(fns: dict[str, Callable], reps: int, warmup: int = 2) -> dict[str, list[float]]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for r in range(reps):
+        for name in order if r % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def op_cases(batch: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(op, mode, input shape): the shapes of the bundled cascade's SR network and of the cpu-32 model."""
+    cases = []
+    for shape in ((batch, 32, 32, 32), (batch, 64, 16, 16), (batch, 128, 16, 16)):
+        cases += [("scale_shift", "forward", shape), ("scale_shift", "train", shape)]
+    for shape in ((batch, 32, 32, 32), (batch, 64, 32, 32), (batch, 128, 16, 16)):
+        cases.append(("avg_pool", "forward", shape))
+    for shape in ((batch, 64, 16, 16), (batch, 128, 8, 8)):
+        cases += [("nearest", "forward", shape), ("interleave", "forward", shape)]
+    return cases
+
+
+def run_op_case(op: str, mode: str, shape: tuple[int, ...], dtype: torch.dtype, reps: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(dtype)
+    n, c = shape[:2]
+    fast_fn = getattr(unet, PLAIN_OPS[op][0])
+    plain_fn = PLAIN_OPS[op][1]
+    autocast = contextlib.nullcontext()
+    if op == "scale_shift":
+        scale, shift = (torch.randn(n, c, 1, 1, generator=g).to(dtype) for _ in range(2))
+        args: tuple = (x, scale, shift)
+    elif op == "interleave":
+        conv = torch.nn.Conv2d(c, c // 2, 3, padding=1)
+        args = (x.float(), conv)
+        if dtype == torch.bfloat16:
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    else:
+        args = (x,)
+
+    grad = torch.randn(shape, generator=g).to(dtype)
+
+    def call(fn: Callable) -> Callable[[], torch.Tensor]:
+        if mode == "train":
+            leaves = tuple(a.detach().requires_grad_(True) if torch.is_tensor(a) else a for a in args)
+
+            def step():
+                return torch.autograd.grad(fn(*leaves), leaves, grad)[0]  # the gradient of h
+            return step
+
+        def forward():
+            with torch.no_grad(), autocast:
+                return fn(*args)
+        return forward
+
+    fast, plain = call(fast_fn), call(plain_fn)
+    diff = (fast().float() - plain().float()).abs().max().item()
+    times = interleaved({"fast": fast, "plain": plain}, reps)
+    fast_ms, plain_ms = (statistics.median(times[k]) * 1e3 for k in ("fast", "plain"))
+    return {"op": op, "mode": mode, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
+            "fast_ms": fast_ms, "plain_ms": plain_ms, "speedup": plain_ms / fast_ms, "max_abs_diff": diff}
+
+
+def run_networks(cascade: Cascade, batch: int, reps: int) -> list[dict]:
+    results = []
+    g = torch.Generator().manual_seed(0)
+    for stage in cascade.stages:
+        net, cfg = stage.net.eval(), stage.net.config
+        x = torch.randn(batch, cfg.in_channels, cfg.resolution, cfg.resolution, generator=g)
+        t = torch.rand(batch, generator=g) * 1000
+        y = torch.randint(0, stage.num_classes, (batch,), generator=g)
+        low = None
+        if cfg.low_res_channels:
+            low = torch.randn(batch, cfg.low_res_channels, stage.low_res, stage.low_res, generator=g)
+
+        def forward() -> torch.Tensor:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                return net(x, t, y=y, low_res=low)
+
+        def plain_forward() -> torch.Tensor:
+            with plain_pytorch_ops():
+                return forward()
+
+        diff = (forward().float() - plain_forward().float()).abs().max().item()
+        times = interleaved({"fast": forward, "plain": plain_forward}, reps)
+        fast_ms, plain_ms = (statistics.median(times[k]) * 1e3 for k in ("fast", "plain"))
+        results.append({"stage": stage.config.stage.name, "resolution": cfg.resolution, "batch": batch,
+                        "fast_ms": fast_ms, "plain_ms": plain_ms, "speedup": plain_ms / fast_ms,
+                        "max_abs_diff": diff})
+    return results
+
+
+def run_cascade(cascade: Cascade, batch: int, reps: int) -> dict:
+    labels = balanced_labels(batch, cascade.num_classes)
+
+    def sample() -> None:
+        cascade.sample(labels, generator=torch.Generator().manual_seed(0))
+
+    def plain_sample() -> None:
+        with plain_pytorch_ops():
+            sample()
+
+    times = interleaved({"fast": sample, "plain": plain_sample}, reps, warmup=1)
+    fast_s, plain_s = (statistics.median(times[k]) for k in ("fast", "plain"))
+    return {"batch": batch, "fast_s": fast_s, "plain_s": plain_s, "speedup": plain_s / fast_s,
+            "fast_samples_per_s": batch / fast_s, "plain_samples_per_s": batch / plain_s}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions per variant")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtypes", default="bf16,fp32")
+    p.add_argument("--pretrained", default="fashion-mnist")
+    p.add_argument("--skip-ops", action="store_true")
+    p.add_argument("--skip-networks", action="store_true")
+    p.add_argument("--cascade", action="store_true", help="also time whole cascade samples (slow)")
+    args = p.parse_args(argv)
+    names = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    try:
+        args.dtypes = [names[d.strip()] for d in args.dtypes.split(",") if d.strip()]
+    except KeyError as err:
+        p.error(f"--dtypes: unknown {err}; choose from bf16, fp32")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if not args.skip_ops:
+        result["ops"] = []
+        for dtype in args.dtypes:
+            for op, mode, shape in op_cases(args.batch_size):
+                r = run_op_case(op, mode, shape, dtype, args.reps)
+                result["ops"].append(r)
+                print(f"{op:12s} {mode:8s} {r['dtype']:9s} {str(tuple(shape)):20s} fast {r['fast_ms']:7.2f} ms  "
+                      f"plain {r['plain_ms']:7.2f} ms  {r['speedup']:5.2f}x  max diff {r['max_abs_diff']:.3g}",
+                      flush=True)
+    if not args.skip_networks or args.cascade:
+        cascade = Cascade.from_pretrained(args.pretrained)
+        if not args.skip_networks:
+            result["networks"] = run_networks(cascade, args.batch_size, args.reps)
+            for r in result["networks"]:
+                print(f"{r['stage']:16s} forward, bf16, batch {r['batch']}: fast {r['fast_ms']:.1f} ms  "
+                      f"plain {r['plain_ms']:.1f} ms  {r['speedup']:.3f}x  max diff {r['max_abs_diff']:.3g}",
+                      flush=True)
+        if args.cascade:
+            r = result["cascade"] = run_cascade(cascade, args.batch_size, args.reps)
+            print(f"cascade, batch {r['batch']}: fast {r['fast_s']:.2f} s ({r['fast_samples_per_s']:.2f} samples/s)"
+                  f"  plain {r['plain_s']:.2f} s  {r['speedup']:.3f}x", flush=True)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
