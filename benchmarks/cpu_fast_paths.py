@@ -6,7 +6,7 @@ On CPU, several element-wise steps of the U-Net skip PyTorch's own kernel for a 
 * ``scale_shift``: ``h * (1 + scale) + shift`` as a multiply and an in-place add instead of one ``addcmul``
   (training and sampling);
 * ``avg_pool``: 2×2 average pooling as a depthwise convolution instead of ``avg_pool2d`` (no autograd only);
-* ``nearest``: nearest ×2 upsampling as one broadcast copy instead of ``F.interpolate`` (no autograd only);
+* ``nearest``: nearest ×2 upsampling as four strided copies instead of ``F.interpolate`` (no autograd only);
 * ``interleave``: the sub-pixel upsampling phases put in place by four slice copies instead of
   ``pixel_shuffle`` + crop (no autograd only).
 

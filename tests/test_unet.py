@@ -382,7 +382,7 @@ def test_forward_compiles_as_one_graph(channels_last):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(4, 64, 16, 16), (2, 5, 6, 10), (1, 3, 7, 9)])
 def test_cpu_resampling_fast_paths_equal_the_pytorch_ops(shape, channels_last, dtype):
-    """Without autograd, CPU pooling runs as a depthwise convolution and nearest upsampling as a broadcast copy
+    """Without autograd, CPU pooling runs as a depthwise convolution and nearest upsampling as four strided copies
     (both faster than PyTorch's NCHW CPU kernels); their values must be exactly avg_pool2d's and interpolate's,
     odd sizes included (avg_pool2d drops the last row/column), in the input's memory format, autocast or not."""
     torch.manual_seed(0)
