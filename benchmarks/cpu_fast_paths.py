@@ -14,13 +14,15 @@ Part 1 times each against the op it replaces at the shapes of the bundled Fashio
 benchmark model, in bf16 and fp32, interleaved (ABBA), and reports the largest difference between the two
 results (0 means bit-identical). ``scale_shift`` is also timed forward + backward, as training runs it.
 Part 2 runs one forward of each bundled stage network (bf16 autocast, no autograd: what sampling does) with the
-fast paths on and patched out, interleaved; ``--cascade`` also times whole cascade samples both ways.
+fast paths on and patched out, interleaved; ``--cascade`` also times whole cascade samples both ways, and
+``--train`` training steps of the cpu-32 benchmark model (where only ``scale_shift`` applies).
 The last line of output is one JSON object.
 
 Examples::
 
     OMP_NUM_THREADS=2 python benchmarks/cpu_fast_paths.py --threads 2
     OMP_NUM_THREADS=2 python benchmarks/cpu_fast_paths.py --threads 2 --skip-ops --cascade --reps 6
+    OMP_NUM_THREADS=2 python benchmarks/cpu_fast_paths.py --threads 2 --skip-ops --skip-networks --train --reps 8
 """
 
 from __future__ import annotations
@@ -171,6 +173,42 @@ def run_networks(cascade: Cascade, batch: int, reps: int) -> list[dict]:
     return results
 
 
+def run_training(dtype: torch.dtype, batch: int, reps: int) -> dict:
+    """Training steps (forward, MSE backward, fused AdamW) of the cpu-32 benchmark model, fast paths on and off.
+
+    Training reaches only ``scale_shift`` (the other paths need autograd off), so this measures that one."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from unet_throughput import CONFIGS, build_ours, make_inputs
+
+    bc = CONFIGS["cpu-32"]
+    torch.manual_seed(0)
+    model = build_ours(bc, "cpu")
+    with torch.no_grad():  # away from the zero-initialised output layers, so every branch does work
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x, t, y, target = make_inputs(bc, batch, torch.device("cpu"), channels_last=False)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+    def step() -> None:
+        with autocast:
+            out = model(x, t, y=y)
+        F.mse_loss(out.float(), target).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def plain_step() -> None:
+        with plain_pytorch_ops():
+            step()
+
+    times = interleaved({"fast": step, "plain": plain_step}, reps, warmup=1)
+    fast_s, plain_s = (statistics.median(times[k]) for k in ("fast", "plain"))
+    paired = statistics.median(p / f for f, p in zip(times["fast"], times["plain"]))
+    return {"config": "cpu-32", "dtype": str(dtype).removeprefix("torch."), "batch": batch,
+            "fast_img_per_s": batch / fast_s, "plain_img_per_s": batch / plain_s, "speedup": plain_s / fast_s,
+            "paired_speedup": paired}
+
+
 def run_cascade(cascade: Cascade, batch: int, reps: int) -> dict:
     labels = balanced_labels(batch, cascade.num_classes)
 
@@ -197,6 +235,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-ops", action="store_true")
     p.add_argument("--skip-networks", action="store_true")
     p.add_argument("--cascade", action="store_true", help="also time whole cascade samples (slow)")
+    p.add_argument("--train", action="store_true", help="also time cpu-32 training steps in each dtype (slow)")
     args = p.parse_args(argv)
     names = {"bf16": torch.bfloat16, "fp32": torch.float32}
     try:
@@ -233,6 +272,14 @@ def main(argv=None) -> dict:
             r = result["cascade"] = run_cascade(cascade, args.batch_size, args.reps)
             print(f"cascade, batch {r['batch']}: fast {r['fast_s']:.2f} s ({r['fast_samples_per_s']:.2f} samples/s)"
                   f"  plain {r['plain_s']:.2f} s  {r['speedup']:.3f}x", flush=True)
+    if args.train:
+        result["train"] = []
+        for dtype in args.dtypes:
+            r = run_training(dtype, args.batch_size, args.reps)
+            result["train"].append(r)
+            print(f"train cpu-32 {r['dtype']}, batch {r['batch']}: fast {r['fast_img_per_s']:.2f} img/s  "
+                  f"plain {r['plain_img_per_s']:.2f} img/s  {r['speedup']:.3f}x (paired {r['paired_speedup']:.3f}x)",
+                  flush=True)
     print(json.dumps(result))
     return result
 

@@ -190,7 +190,7 @@ def test_cpu_fast_paths_benchmark_compares_each_path_with_its_pytorch_op(capsys)
     import cascaded_diffusion.unet as unet
 
     originals = {attr: getattr(unet, attr) for attr, _ in fast_paths.PLAIN_OPS.values()}
-    result = fast_paths.main(["--batch-size", "2", "--reps", "1", "--dtypes", "fp32,bf16"])
+    result = fast_paths.main(["--batch-size", "2", "--reps", "1", "--dtypes", "fp32,bf16", "--train"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert {attr: getattr(unet, attr) for attr in originals} == originals  # the plain ops were patched back out
     ops = result["ops"]
@@ -208,6 +208,8 @@ def test_cpu_fast_paths_benchmark_compares_each_path_with_its_pytorch_op(capsys)
     assert [r["stage"] for r in result["networks"]] == ["fmnist-base8", "fmnist-sr8to32-noaug"]
     for r in result["networks"]:
         assert 0.0 < r["max_abs_diff"] < 0.2, r
+    assert [(r["dtype"], r["batch"]) for r in result["train"]] == [("float32", 2), ("bfloat16", 2)]
+    assert all(r["fast_img_per_s"] > 0 and r["plain_img_per_s"] > 0 for r in result["train"])
 
 
 def test_plain_pytorch_ops_restores_the_fast_paths_after_an_error():
