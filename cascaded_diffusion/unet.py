@@ -287,8 +287,8 @@ def _avg_pool2x2(x: Tensor) -> Tensor:
 
     PyTorch's CPU ``avg_pool2d`` kernel for NCHW tensors is not vectorised: on a 2-core Zen 4, (64, 64, 32, 32)
     took 5.6 ms in bf16 and 4.0 ms in fp32, the oneDNN depthwise convolution 0.8 and 1.3 ms. The weights 1/4
-    are exact and oneDNN accumulates in fp32, so the results equal ``avg_pool2d``'s (tests check this). Its bf16
-    backward is slow (25 ms against 11 ms), so training and any input that needs a gradient keep
+    are exact and oneDNN accumulates in fp32, so the results equal ``avg_pool2d``'s (tests check this). In bf16
+    its forward + backward is slower (25 against 11 ms), so training and any input that needs a gradient keep
     ``avg_pool2d``; sampling is where this runs. Autocast is off around it: pooling is not an autocast op, so the
     input keeps its dtype, as with ``avg_pool2d``.
     """
