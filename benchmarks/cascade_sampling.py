@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ except ImportError:  # pragma: no cover
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cascaded_diffusion.cascade import Cascade, balanced_labels
+from cascaded_diffusion.hardware import device_name
 from cascaded_diffusion.pretrained import available_pretrained
 
 MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -118,8 +118,7 @@ def main(argv=None) -> dict:
         "samplers": [s.config.sample.sampler for s in first.stages] if args.sampler is None else args.sampler,
         "resolutions": first.resolutions,
         "device": args.device,
-        "device_name": (torch.cuda.get_device_name(torch.device(args.device))
-                        if torch.device(args.device).type == "cuda" else platform.processor() or "cpu"),
+        "device_name": device_name(args.device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover
 
 import cascaded_diffusion.unet as unet
 from cascaded_diffusion.cascade import Cascade, balanced_labels
+from cascaded_diffusion.hardware import device_name
 
 _upsample_conv3x3 = unet._upsample_conv3x3
 
@@ -249,7 +250,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+    result: dict = {"device_name": device_name("cpu"), "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if not args.skip_ops:
         result["ops"] = []

@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -56,6 +55,7 @@ try:  # run from a checkout without installing the package
 except ImportError:  # pragma: no cover
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cascaded_diffusion.hardware import device_name
 from cascaded_diffusion.unet import UNet, UNetConfig, count_parameters, set_upsample_algorithm
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -507,7 +507,7 @@ def main(argv=None) -> dict[str, Any]:
         "config": bc.name,
         "bench_config": {k: list(v) if isinstance(v, tuple) else v for k, v in bc.__dict__.items()},
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": device_name(device),
         "dtype": args.dtype,
         "compile": args.compile,
         "compile_mode": args.compile_mode if args.compile else None,
@@ -531,17 +531,6 @@ def main(argv=None) -> dict[str, Any]:
     }
     print(json.dumps(summary))
     return summary
-
-
-def _cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} CPUs)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 from cascaded_diffusion.cascade import Cascade, balanced_labels, sample_in_batches
 from cascaded_diffusion.evaluation.evaluate import evaluate_images, reference_stats
 from cascaded_diffusion.evaluation.features import get_feature_extractor
+from cascaded_diffusion.hardware import device_name
 
 
 def steps_label(steps: int | list[int] | tuple[int, ...]) -> str:
@@ -72,11 +73,11 @@ def main() -> None:
     result = json.loads(out.read_text()) if out.is_file() else {"points": []}
     for row in result["points"]:  # points resumed from a run on another machine keep their machine's name
         row.setdefault("device_name", result.get("device_name"))
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    hardware = device_name(device)
     result.update({
         "stages": [s.source for s in cascade.stages], "num_samples": args.num, "feature_network": extractor.name,
         "reference": reference.source, "device": str(device),
-        "device_name": device_name, "threads": torch.get_num_threads(),
+        "device_name": hardware, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "base_point": list(base) if base else None,
         "aug_levels": [args.aug_level] * (n_stages - 1) if args.aug_level is not None else cascade.default_aug_levels(),
     })
@@ -102,7 +103,7 @@ def main() -> None:
         scores = evaluate_images(stages[-1], reference, extractor, ("fid", "kid"))
         row = {"sampler": sampler, "steps": steps if isinstance(steps, int) else list(steps), "stage_samplers": samplers, "stage_steps": steps_l,
                "fid": scores["fid"], "kid": scores.get("kid"), "seconds": seconds,
-               "samples_per_s": args.num / seconds, "device_name": device_name}
+               "samples_per_s": args.num / seconds, "device_name": hardware}
         result["points"].append(row)
         print(f"{sampler:5s} {steps_label(steps):>7s} steps  FID {row['fid']:8.3f}  {row['samples_per_s']:7.2f} samples/s", flush=True)
         tmp = out.with_suffix(".tmp")

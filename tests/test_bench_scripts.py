@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from cascaded_diffusion.hardware import device_name
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,7 +71,7 @@ def test_sampler_curve_scores_resumes_and_plots(tmp_path, monkeypatch):
     curve.main()
     after = json.loads(out.read_text())["points"]
     assert after[:2] == before and [(p["sampler"], p["steps"]) for p in after[2:]] == [("ddim", 2)]
-    assert {p["device_name"] for p in after} == {"cpu"}  # every point says where it ran
+    assert {p["device_name"] for p in after} == {device_name("cpu")}  # every point says where it ran
 
     # Step counts per stage must match the cascade.
     monkeypatch.setattr(sys, "argv", argv + ["--points", "dpmpp:3/2/1"])
@@ -221,3 +223,12 @@ def test_plain_pytorch_ops_restores_the_fast_paths_after_an_error():
         assert unet._scale_shift is not before
         raise RuntimeError("boom")
     assert unet._scale_shift is before
+
+
+def test_device_name_says_what_the_measurement_ran_on():
+    import os
+
+    name = device_name("cpu")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert name.endswith(f" ({cpus} CPUs)") and len(name) > len(f" ({cpus} CPUs)")
+    assert device_name(torch.device("meta")) == "meta"
