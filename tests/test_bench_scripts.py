@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -232,3 +233,47 @@ def test_device_name_says_what_the_measurement_ran_on():
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert name.endswith(f" ({cpus} CPUs)") and len(name) > len(f" ({cpus} CPUs)")
     assert device_name(torch.device("meta")) == "meta"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks/inductor_traffic.py
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_inductor_traffic_gpu_code_paths_are_the_gpu_branches():
+    traffic = _load("benchmarks/inductor_traffic.py", "inductor_traffic_under_test")
+    import cascaded_diffusion.unet as unet
+
+    before = {name: getattr(unet, name) for name in ("_attention", "_scale_shift", "_upsample_conv3x3")}
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 3, 3, padding=1)
+    h = torch.randn(2, 4, 5, 5)
+    q, k, v = torch.randn(3, 2, 2, 16, 8, dtype=torch.bfloat16).unbind(0)
+    scale, shift = torch.randn(2, 4, 1, 1), torch.randn(2, 4, 1, 1)
+    with traffic.gpu_code_paths():
+        # bf16 attention on CPU stays bf16 (the CPU branch would upcast short sequences to fp32)
+        torch.testing.assert_close(unet._attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                                   rtol=0, atol=0)
+        assert torch.equal(unet._scale_shift(h, scale, shift), torch.addcmul(shift, h, 1.0 + scale))
+        for x in (h, h.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(unet._upsample_conv3x3(x, conv),
+                                       conv(torch.nn.functional.interpolate(x, scale_factor=2.0)), rtol=1e-5, atol=1e-5)
+    assert {name: getattr(unet, name) for name in before} == before
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor's CPU backend needs a C++ compiler")
+def test_inductor_traffic_counts_the_bytes_of_a_compiled_step():
+    """A two-conv model compiles in seconds: the counts must add up and see both kinds of kernel."""
+    traffic = _load("benchmarks/inductor_traffic.py", "inductor_traffic_under_test")
+    bench = _load("benchmarks/unet_throughput.py", "unet_throughput_for_traffic")
+    bc = bench.BenchConfig("tiny", 8, 3, 8, (1,), 1, (), 8, 2, 2, learn_sigma=False)
+
+    def build(bc, device):
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.SiLU(),
+                                   torch.nn.Conv2d(8, 3, 3, padding=1)).to(device)
+
+    r = traffic.traffic_of_compiled_step(build, lambda model, x, t, y: model(x), bc, batch=2, channels_last=False)
+    assert r["bytes_generated_kernels"] > 0 and r["bytes_extern_kernels"] > 0
+    # per node inductor keeps bytes // 4, so the sum may round down by under 4 bytes a node
+    assert 0 <= r["bytes_total"] - (r["bytes_generated_kernels"] + r["bytes_extern_kernels"]) < 4 * r["scheduled_nodes"]
+    assert any("convolution" in name for name in r["extern_by_kernel"])
