@@ -20,11 +20,11 @@ Speed notes:
 * Group norms run in the activation dtype under autocast (statistics are still accumulated in fp32 by the
   kernel), as ADM's ``GroupNorm32`` does, instead of being upcast to an fp32 copy of the whole activation.
 * SiLU after a norm is applied in place; scale-shift is a single ``addcmul`` (on CPU a multiply and an in-place
-  add, see ``_scale_shift``); 2×2 average pooling without autograd is a depthwise convolution on CPU
-  (``_avg_pool2x2``), nearest ×2 upsampling four strided copies (``_nearest_upsample2x``); the SiLU of the embedding is
-  computed once per forward instead of once per residual block; attention uses one fused qkv projection
-  on a token-major view and ``F.scaled_dot_product_attention`` (in fp32 on CPU for bf16/fp16 inputs over short
-  sequences, where the CPU kernel is faster in fp32; see ``_attention``).
+  add, see ``_scale_shift``); on CPU without autograd, 2×2 average pooling is a depthwise convolution
+  (``_avg_pool2x2``) and nearest ×2 upsampling four strided copies (``_nearest_upsample2x``); the SiLU of the
+  embedding is computed once per forward instead of once per residual block; attention uses one fused qkv
+  projection on a token-major view and ``F.scaled_dot_product_attention`` (in fp32 on CPU for bf16/fp16 inputs
+  over short sequences, where the CPU kernel is faster in fp32; see ``_attention``).
 * ``benchmarks/unet_throughput.py`` measures all of this against diffusers' ``UNet2DModel`` at a matched
   configuration; ``docs/performance.md`` has the numbers.
 """
@@ -403,8 +403,8 @@ def _upsample_conv3x3(h: Tensor, conv: nn.Conv2d, interleave: str = "auto") -> T
     devices a channels_last input takes four slice copies instead, each writing contiguous runs of channels,
     because pixel_shuffle is a reshape-permute composite there. So does CPU work without autograd (sampling):
     there the copies beat pixel_shuffle + crop + copy (bf16, batch 64: 4.9 against 7.2 ms for 64 → 32 channels
-    at 16×16), while in training their backward (strided scatters, CopySlices' gradient clones) loses. Neither uses ``as_strided``/``storage_offset``, which
-    break a ``torch.compile`` graph. ``interleave="shuffle"`` or ``"copies"`` forces one way (for tests).
+    at 16×16), while in training their backward (strided scatters, CopySlices' gradient clones) loses. Neither
+    uses ``as_strided``/``storage_offset``, which break a ``torch.compile`` graph. ``interleave="shuffle"`` or ``"copies"`` forces one way (for tests).
     """
     n, _, height, width = h.shape
     c = conv.out_channels

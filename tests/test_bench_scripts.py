@@ -261,7 +261,8 @@ def test_inductor_traffic_gpu_code_paths_are_the_gpu_branches():
     assert {name: getattr(unet, name) for name in before} == before
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor's CPU backend needs a C++ compiler")
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="inductor's CPU backend needs a C++ compiler")
 def test_inductor_traffic_counts_the_bytes_of_a_compiled_step():
     """A two-conv model compiles in seconds: the counts must add up and see both kinds of kernel."""
     traffic = _load("benchmarks/inductor_traffic.py", "inductor_traffic_under_test")

@@ -418,7 +418,8 @@ def test_scale_shift_is_the_addcmul_it_replaces(dtype):
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     assert out.stride() == ref.stride()
     grad = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(out, (h, scale, shift), grad), torch.autograd.grad(ref, (h, scale, shift), grad)):
+    inputs = (h, scale, shift)
+    for a, b in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
         torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol * 10)
 
 
