@@ -36,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -65,17 +66,10 @@ PLAIN_OPS: dict[str, tuple[str, Callable]] = {
 }
 
 
-@contextlib.contextmanager
 def plain_pytorch_ops():
-    """Run the U-Net with the PyTorch ops the CPU fast paths replace (the code before they existed)."""
-    saved = {attr: getattr(unet, attr) for attr, _ in PLAIN_OPS.values()}
-    try:
-        for attr, plain in PLAIN_OPS.values():
-            setattr(unet, attr, plain)
-        yield
-    finally:
-        for attr, fn in saved.items():
-            setattr(unet, attr, fn)
+    """Run the U-Net with the PyTorch ops the CPU fast paths replace (the code before they existed); a context
+    manager that puts the fast paths back on exit, error or not."""
+    return mock.patch.multiple(unet, **dict(PLAIN_OPS.values()))
 
 
 def interleaved(fns: dict[str, Callable], reps: int, warmup: int = 2) -> dict[str, list[float]]:

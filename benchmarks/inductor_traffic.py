@@ -28,6 +28,7 @@ import datetime
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -45,25 +46,17 @@ from unet_throughput import CONFIGS, build_diffusers, build_ours, call_diffusers
 _upsample_conv3x3 = unet._upsample_conv3x3
 
 
-@contextlib.contextmanager
 def gpu_code_paths():
-    """Ours as it runs on a non-CPU device: the CPU-only branches of ``unet.py`` replaced by their GPU twins."""
-    replaced = {
+    """Ours as it runs on a non-CPU device: the CPU-only branches of ``unet.py`` replaced by their GPU twins (a
+    context manager that restores them on exit)."""
+    return mock.patch.multiple(unet, **{
         "_attention": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
         "_scale_shift": lambda h, scale, shift: torch.addcmul(shift, h, 1.0 + scale),
         "_upsample_conv3x3": lambda h, conv, interleave="auto": _upsample_conv3x3(
             h, conv, interleave if interleave != "auto" else (
                 "copies" if not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last)
                 else "shuffle")),
-    }
-    saved = {name: getattr(unet, name) for name in replaced}
-    try:
-        for name, fn in replaced.items():
-            setattr(unet, name, fn)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(unet, name, fn)
+    })
 
 
 def traffic_of_compiled_step(build, call, bc, batch: int, channels_last: bool) -> dict:
