@@ -27,6 +27,7 @@ import contextlib
 import datetime
 import json
 import sys
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -71,7 +72,9 @@ def traffic_of_compiled_step(build, call, bc, batch: int, channels_last: bool) -
     x, t, y, target = make_inputs(bc, batch, torch.device("cpu"), channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # a cache hit would skip the code generation that does the counting
+    # a cache hit would skip the code generation that does the counting (and disabling caches warns that
+    # profile-guided recompilation is off, which does not matter for one static shape)
+    warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
     with inductor_config.patch(fx_graph_cache=False, force_disable_caches=True):
         compiled = torch.compile(model)
         with torch.autocast("cpu", dtype=torch.bfloat16):
