@@ -111,6 +111,9 @@ class TrainSection:
     bf16: bool = True
     channels_last: bool = False
     compile: bool = False
+    # cuDNN autotunes each convolution's algorithm for the (fixed) training shapes, as the throughput benchmark
+    # does; false picks algorithms by heuristic, which is slower but the same choice on every run
+    cudnn_benchmark: bool = True
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 1000

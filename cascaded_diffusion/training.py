@@ -38,7 +38,7 @@ from .checkpoint import (
     optimizer_state_to_flat,
     save_checkpoint,
 )
-from .config import ConfigError, StageConfig
+from .config import ConfigError, StageConfig, TrainSection
 from .data import BatchStream, ImageArray, images_to_tensor, load_images, save_grid, tensor_to_images
 from .stage import Stage, autocast_context, build_augmentation, build_diffusion, build_network
 
@@ -71,6 +71,14 @@ def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
             raise RuntimeError("--device cuda was requested but no CUDA device is available")
         return torch.device("cuda", local_rank)
     return torch.device(requested)
+
+
+def configure_cuda_backends(train: TrainSection) -> None:
+    """The global CUDA math settings of a training process: TF32 for fp32 matmuls and convolutions (the parts
+    that autocast leaves in fp32), and cuDNN autotuning unless ``train.cudnn_benchmark`` is off."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = train.cudnn_benchmark
 
 
 # --- EMA -------------------------------------------------------------------------------------------------
@@ -123,8 +131,7 @@ class Trainer:
         self.device = resolve_device(device, self.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            configure_cuda_backends(config.train)
         self._data = data
 
     # --- setup -----------------------------------------------------------------------------------------

@@ -173,3 +173,23 @@ def test_corrupt_safetensors_is_a_clear_error(tmp_path):
     f.write_bytes(f.read_bytes()[:20])
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_tensors(latest_checkpoint(tmp_path), "model")
+
+
+def test_cudnn_benchmark_switch(tmp_path):
+    """train.cudnn_benchmark (default on, as the GPU benchmark runs) sets cuDNN's autotuning for a CUDA training
+    process; a config stored before the key existed loads with the default."""
+    from cascaded_diffusion.training import configure_cuda_backends
+
+    assert load_config(write(tmp_path, "[train]\nsteps = 3\n")).train.cudnn_benchmark is True
+    with pytest.raises(ConfigError, match=r"train\.cudnn_benchmark must be bool"):
+        load_config(write(tmp_path, '[train]\ncudnn_benchmark = "yes"\n'))
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        for enabled in (False, True):
+            config = load_config(write(tmp_path, f"[train]\ncudnn_benchmark = {str(enabled).lower()}\n"))
+            configure_cuda_backends(config.train)
+            assert torch.backends.cudnn.benchmark is enabled
+            assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = saved
