@@ -54,9 +54,7 @@ def gpu_code_paths():
         "_attention": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
         "_scale_shift": lambda h, scale, shift: torch.addcmul(shift, h, 1.0 + scale),
         "_upsample_conv3x3": lambda h, conv, interleave="auto": _upsample_conv3x3(
-            h, conv, interleave if interleave != "auto" else (
-                "copies" if not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last)
-                else "shuffle")),
+            h, conv, interleave if interleave != "auto" else ("copies" if unet._is_channels_last(h) else "shuffle")),
     })
 
 

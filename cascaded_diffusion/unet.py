@@ -35,7 +35,7 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -268,6 +268,25 @@ def _needs_grad(x: Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
+def _is_channels_last(x: Tensor) -> bool:
+    """A 4-D tensor laid out channels-last, and not also NCHW-contiguous (as one-channel or 1×1 maps are)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _interleave_phases(phase: Callable[[int, int], Tensor], shape: torch.Size | tuple[int, ...], like: Tensor,
+                       channels_last: bool) -> Tensor:
+    """The ``(N, C, 2H, 2W)`` tensor whose pixel ``(2i + a, 2j + b)`` is ``phase(a, b)[:, :, i, j]``, for ``shape``
+    ``(N, C, H, W)``: four strided copies into a new tensor with ``like``'s dtype and device."""
+    n, c, height, width = shape
+    out = torch.empty((n, c, 2 * height, 2 * width), dtype=like.dtype, device=like.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    phases = out.unflatten(3, (width, 2)).unflatten(2, (height, 2))  # (N, C, H, a, W, b), a view of out
+    for a in (0, 1):
+        for b in (0, 1):
+            phases[:, :, :, a, :, b].copy_(phase(a, b))
+    return out
+
+
 def _scale_shift(h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``h * (1 + scale) + shift`` for per-(N, C) ``scale``/``shift`` of shape ``(N, C, 1, 1)``.
 
@@ -312,15 +331,7 @@ def _nearest_upsample2x(x: Tensor) -> Tensor:
     """
     if (x.device.type != "cpu" or x.dim() != 4 or _needs_grad(x) or torch.compiler.is_compiling()):
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
-    n, c, height, width = x.shape
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    out = torch.empty((n, c, 2 * height, 2 * width), dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    phases = out.unflatten(3, (width, 2)).unflatten(2, (height, 2))  # (N, C, H, a, W, b), a view of out
-    for a in (0, 1):
-        for b in (0, 1):
-            phases[:, :, :, a, :, b].copy_(x)
-    return out
+    return _interleave_phases(lambda a, b: x, x.shape, x, _is_channels_last(x))
 
 
 def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -339,7 +350,7 @@ def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
     numel = x.numel()
     bits = torch.randint(-(2**63), 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64, device=x.device)
     bits = bits.view(torch.int16)[:numel]
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if _is_channels_last(x):
         n, c, height, width = x.shape
         bits = bits.view(n, height, width, c).permute(0, 3, 1, 2)
     else:
@@ -404,12 +415,12 @@ def _upsample_conv3x3(h: Tensor, conv: nn.Conv2d, interleave: str = "auto") -> T
     because pixel_shuffle is a reshape-permute composite there. So does CPU work without autograd (sampling):
     there the copies beat pixel_shuffle + crop + copy (bf16, batch 64: 4.9 against 7.2 ms for 64 → 32 channels
     at 16×16), while in training their backward (strided scatters, CopySlices' gradient clones) loses. Neither
-    uses ``as_strided``/``storage_offset``, which break a ``torch.compile`` graph. ``interleave="shuffle"`` or ``"copies"`` forces one way (for tests).
+    uses ``as_strided``/``storage_offset``, which break a ``torch.compile`` graph. ``interleave="shuffle"`` or
+    ``"copies"`` forces one way (for tests).
     """
     n, _, height, width = h.shape
     c = conv.out_channels
-    channels_last = h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    channels_last = _is_channels_last(h)
     kernels = _phase_kernels(conv.weight)  # output channels (a, b, c)
     if interleave == "auto":
         if h.device.type == "cpu":
@@ -423,16 +434,11 @@ def _upsample_conv3x3(h: Tensor, conv: nn.Conv2d, interleave: str = "auto") -> T
         bias = None if conv.bias is None else conv.bias.repeat_interleave(4)
         windows = F.conv2d(h, kernels, bias, padding=1)  # (N, 4·C, H+1, W+1), channels (c, 1 - a, 1 - b)
         out = F.pixel_shuffle(windows, 2)[:, :, 1 : 2 * height + 1, 1 : 2 * width + 1]
-        return out.contiguous(memory_format=memory_format)
+        return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     bias = None if conv.bias is None else conv.bias.repeat(4)
     windows = F.conv2d(h, kernels, bias, padding=1).unflatten(1, (2, 2, c))  # (N, a, b, C, H+1, W+1)
-    out = torch.empty((n, c, 2 * height, 2 * width), dtype=windows.dtype, device=windows.device,
-                      memory_format=memory_format)
-    phases = out.unflatten(3, (width, 2)).unflatten(2, (height, 2))  # (N, C, H, a, W, b), a view of out
-    for a in (0, 1):
-        for b in (0, 1):
-            phases[:, :, :, a, :, b].copy_(windows[:, a, b, :, a : a + height, b : b + width])
-    return out
+    return _interleave_phases(lambda a, b: windows[:, a, b, :, a : a + height, b : b + width],
+                              (n, c, height, width), windows, channels_last)
 
 
 # --------------------------------------------------------------------------------------------------------------
