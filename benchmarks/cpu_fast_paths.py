@@ -72,6 +72,19 @@ def plain_pytorch_ops():
     return mock.patch.multiple(unet, **dict(PLAIN_OPS.values()))
 
 
+def with_plain_ops(fn: Callable):
+    """``fn`` run under :func:`plain_pytorch_ops`: the "plain" side of an A/B."""
+    def plain():
+        with plain_pytorch_ops():
+            return fn()
+    return plain
+
+
+def medians(times: dict[str, list[float]]) -> tuple[float, float]:
+    """Median seconds of the "fast" and the "plain" side."""
+    return statistics.median(times["fast"]), statistics.median(times["plain"])
+
+
 def interleaved(fns: dict[str, Callable], reps: int, warmup: int = 2) -> dict[str, list[float]]:
     for fn in fns.values():
         for _ in range(warmup):
@@ -133,8 +146,7 @@ def run_op_case(op: str, mode: str, shape: tuple[int, ...], dtype: torch.dtype, 
 
     fast, plain = call(fast_fn), call(plain_fn)
     diff = (fast().float() - plain().float()).abs().max().item()
-    times = interleaved({"fast": fast, "plain": plain}, reps)
-    fast_ms, plain_ms = (statistics.median(times[k]) * 1e3 for k in ("fast", "plain"))
+    fast_ms, plain_ms = (1e3 * m for m in medians(interleaved({"fast": fast, "plain": plain}, reps)))
     return {"op": op, "mode": mode, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
             "fast_ms": fast_ms, "plain_ms": plain_ms, "speedup": plain_ms / fast_ms, "max_abs_diff": diff}
 
@@ -155,13 +167,9 @@ def run_networks(cascade: Cascade, batch: int, reps: int) -> list[dict]:
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                 return net(x, t, y=y, low_res=low)
 
-        def plain_forward() -> torch.Tensor:
-            with plain_pytorch_ops():
-                return forward()
-
+        plain_forward = with_plain_ops(forward)
         diff = (forward().float() - plain_forward().float()).abs().max().item()
-        times = interleaved({"fast": forward, "plain": plain_forward}, reps)
-        fast_ms, plain_ms = (statistics.median(times[k]) * 1e3 for k in ("fast", "plain"))
+        fast_ms, plain_ms = (1e3 * m for m in medians(interleaved({"fast": forward, "plain": plain_forward}, reps)))
         results.append({"stage": stage.config.stage.name, "resolution": cfg.resolution, "batch": batch,
                         "fast_ms": fast_ms, "plain_ms": plain_ms, "speedup": plain_ms / fast_ms,
                         "max_abs_diff": diff})
@@ -192,12 +200,8 @@ def run_training(dtype: torch.dtype, batch: int, reps: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def plain_step() -> None:
-        with plain_pytorch_ops():
-            step()
-
-    times = interleaved({"fast": step, "plain": plain_step}, reps, warmup=1)
-    fast_s, plain_s = (statistics.median(times[k]) for k in ("fast", "plain"))
+    times = interleaved({"fast": step, "plain": with_plain_ops(step)}, reps, warmup=1)
+    fast_s, plain_s = medians(times)
     paired = statistics.median(p / f for f, p in zip(times["fast"], times["plain"]))
     return {"config": "cpu-32", "dtype": str(dtype).removeprefix("torch."), "batch": batch,
             "fast_img_per_s": batch / fast_s, "plain_img_per_s": batch / plain_s, "speedup": plain_s / fast_s,
@@ -210,12 +214,7 @@ def run_cascade(cascade: Cascade, batch: int, reps: int) -> dict:
     def sample() -> None:
         cascade.sample(labels, generator=torch.Generator().manual_seed(0))
 
-    def plain_sample() -> None:
-        with plain_pytorch_ops():
-            sample()
-
-    times = interleaved({"fast": sample, "plain": plain_sample}, reps, warmup=1)
-    fast_s, plain_s = (statistics.median(times[k]) for k in ("fast", "plain"))
+    fast_s, plain_s = medians(interleaved({"fast": sample, "plain": with_plain_ops(sample)}, reps, warmup=1))
     return {"batch": batch, "fast_s": fast_s, "plain_s": plain_s, "speedup": plain_s / fast_s,
             "fast_samples_per_s": batch / fast_s, "plain_samples_per_s": batch / plain_s}
 
