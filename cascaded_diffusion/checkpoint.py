@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save
@@ -137,6 +137,7 @@ def save_checkpoint(
     tensor_files: dict[str, dict[str, torch.Tensor]],
     state: dict[str, Any],
     keep_last: int = 3,
+    keep_steps: Iterable[int] = (),
 ) -> Path:
     """Write ``tensor_files`` (file stem -> tensors) and ``state`` (JSON) as checkpoint ``step``.
 
@@ -169,8 +170,10 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    kept = {checkpoint_name(k) for k in keep_steps}
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -57,6 +57,11 @@ class DiffusionSection:
     learn_sigma: bool = False
     loss: str = field(default="simple", metadata=_choices("simple", "hybrid"))
     vlb_weight: float = 0.001
+    # weighting of the simple (MSE) term over t; the hybrid loss's VLB term is never reweighted.
+    # "min_snr": min(SNR, gamma) expressed in the x0 error (Hang et al. 2023), i.e. min(SNR, gamma)/SNR for eps,
+    # min(SNR, gamma)/(SNR + 1) for v, min(SNR, gamma) for x0 prediction
+    loss_weighting: str = field(default="uniform", metadata=_choices("uniform", "min_snr"))
+    min_snr_gamma: float = 5.0
 
 
 @dataclass
@@ -115,9 +120,14 @@ class TrainSection:
     # does; false picks algorithms by heuristic, which is slower but the same choice on every run
     cudnn_benchmark: bool = True
     seed: int = 0
+    # SR stages: train on aligned random crops (crop x crop of the high-res image and the matching region of its
+    # upsampled conditioning image) and sample at full size; 0 = whole images
+    crop: int = 0
     log_every: int = 50
     ckpt_every: int = 1000
     keep_last: int = 3
+    # checkpoints written at these steps as well and never pruned (e.g. doubling budgets for a compute study)
+    keep_steps: list[int] = field(default_factory=list)
     sample_every: int = 0  # 0: only at the end
     sample_steps: int = 50
     tensorboard: bool = False
@@ -241,6 +251,21 @@ class StageConfig:
             fail("train.ema_rate", f"must be in [0, 1), got {t.ema_rate}")
         if len(t.betas) != 2:
             fail("train.betas", f"must be two numbers, got {t.betas}")
+        if d.min_snr_gamma <= 0:
+            fail("diffusion.min_snr_gamma", f"must be > 0, got {d.min_snr_gamma}")
+        if t.crop:
+            factor = 2 ** (len(m.channel_mult) - 1)
+            if s.kind != "sr":
+                fail("train.crop", "crop training is for SR stages (a base stage must see whole images)")
+            if not 0 < t.crop <= s.resolution or t.crop % factor:
+                fail("train.crop", f"must be in (0, {s.resolution}] and a multiple of {factor} (the network "
+                     f"downsamples {len(m.channel_mult) - 1} times), got {t.crop}")
+            ratio = s.resolution // s.low_res if s.low_res else 1
+            if t.crop % ratio:
+                fail("train.crop", f"must be a multiple of resolution / low_res = {ratio} so the crop is aligned "
+                     f"with whole low-resolution pixels, got {t.crop}")
+        if any(k < 1 for k in t.keep_steps):
+            fail("train.keep_steps", f"steps must be >= 1, got {t.keep_steps}")
         for key in ("log_every", "ckpt_every", "keep_last"):
             if getattr(t, key) < 1:
                 fail(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")

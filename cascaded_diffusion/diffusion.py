@@ -26,6 +26,7 @@ AlphaBar = Union[torch.Tensor, float]
 SCHEDULES = ("cosine", "linear", "linear:START,END")
 PREDICTIONS = ("eps", "v", "x0")
 LOSSES = ("simple", "hybrid")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 VARIANCES = ("learned", "fixed_small", "fixed_large")
 
 
@@ -179,6 +180,9 @@ class GaussianDiffusion:
         learn_sigma: the network also outputs C channels of learned-range variance.
         loss: ``"simple"`` (L_simple only) or ``"hybrid"`` (L_simple + vlb_weight·L_vlb, needs learn_sigma).
         vlb_weight: λ of the hybrid loss (Improved DDPM: 0.001).
+        loss_weighting: ``"uniform"`` or ``"min_snr"``: the MSE term weighted so that, written as an error on
+            x0, its weight is min(SNR_t, γ) (Hang et al. 2023, "Min-SNR-γ"). The VLB term is left alone.
+        min_snr_gamma: γ of ``"min_snr"``.
         original_num_timesteps / timestep_map: set by :meth:`respace`; index i of this diffusion is index
             ``timestep_map[i]`` of a schedule of ``original_num_timesteps`` steps, which is what the network sees.
     """
@@ -190,6 +194,8 @@ class GaussianDiffusion:
         learn_sigma: bool = False,
         loss: str = "simple",
         vlb_weight: float = 0.001,
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
         original_num_timesteps: int | None = None,
         timestep_map: Sequence[int] | torch.Tensor | None = None,
     ):
@@ -204,10 +210,16 @@ class GaussianDiffusion:
             raise ValueError("the hybrid loss trains learned variances: set learn_sigma=True")
         if vlb_weight < 0:
             raise ValueError(f"vlb_weight must be >= 0, got {vlb_weight}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss_weighting {loss_weighting!r} (valid: {', '.join(LOSS_WEIGHTINGS)})")
+        if not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
         self.prediction = prediction
         self.learn_sigma = learn_sigma
         self.loss_type = loss
         self.vlb_weight = float(vlb_weight)
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = float(min_snr_gamma)
         self.betas = betas
         self.num_timesteps = T = betas.numel()
         self.original_num_timesteps = T if original_num_timesteps is None else int(original_num_timesteps)
@@ -232,7 +244,22 @@ class GaussianDiffusion:
         # fixed_large is β_t, but with β̃_1 at t=0 (Improved DDPM) so the decoder is not needlessly wide
         self.large_variance = torch.cat([first, betas[1:]])
         self.log_betas = torch.log(betas)
+        self.mse_weights = self._mse_weights()
         self._device_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def _mse_weights(self) -> torch.Tensor:
+        """Per-index weight of the MSE term. Every parameterization's MSE is a multiple of the x0 error:
+        ε-error = SNR·(x0-error), v-error = (SNR + 1)·(x0-error), so Min-SNR's x0 weight min(SNR, γ) becomes
+        min(SNR, γ)/SNR for ε and min(SNR, γ)/(SNR + 1) for v."""
+        if self.loss_weighting == "uniform":
+            return torch.ones_like(self.alphas_cumprod)
+        snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        if self.prediction == "eps":
+            return clipped / snr
+        if self.prediction == "v":
+            return clipped / (snr + 1.0)
+        return clipped
 
     def __repr__(self) -> str:
         return (
@@ -384,12 +411,13 @@ class GaussianDiffusion:
         target = prediction_target(self.prediction, x0, noise, self.extract("alphas_cumprod", t, x0))
         mse = mean_flat((target - pred) ** 2)
         terms = {"mse": mse}
+        weighted = mse if self.loss_weighting == "uniform" else mse * self.extract("mse_weights", t, mse)
         if self.loss_type == "hybrid":
             frozen_mean = torch.cat([pred.detach(), v], dim=1)
             terms["vb"] = self.vb_terms_bpd(frozen_mean, x0, x_t, t, clip_denoised=False)
-            terms["loss"] = mse + self.vlb_weight * self.num_timesteps * terms["vb"]
+            terms["loss"] = weighted + self.vlb_weight * self.num_timesteps * terms["vb"]
         else:
-            terms["loss"] = mse
+            terms["loss"] = weighted
         return terms
 
     def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:

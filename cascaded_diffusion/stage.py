@@ -59,6 +59,8 @@ def build_diffusion(config: StageConfig) -> GaussianDiffusion:
         learn_sigma=d.learn_sigma,
         loss=d.loss,
         vlb_weight=d.vlb_weight,
+        loss_weighting=d.loss_weighting,
+        min_snr_gamma=d.min_snr_gamma,
     )
 
 
@@ -124,7 +126,8 @@ class Stage:
         else:
             if not path.exists():
                 raise CheckpointError(f"{path} does not exist")
-            ckpt_dir = latest_checkpoint(path)
+            # a run directory (its newest checkpoint) or one checkpoint directory (checkpoints/step_*)
+            ckpt_dir = path if (path / "state.json").is_file() else latest_checkpoint(path)
             if ckpt_dir is None:
                 raise CheckpointError(
                     f"{path} holds no checkpoint: expected a run directory written by `cdm train` "

@@ -255,6 +255,7 @@ class Trainer:
                 },
                 state,
                 keep_last=self.config.train.keep_last,
+                keep_steps=self.config.train.keep_steps,
             )
         if self.world_size > 1:
             dist.barrier()
@@ -304,6 +305,8 @@ class Trainer:
             low_res, level = self.augmentation(low_res, gen)
             if level is not None:
                 aug_level = self.augmentation.scaled_level(level)
+            if cfg.train.crop:
+                x0, low_res = self._crop(x0, low_res)
         t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=gen, device=self.device)
         noise = torch.randn(x0.shape, generator=gen, device=self.device)
         channels_last = cfg.train.channels_last
@@ -317,6 +320,31 @@ class Trainer:
             return out.float()
 
         return self.diffusion.training_losses(model_fn, x0, t, noise=noise)["loss"].mean()
+
+    def _crop(self, x0: torch.Tensor, low_res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aligned random crops of the high-res images and of their conditioning images, one per example.
+
+        The (augmented) low-res image is upsampled to full size exactly as the network would, *then* cropped,
+        so a crop sees the same conditioning pixels as the same region of a full-size input (cropping the low-res
+        image first would change the interpolation at the crop's border). Offsets are multiples of the network's
+        downsampling factor and of the resolution ratio, so every crop has the same pixel phase as whole images.
+        """
+        cfg = self.config
+        size, res = cfg.train.crop, cfg.stage.resolution
+        cond = self.net.upsample_low_res(low_res, x0.shape[-2:])
+        unit = math.lcm(2 ** (len(cfg.model.channel_mult) - 1), res // cfg.stage.low_res)
+        positions = (res - size) // unit + 1
+        n = x0.shape[0]
+        offsets = torch.randint(0, positions, (2, n), generator=self.generator, device=self.device) * unit
+        span = torch.arange(size, device=self.device)
+        rows = (offsets[0][:, None] + span)[:, :, None]  # (N, size, 1)
+        cols = (offsets[1][:, None] + span)[:, None, :]  # (N, 1, size)
+        batch = torch.arange(n, device=self.device)[:, None, None]
+
+        def take(images: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C, size, size)
+            return images.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+        return take(x0), take(cond)
 
     def _lr_at(self, step: int) -> float:
         t = self.config.train
@@ -449,7 +477,7 @@ class Trainer:
                 tick = time.perf_counter()
             if bar is not None:
                 bar.update(1)
-            if self.step % t.ckpt_every == 0 or at_end:
+            if self.step % t.ckpt_every == 0 or at_end or self.step in t.keep_steps:
                 if not _all_finite(self.net):
                     self._stop_nonfinite({"step": self.step, "loss": float("nan")}, log_path, last_ckpt)
                 last_ckpt = self.save() or last_ckpt

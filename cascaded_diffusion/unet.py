@@ -723,7 +723,7 @@ class UNet(nn.Module):
         emb_act = F.silu(emb)  # every block's embedding projection starts with SiLU; compute it once
 
         if low_res is not None:
-            x = torch.cat([x, self._upsample_low_res(low_res.to(x.dtype), x.shape[-2:])], dim=1)
+            x = torch.cat([x, self.upsample_low_res(low_res.to(x.dtype), x.shape[-2:])], dim=1)
 
         h = self.input_conv(x)
         skips = [h]
@@ -735,7 +735,8 @@ class UNet(nn.Module):
             h = self._run_stage(stage, torch.cat([h, skips.pop()], dim=1), emb_act)
         return self.out_conv(_group_norm_silu(h, self.out_norm))
 
-    def _upsample_low_res(self, low_res: Tensor, size: torch.Size) -> Tensor:
+    def upsample_low_res(self, low_res: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
+        """The conditioning image at ``size``, as the network sees it (unchanged if it is that size already)."""
         if tuple(low_res.shape[-2:]) == tuple(size):
             return low_res
         mode = self.config.low_res_upsample
@@ -756,9 +757,13 @@ class UNet(nn.Module):
         """
         cfg = self.config
         expected = (cfg.in_channels, cfg.resolution, cfg.resolution)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        # SR stages train on crops (train.crop): any size up to the resolution that the levels can halve evenly
+        factor = 2 ** (len(cfg.channel_mult) - 1)
+        if (x.ndim != 4 or x.shape[1] != cfg.in_channels or not 0 < x.shape[2] <= cfg.resolution
+                or not 0 < x.shape[3] <= cfg.resolution or x.shape[2] % factor or x.shape[3] % factor):
             raise ValueError(f"x must have shape (N, {', '.join(map(str, expected))}) "
-                             f"(N, in_channels, resolution, resolution), got {tuple(x.shape)}")
+                             f"(N, in_channels, resolution, resolution), or a crop of it whose sides are "
+                             f"multiples of {factor}, got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         n = x.shape[0]
@@ -791,7 +796,7 @@ class UNet(nn.Module):
             if low_res.ndim != 4 or low_res.shape[0] != n or low_res.shape[1] != cfg.low_res_channels:
                 raise ValueError(f"low_res must have shape ({n}, {cfg.low_res_channels}, h, w), "
                                  f"got {tuple(low_res.shape)}")
-            if low_res.shape[2] > cfg.resolution or low_res.shape[3] > cfg.resolution:
+            if low_res.shape[2] > x.shape[2] or low_res.shape[3] > x.shape[3]:
                 raise ValueError(f"low_res spatial size {tuple(low_res.shape[2:])} exceeds the model resolution "
                                  f"{cfg.resolution}; pass the image at its low resolution")
         elif low_res is not None:

@@ -459,3 +459,43 @@ def test_device_cache_is_reused():
     d.extract("betas", torch.tensor([2, 3]), x)
     assert d._device_cache[("betas", torch.device("cpu"))] is cached
     assert np.isclose(d.extract("betas", torch.tensor([3]), x).item(), d.betas[3].item())
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_min_snr_weighting_is_min_snr_times_the_x0_error(prediction):
+    """Min-SNR-γ (Hang et al. 2023) weights the *x0* error by min(SNR_t, γ), whatever the network predicts."""
+    gamma = 5.0
+    d = cosine_diffusion(1000, prediction=prediction, loss_weighting="min_snr", min_snr_gamma=gamma)
+    x0 = torch.rand(5, 2, 4, 4, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    t = torch.tensor([0, 100, 400, 700, 999])  # SNR from ~1e5 to ~1e-8: both sides of γ
+    out = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    terms = d.training_losses(lambda x, t_: out, x0, t, noise=noise)
+    abar = d.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    x0_hat, _ = x0_eps_from_prediction(prediction, out, x_t, abar)
+    x0_mse = ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3))
+    snr = (abar / (1 - abar)).flatten()
+    torch.testing.assert_close(terms["loss"], torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) * x0_mse)
+    # uniform weighting is the plain MSE on the target, unchanged
+    plain = cosine_diffusion(1000, prediction=prediction).training_losses(lambda x, t_: out, x0, t, noise=noise)
+    torch.testing.assert_close(plain["loss"], terms["mse"])
+
+
+def test_min_snr_leaves_the_vlb_term_alone():
+    kwargs = dict(prediction="v", learn_sigma=True, loss="hybrid")
+    uniform, weighted = cosine_diffusion(100, **kwargs), cosine_diffusion(100, loss_weighting="min_snr", **kwargs)
+    x0, noise = torch.rand(4, 1, 4, 4) * 2 - 1, torch.randn(4, 1, 4, 4)
+    t = torch.tensor([0, 30, 60, 99])
+    out = torch.randn(4, 2, 4, 4)
+    a = uniform.training_losses(lambda x, t_: out, x0, t, noise=noise)
+    b = weighted.training_losses(lambda x, t_: out, x0, t, noise=noise)
+    torch.testing.assert_close(a["vb"], b["vb"])
+    torch.testing.assert_close(b["loss"] - b["mse"] * weighted.mse_weights[t].float(), a["loss"] - a["mse"])
+
+
+def test_bad_loss_weighting_raises():
+    with pytest.raises(ValueError, match="loss_weighting"):
+        cosine_diffusion(10, loss_weighting="snr")
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        cosine_diffusion(10, loss_weighting="min_snr", min_snr_gamma=0)
