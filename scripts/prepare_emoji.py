@@ -289,8 +289,8 @@ def check_output_dir(out: Path) -> None:
         sys.exit(f"{out} is not empty and has no manifest.json from {GENERATOR}; choose a new or empty --out")
 
 
-def prune(out: Path, expected: set[Path]) -> int:
-    """Remove files and folders under OUT/train and OUT/test that are not in ``expected``; returns the count."""
+def prune(out: Path, expected: set[Path], expected_dirs: set[Path]) -> int:
+    """Remove files and folders under OUT/train and OUT/test that are not expected; returns the file count."""
     removed = 0
     for split in ("train", "test"):
         root = out / split
@@ -304,8 +304,10 @@ def prune(out: Path, expected: set[Path]) -> int:
                     removed += 1
             for name in dirnames:
                 path = Path(dirpath) / name
-                if not any(path.iterdir()):
+                if path not in expected_dirs and not any(path.iterdir()):
                     path.rmdir()
+        if root not in expected_dirs and not any(root.iterdir()):
+            root.rmdir()
     return removed
 
 
@@ -326,13 +328,19 @@ def build(args: argparse.Namespace) -> dict:
     assign_splits(items, args.test_fraction, args.seed)
 
     folders = {c: class_folder(i, c) for i, c in enumerate(CATEGORIES)}
+    # Every class folder exists in every split, empty or not: the loader numbers the folders it finds, so a
+    # missing one would shift the labels of the classes after it.
+    splits = ("train", "test") if args.test_fraction > 0 else ("train",)
+    expected_dirs = {out / s for s in splits} | {out / s / folders[c] for s in splits for c in CATEGORIES}
+    for d in sorted(expected_dirs):
+        d.mkdir(parents=True, exist_ok=True)
     expected: set[Path] = set()
     written = 0
     for it in items:
         path = out / it.split / folders[it.category] / it.filename
         expected.add(path)
         written += write_if_changed(path, it.pixels)
-    removed = prune(out, expected)
+    removed = prune(out, expected, expected_dirs)
 
     classes = []
     for i, c in enumerate(CATEGORIES):
@@ -375,6 +383,10 @@ def build(args: argparse.Namespace) -> dict:
             for it in items
         ],
     }
+    empty = [f"{s}/{c['folder']}" for c in classes for s in splits if c[s] == 0]
+    if empty:
+        print(f"warning: empty class folders (their labels exist but have no images): {', '.join(empty)}",
+              file=sys.stderr)
     manifest_changed = write_if_changed(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
     manifest["_written"] = written
     manifest["_removed"] = removed
