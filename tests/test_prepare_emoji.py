@@ -232,3 +232,23 @@ def test_small_fraction_still_holds_out_one_per_class(tmp_path, tarball):
     manifest = _run(tmp_path / "small", tarball, "--test-fraction", "0.05")  # round(0.05 * 6) = 0
     counts = {c["folder"]: (c["train"], c["test"]) for c in manifest["classes"] if c["train"] + c["test"]}
     assert counts == {"0_smileys_emotion": (5, 1), "1_people_body": (3, 1), "8_flags": (1, 1)}
+
+
+def test_emoji_configs_match_the_folder():
+    """configs/emoji: 9 classes (the script's categories), RGB, no flips, a 16 -> 32 -> 64 chain whose noise
+    augmentation uses the base model's forward process; each builds (on the meta device)."""
+    from cascaded_diffusion.config import load_config
+    from cascaded_diffusion.stage import build_network
+
+    stages = [load_config(ROOT / "configs/emoji" / f"{n}.toml") for n in ("base16", "sr16to32", "sr32to64")]
+    base, sr32, sr64 = stages
+    for c in stages:
+        assert c.stage.channels == 3 and c.stage.num_classes == len(prep.CATEGORIES)
+        assert c.data.source == "imagefolder:train" and c.data.flip is False
+        build_network(c, "meta")
+    assert (base.stage.kind, base.stage.resolution) == ("base", 16)
+    assert (sr32.stage.low_res, sr32.stage.resolution, sr32.conditioning.augmentation) == (16, 32, "noise")
+    assert (sr32.conditioning.noise_schedule, sr32.conditioning.noise_timesteps) == (
+        base.diffusion.schedule, base.diffusion.timesteps)
+    assert (sr64.stage.low_res, sr64.stage.resolution, sr64.conditioning.augmentation) == (32, 64, "blur")
+    assert sr64.conditioning.blur_kernel == 3 and 0.4 <= sr64.conditioning.blur_sigma_min <= sr64.conditioning.blur_sigma_max <= 0.6
