@@ -161,7 +161,8 @@ def read_package(tarball: Path, version: str) -> tuple[list[dict], dict[str, byt
         for member in tar:
             if not member.isfile():
                 continue
-            if member.name.startswith(IMAGE_DIR) and member.name.endswith(".png") and "/" not in member.name[len(IMAGE_DIR):]:
+            in_image_dir = member.name.startswith(IMAGE_DIR) and "/" not in member.name[len(IMAGE_DIR):]
+            if in_image_dir and member.name.endswith(".png"):
                 files[member.name] = tar.extractfile(member).read()
             elif member.name in ("package/emoji.json", "package/package.json"):
                 meta[member.name] = tar.extractfile(member).read()

@@ -53,9 +53,9 @@ def _entry(unified, category, short_name, sort_order, skin=None, has_img=True):
     }
     if skin:
         e["skin_variations"] = {
-            tone: {"unified": f"{unified}-{tone}", "non_qualified": None, "image": f"{unified.lower()}-{tone.lower()}.png",
-                   "sheet_x": 0, "sheet_y": 0, "added_in": "1.0", "has_img_apple": True, "has_img_google": True,
-                   "has_img_twitter": True, "has_img_facebook": False}
+            tone: {"unified": f"{unified}-{tone}", "non_qualified": None,
+                   "image": f"{unified.lower()}-{tone.lower()}.png", "sheet_x": 0, "sheet_y": 0, "added_in": "1.0",
+                   "has_img_apple": True, "has_img_google": True, "has_img_twitter": True, "has_img_facebook": False}
             for tone in skin
         }
     return e
@@ -65,10 +65,12 @@ def _fake_tarball(path: Path) -> list[dict]:
     """Smileys: 6 emoji; People & Body: 4 emoji with 2 skin tones each; Flags: 3 flags, two of them identical
     pixels; Component: 1; one entry without a Google image. Images differ by the position of their square."""
     entries = [_entry(f"1F60{i}", "Smileys & Emotion", f"smiley{i}", i) for i in range(6)]
-    entries += [_entry(f"1F46{i}", "People & Body", f"person{i}", 10 + i, skin=["1F3FB", "1F3FF"]) for i in range(4)]
+    entries += [_entry(f"1F46{i}", "People & Body", f"person{i}", 10 + i, skin=["1F3FB", "1F3FF"])
+                for i in range(4)]
     entries += [_entry("1F1E6-1F1FA", "Flags", "flag-au", 30), _entry("1F1ED-1F1F2", "Flags", "flag-hm", 31),
                 _entry("1F1EB-1F1F7", "Flags", "fr", 32)]
-    entries += [_entry("1F3FB", "Component", "skin-tone-2", 40), _entry("1FAAA", "Objects", "no-google", 50, has_img=False)]
+    entries += [_entry("1F3FB", "Component", "skin-tone-2", 40),
+                _entry("1FAAA", "Objects", "no-google", 50, has_img=False)]
     images: dict[str, bytes] = {}
     for n, e in enumerate(entries):
         if e["has_img_google"]:
@@ -223,7 +225,8 @@ def test_library_loader_reads_the_folder(tmp_path, tarball):
     test = load_images(f"imagefolder:{out / 'test'}", 64, channels=3, use_cache=False, num_workers=1)
     # Every class folder is written, empty or not, so the labels are the fixed category indices.
     assert train.images.shape == (8, 16, 16, 3) and test.images.shape == (4, 64, 64, 3)
-    assert train.class_names == test.class_names == [prep.class_folder(i, c) for i, c in enumerate(prep.CATEGORIES)]
+    folders = [prep.class_folder(i, c) for i, c in enumerate(prep.CATEGORIES)]
+    assert train.class_names == test.class_names == folders
     assert np.bincount(train.labels, minlength=9).tolist() == [4, 3, 0, 0, 0, 0, 0, 0, 1]
     assert np.bincount(test.labels, minlength=9).tolist() == [2, 1, 0, 0, 0, 0, 0, 0, 1]
 
@@ -251,4 +254,5 @@ def test_emoji_configs_match_the_folder():
     assert (sr32.conditioning.noise_schedule, sr32.conditioning.noise_timesteps) == (
         base.diffusion.schedule, base.diffusion.timesteps)
     assert (sr64.stage.low_res, sr64.stage.resolution, sr64.conditioning.augmentation) == (32, 64, "blur")
-    assert sr64.conditioning.blur_kernel == 3 and 0.4 <= sr64.conditioning.blur_sigma_min <= sr64.conditioning.blur_sigma_max <= 0.6
+    blur = sr64.conditioning
+    assert blur.blur_kernel == 3 and 0.4 <= blur.blur_sigma_min <= blur.blur_sigma_max <= 0.6 and blur.blur_prob == 0.5
