@@ -1,0 +1,274 @@
+"""Issue 15: concurrent use, full disks, interrupted runs and bad input end in a one-line error or a recovery,
+never in a traceback, a silent wrong number or lost data. One test (or more) per case of docs/reliability.md."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cascaded_diffusion import checkpoint as checkpoint_module
+from cascaded_diffusion.checkpoint import (
+    RunLock,
+    atomic_write_bytes,
+    clean_run_dir,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_state,
+    load_tensors,
+    save_checkpoint,
+)
+from cascaded_diffusion.cli import main
+from cascaded_diffusion.config import StageConfig
+from cascaded_diffusion.data import load_images
+from cascaded_diffusion.errors import RunLockedError
+from cascaded_diffusion.evaluation.metrics import FeatureStats
+from cascaded_diffusion.training import CONFIG_HEADER, Trainer, read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE8 = str(ROOT / "configs/fashion-mnist/base8.toml")
+
+
+def tiny_raw(npz: Path, **train) -> dict:
+    return {
+        "stage": {"name": "tiny", "resolution": 8, "channels": 1, "num_classes": 3},
+        "data": {"source": f"npz:{npz}"},
+        "diffusion": {"timesteps": 20},
+        "model": {"channels": 16, "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": [],
+                  "norm_groups": 4},
+        "train": {"steps": 6, "batch_size": 8, "bf16": False, "log_every": 2, "ckpt_every": 3, "keep_last": 5,
+                  "progress": False, "sample_steps": 2, **train},
+    }
+
+
+def write_data(path: Path, n: int = 40, resolution: int = 8, channels: int = 1, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    np.savez(path, arr_0=rng.integers(0, 256, (n, resolution, resolution, channels), dtype=np.uint8),
+             arr_1=(np.arange(n) % 3).astype(np.int64))
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path) -> tuple[Path, StageConfig]:
+    """A tiny stage config written as TOML, on 40 generated 8x8 images."""
+    config = StageConfig.from_dict(tiny_raw(write_data(tmp_path / "data.npz")))
+    path = tmp_path / "tiny.toml"
+    path.write_text(config.to_toml())
+    return path, config
+
+
+def train_args(cfg: Path, out: Path, *sets: str) -> list[str]:
+    args = ["train", str(cfg), "--out", str(out), "--device", "cpu"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def under_a_file(tmp_path: Path, name: str) -> Path:
+    """A path whose parent is a regular file: unwritable even for root (tests run as root, where chmod is moot)."""
+    blocker = tmp_path / "a-regular-file"
+    blocker.write_text("x")
+    return blocker / name
+
+
+# --- 1. a run directory has one trainer at a time --------------------------------------------------------
+
+
+def test_second_trainer_is_refused_naming_the_holder_and_a_killed_holder_does_not_block(tiny, tmp_path, capsys):
+    cfg, _ = tiny
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "cascaded_diffusion.cli",
+         *train_args(cfg, run, "train.steps=100000", "train.ckpt_every=100000", "train.log_every=100000")],
+        env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if json.loads((run / ".lock").read_text())["pid"] == holder.pid:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            assert holder.poll() is None, holder.stderr.read().decode()[-2000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail("the first trainer never took the lock")
+        # the second trainer (another seed) is refused before it touches anything
+        assert main(train_args(cfg, run, "train.seed=1", "train.steps=2")) == 2
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in err and "in use by another trainer" in err
+        assert "Traceback" not in err
+        if (run / "config.toml").exists():
+            assert "seed = 1" not in (run / "config.toml").read_text()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    # the kernel dropped the dead holder's lock: a resume is not blocked by its leftover .lock file
+    assert main(train_args(cfg, run, "train.steps=2")) == 0
+    assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
+    assert [r["step"] for r in read_log(run)] == [2]
+
+
+def test_run_lock_in_process(tmp_path):
+    first = RunLock(tmp_path).acquire()
+    with pytest.raises(RunLockedError, match=rf"pid {os.getpid()} on host"):
+        RunLock(tmp_path).acquire()
+    first.release()
+    with RunLock(tmp_path):
+        pass
+
+
+# --- 6. files in the run directory that are not ours are never overwritten ---------------------------------
+
+
+def test_users_config_and_log_in_the_run_dir_are_kept(tiny, tmp_path):
+    _, config = tiny
+    run = tmp_path / "run"
+    run.mkdir()
+    user_config = "# my experiment: lr sweep, run 3\n" + config.to_toml().replace("[train]", "[train]  # tuned")
+    (run / "config.toml").write_text(user_config)
+    (run / "log.jsonl").write_text('{"note": "my own notes"}\n')
+    assert main(train_args(run / "config.toml", run, "train.steps=2")) == 0
+    assert (run / "config.toml").read_text() == user_config
+    resolved = (run / "config.resolved.toml").read_text()
+    assert resolved.startswith(CONFIG_HEADER) and "steps = 2" in resolved
+    assert (run / "log.jsonl").read_text().startswith('{"note": "my own notes"}\n')
+    assert [r["step"] for r in read_log(run) if "step" in r] == [2]
+
+
+def test_refused_resume_leaves_config_and_log_untouched(tiny, tmp_path, capsys):
+    cfg, _ = tiny
+    run = tmp_path / "run"
+    assert main(train_args(cfg, run, "train.steps=3")) == 0
+    config_before, log_before = (run / "config.toml").read_bytes(), (run / "log.jsonl").read_bytes()
+    assert config_before.decode().startswith(CONFIG_HEADER)
+    other = write_data(tmp_path / "other.npz", n=48)  # the saved data position does not fit other data
+    assert main(train_args(cfg, run, "train.steps=6", f"data.source=npz:{other}")) == 2
+    assert "num_items=40" in capsys.readouterr().err
+    assert (run / "config.toml").read_bytes() == config_before
+    assert (run / "log.jsonl").read_bytes() == log_before
+
+
+def test_log_is_appended_and_read_log_voids_lost_steps(tmp_path):
+    log = tmp_path / "log.jsonl"
+    lines = [{"event": "start", "step": 0}, {"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.9},
+             {"step": 6, "loss": 0.8}, {"event": "resume", "step": 3}, {"step": 4, "loss": 0.7}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 6, "lo')  # a line cut by a kill
+    assert read_log(log) == [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.7}]
+    from cascaded_diffusion.training import _append_log_event
+
+    _append_log_event(log, "resume", 4)  # starts on a new line, so the cut line cannot swallow it
+    assert json.loads(log.read_text().splitlines()[-1])["event"] == "resume"
+
+
+def test_atomic_write_failure_names_the_target_and_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+
+    def full_disk(path, data):
+        Path(path).write_bytes(data[:1])
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint_module, "write_bytes_durably", full_disk)
+    with pytest.raises(OSError) as info:
+        atomic_write_bytes(target, b"new contents")
+    assert info.value.filename == str(target) and info.value.errno == errno.ENOSPC
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+# --- 9. leftovers are cleaned on the next start; a corrupt newest checkpoint falls back ---------------------
+
+
+def _fake_checkpoint(run: Path, step: int) -> Path:
+    tensors = {stem: {"w": torch.full((64,), float(step))} for stem in checkpoint_module.TRAINING_STEMS}
+    return save_checkpoint(run, step, tensors, {"config": {}}, keep_last=10)
+
+
+@pytest.mark.parametrize("damage", ["truncated safetensors", "broken state.json", "missing file"])
+def test_latest_valid_checkpoint_skips_corrupt_ones(tmp_path, damage):
+    _fake_checkpoint(tmp_path, 1)
+    newest = _fake_checkpoint(tmp_path, 2)
+    if damage == "truncated safetensors":
+        data = (newest / "ema.safetensors").read_bytes()
+        (newest / "ema.safetensors").write_bytes(data[:-10])
+    elif damage == "broken state.json":
+        (newest / "state.json").write_text('{"step": 2, "conf')
+    else:
+        (newest / "optimizer.safetensors").unlink()
+    ckpt, corrupt = latest_valid_checkpoint(tmp_path)
+    assert ckpt.name == "step_00000001" and [p.name for p, _ in corrupt] == ["step_00000002"]
+    assert "step_00000002" in corrupt[0][1]
+
+
+def test_pruning_removes_state_json_first(tmp_path, monkeypatch):
+    for step in (1, 2):
+        _fake_checkpoint(tmp_path, step)
+    import shutil
+
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)  # a kill right after state.json went
+    save_checkpoint(tmp_path, 3, {"model": {"w": torch.zeros(2)}}, {"config": {}}, keep_last=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003"]
+    monkeypatch.undo()
+    assert {p.name for p in clean_run_dir(tmp_path)} == {"step_00000001", "step_00000002"}
+
+
+def test_interrupted_run_leftovers_are_removed_and_a_corrupt_newest_checkpoint_falls_back(tiny, tmp_path, capsys):
+    cfg, config = tiny
+    run = tmp_path / "run"
+    assert main(train_args(cfg, run)) == 0  # checkpoints at steps 3 and 6
+    straight = tmp_path / "straight"
+    assert main(train_args(cfg, straight, "train.steps=9")) == 0
+    ckpts = run / "checkpoints"
+    # what kill -9 / SIGTERM leave: a checkpoint being written, one being pruned, a file being replaced
+    (ckpts / ".tmp-step_00000009-4242-1").mkdir()
+    (ckpts / ".tmp-step_00000009-4242-1" / "model.safetensors").write_bytes(b"\0" * 1000)
+    (ckpts / "step_00000001").mkdir()
+    (ckpts / "step_00000001" / "ema.safetensors").write_bytes(b"\0" * 10)
+    (run / ".config.toml.tmp-4242").write_text("half")
+    # and the newest checkpoint is damaged (truncated model weights)
+    model = ckpts / "step_00000006" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(train_args(cfg, run, "train.steps=9")) == 0
+    err = capsys.readouterr().err
+    assert "removed 3 leftover(s)" in err and "step_00000006/model.safetensors is truncated or corrupt" in err
+    assert "resuming from the newest valid checkpoint, step_00000003" in err
+    names = sorted(p.name for p in ckpts.iterdir())
+    assert names == ["corrupt-step_00000006", "step_00000003", "step_00000006", "step_00000009"]
+    assert not (run / ".config.toml.tmp-4242").exists()
+    # resumed from step 3, the run ends where an uninterrupted one does, bit for bit
+    for stem in ("model", "ema", "optimizer"):
+        a, b = load_tensors(ckpts / "step_00000009", stem), load_tensors(straight / "checkpoints/step_00000009", stem)
+        assert all(torch.equal(a[k], b[k]) for k in a), stem
+    assert load_state(ckpts / "step_00000009")["step"] == 9
+    assert [r["step"] for r in read_log(run)] == [2, 4, 6, 8, 9]
+
+
+def test_sampling_a_run_with_a_corrupt_newest_checkpoint_uses_the_newest_valid_one(tiny, tmp_path):
+    from cascaded_diffusion.stage import Stage
+
+    cfg, _ = tiny
+    run = tmp_path / "run"
+    assert main(train_args(cfg, run)) == 0
+    (run / "checkpoints/step_00000006/state.json").write_text("{")
+    with pytest.warns(UserWarning, match="skipping the unreadable checkpoint .*step_00000006"):
+        stage = Stage.load(run)
+    assert stage.step == 3
