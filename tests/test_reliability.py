@@ -136,6 +136,52 @@ def test_run_lock_in_process(tmp_path):
         pass
 
 
+# --- 2. absurd npz labels are refused before anything is allocated -----------------------------------------
+
+
+@pytest.fixture
+def huge_label_npz(tmp_path) -> Path:
+    path = tmp_path / "h.npz"
+    np.savez(path, arr_0=np.zeros((20, 8, 8, 1), np.uint8), arr_1=np.array([10**10] + [0] * 19))
+    return path
+
+
+def test_npz_label_of_ten_billion_is_refused_everywhere(huge_label_npz, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CDM_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="arr_1 has label 10000000000; labels must be class indices 0..99999"):
+        load_images(f"npz:{huge_label_npz}", 8)
+    samples = write_data(tmp_path / "s.npz", resolution=8)
+    for args in (
+        ["train", BASE8, "--out", str(tmp_path / "run"), "--device", "cpu", "--set", f"data.source=npz:{huge_label_npz}"],
+        ["stats", f"npz:{huge_label_npz}", "--out", str(tmp_path / "st.npz"), "--features", "classifier",
+         "--device", "cpu"],
+        ["cas", str(samples), "--test", f"npz:{huge_label_npz}", "--device", "cpu"],
+        ["sample", "--pretrained", "fashion-mnist", "--low-res-samples", str(huge_label_npz), "--num", "4",
+         "--out", str(tmp_path / "x.npz"), "--device", "cpu", "--quiet"],
+    ):
+        assert main(args) == 2, args[0]
+        err = capsys.readouterr().err
+        assert "label 10000000000" in err and "Traceback" not in err, (args[0], err)
+
+
+# --- 5. on_corrupt = "error" holds once a cache exists ------------------------------------------------------
+
+
+def test_on_corrupt_error_is_honoured_by_a_cache_built_under_skip(tmp_path):
+    folder = tmp_path / "images"
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+        Image.new("RGB", (12, 12), (10, 20, 30)).save(folder / name / "ok.png")
+    (folder / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)
+    spec, cache = f"imagefolder:{folder}", tmp_path / "cache"
+    with pytest.warns(UserWarning, match="skipped 1 of 3"):
+        assert len(load_images(spec, 8, cache_dir=cache)) == 2
+    with pytest.raises(ValueError, match=r"cannot decode image .*broken\.png.*on_corrupt = 'error'"):
+        load_images(spec, 8, cache_dir=cache, on_corrupt="error")
+    with pytest.warns(UserWarning, match="skipped 1 of 3"):  # the cache itself is intact and still used
+        assert len(load_images(spec, 8, cache_dir=cache)) == 2
+
+
 # --- 6. files in the run directory that are not ours are never overwritten ---------------------------------
 
 
@@ -192,6 +238,24 @@ def test_atomic_write_failure_names_the_target_and_keeps_the_old_file(tmp_path, 
         atomic_write_bytes(target, b"new contents")
     assert info.value.filename == str(target) and info.value.errno == errno.ENOSPC
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_truncated_garbage_and_npy_inputs_are_one_line_errors(tmp_path, capsys):
+    good = write_data(tmp_path / "good.npz", n=40)
+    data = good.read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.npz").write_bytes(os.urandom(300))
+    np.save(tmp_path / "array.npy", np.zeros((4, 8, 8, 1), np.uint8))
+    cases = {"truncated.npz": "truncated", "garbage.npz": "cannot read", "array.npy": "single .npy array"}
+    for name, message in cases.items():
+        path = tmp_path / name
+        assert main(["train", BASE8, "--out", str(tmp_path / "run"), "--device", "cpu",
+                     "--set", f"data.source=npz:{path}"]) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and message in err and "Traceback" not in err, err
+        assert main(["eval", str(path), "--ref", "fashion-mnist", "--out", str(tmp_path / "m.json")]) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and message in err and "Traceback" not in err, err
 
 
 # --- 9. leftovers are cleaned on the next start; a corrupt newest checkpoint falls back ---------------------
@@ -272,3 +336,19 @@ def test_sampling_a_run_with_a_corrupt_newest_checkpoint_uses_the_newest_valid_o
     with pytest.warns(UserWarning, match="skipping the unreadable checkpoint .*step_00000006"):
         stage = Stage.load(run)
     assert stage.step == 3
+
+
+# --- 10. 16-bit PNGs keep their brightness -------------------------------------------------------------------
+
+
+def test_16_bit_grayscale_pngs_are_scaled_not_clipped(tmp_path):
+    folder = tmp_path / "images" / "only"
+    folder.mkdir(parents=True)
+    levels = [0, 257 * 64, 257 * 128, 65535]
+    for i, level in enumerate(levels):
+        Image.fromarray(np.full((8, 8), level, np.uint16)).save(folder / f"{i}.png")
+        assert Image.open(folder / f"{i}.png").mode.startswith("I")
+    data = load_images(f"imagefolder:{tmp_path / 'images'}", 8, channels=1, use_cache=False)
+    assert data.images[:, 0, 0, 0].tolist() == [0, 64, 128, 255]
+    rgb = load_images(f"imagefolder:{tmp_path / 'images'}", 8, channels=3, use_cache=False)
+    assert rgb.images[:, 0, 0].tolist() == [[v] * 3 for v in (0, 64, 128, 255)]
