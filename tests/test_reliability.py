@@ -164,6 +164,41 @@ def test_npz_label_of_ten_billion_is_refused_everywhere(huge_label_npz, tmp_path
         assert "label 10000000000" in err and "Traceback" not in err, (args[0], err)
 
 
+# --- 3. statistics files are written atomically; a corrupt one is a clear error ----------------------------
+
+
+@pytest.fixture
+def stats_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDM_CACHE", str(tmp_path / "cache"))
+    return write_data(tmp_path / "ref32.npz", n=24, resolution=32)
+
+
+# --- 4. eval refuses samples of another resolution or channel count than the reference ---------------------
+
+
+def test_eval_refuses_mismatched_resolution_and_channels(stats_env, tmp_path, capsys):
+    ref = tmp_path / "ref_stats.npz"
+    assert main(["stats", f"npz:{stats_env}", "--out", str(ref), "--features", "classifier", "--device", "cpu"]) == 0
+    stats = FeatureStats.load(ref)
+    assert (stats.resolution, stats.channels) == (32, 1)
+
+    def run_eval(samples):
+        return main(["eval", str(samples), "--ref", str(ref), "--out", str(tmp_path / "m.json"),
+                     "--features", "classifier", "--metrics", "fid", "--device", "cpu"])
+
+    assert run_eval(write_data(tmp_path / "s8.npz", n=12, resolution=8)) == 2
+    err = capsys.readouterr().err
+    assert "are 8x8 but the reference statistics" in err and "32x32" in err and "--resolution 8" in err
+    assert run_eval(write_data(tmp_path / "rgb.npz", n=12, resolution=32, channels=3)) == 2
+    assert "have 3 channel(s)" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+    assert run_eval(write_data(tmp_path / "ok.npz", n=12, resolution=32, seed=1)) == 0
+    # statistics files from before this change carry the resolution only in their source text
+    legacy = FeatureStats(mu=np.zeros(2), sigma=np.eye(2), num=5, network="x", source="npz:/r.npz @ 32px, n=5")
+    legacy.save(tmp_path / "legacy.npz")
+    assert FeatureStats.load(tmp_path / "legacy.npz").resolution == 32
+
+
 # --- 5. on_corrupt = "error" holds once a cache exists ------------------------------------------------------
 
 
@@ -352,3 +387,26 @@ def test_16_bit_grayscale_pngs_are_scaled_not_clipped(tmp_path):
     assert data.images[:, 0, 0, 0].tolist() == [0, 64, 128, 255]
     rgb = load_images(f"imagefolder:{tmp_path / 'images'}", 8, channels=3, use_cache=False)
     assert rgb.images[:, 0, 0].tolist() == [[v] * 3 for v in (0, 64, 128, 255)]
+
+
+# --- 12. downloaded Inception weights are checked against the hash in their name ------------------------------
+
+
+def test_inception_download_is_checked_against_the_hash_in_its_name(tmp_path, monkeypatch):
+    import hashlib
+
+    from cascaded_diffusion.evaluation import inception
+
+    payload = b"definitely not the inception weights"
+    monkeypatch.setattr(inception.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
+    monkeypatch.delenv(inception.INCEPTION_WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(inception.WeightsHashError, match="its name says it starts with 6726825d"):
+        inception.resolve_inception_weights(download=True)
+    cache = tmp_path / ".cache" / "cascaded_diffusion"
+    assert list(cache.iterdir()) == [], "a download that fails its hash check must leave nothing behind"
+    # a file whose bytes match the prefix in its name is accepted
+    good = cache / f"weights-{hashlib.sha256(payload).hexdigest()[:8]}.pth"
+    inception._download("http://example/w.pth", good, 1.0)
+    assert good.read_bytes() == payload
+    assert inception.expected_sha256_prefix(inception.INCEPTION_WEIGHTS_FILENAME) == "6726825d"
