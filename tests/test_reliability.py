@@ -173,6 +173,31 @@ def stats_env(tmp_path, monkeypatch):
     return write_data(tmp_path / "ref32.npz", n=24, resolution=32)
 
 
+def test_stats_write_is_atomic_and_a_corrupt_stats_file_is_a_one_line_error(stats_env, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ref_stats.npz"
+    stats_cmd = ["stats", f"npz:{stats_env}", "--out", str(out), "--features", "classifier", "--device", "cpu"]
+    assert main(stats_cmd) == 0
+    before = out.read_bytes()
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint_module, "write_bytes_durably", full_disk)
+    assert main(stats_cmd) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: could not write it (No space left on device)" in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert out.read_bytes() == before, "the previous statistics file was damaged"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    # a statistics file cut short (by a kill under the old code, or a copy) is named, not a BadZipFile traceback
+    out.write_bytes(before[: len(before) // 2])
+    samples = write_data(tmp_path / "s32.npz", n=12, resolution=32)
+    assert main(["eval", str(samples), "--ref", str(out), "--out", str(tmp_path / "m.json"),
+                 "--features", "classifier", "--metrics", "fid", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is not a readable statistics file" in err and "cdm stats" in err and "Traceback" not in err
+
+
 # --- 4. eval refuses samples of another resolution or channel count than the reference ---------------------
 
 
@@ -260,6 +285,73 @@ def test_log_is_appended_and_read_log_voids_lost_steps(tmp_path):
     assert json.loads(log.read_text().splitlines()[-1])["event"] == "resume"
 
 
+# --- 7. every output path is checked before any compute; write failures name the path ----------------------
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Make any start of real work fail the test."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("compute started before the output paths were checked")
+
+    import cascaded_diffusion.cascade as cascade_module
+    import cascaded_diffusion.evaluation.evaluate as evaluate_module
+    import cascaded_diffusion.evaluation.features as features_module
+
+    monkeypatch.setattr(cascade_module, "sample_in_batches", forbidden)
+    monkeypatch.setattr(features_module, "get_feature_extractor", forbidden)
+    monkeypatch.setattr(evaluate_module, "reference_stats", forbidden)
+    monkeypatch.setattr(Trainer, "_build", forbidden)
+    monkeypatch.setattr(checkpoint_module, "export_stage", forbidden)
+
+
+def _output_cases(bad: Path, tmp_path: Path) -> list[tuple[list[str], str]]:
+    samples = tmp_path / "s.npz"
+    sample = ["sample", "--pretrained", "fashion-mnist", "--num", "2", "--device", "cpu", "--quiet"]
+    return [
+        (sample + ["--out", str(bad)], "--out"),
+        (sample + ["--out", str(tmp_path / "ok.npz"), "--grid", str(bad.with_suffix(".png"))], "--grid"),
+        (sample + ["--out", str(tmp_path / "ok.npz"), "--save-stages", str(bad.with_suffix(""))], "--save-stages"),
+        (["stats", "fashion-mnist", "--out", str(bad)], "--out"),
+        (["eval", str(samples), "--ref", "fashion-mnist", "--out", str(bad.with_suffix(".json"))], "--out"),
+        (["export", str(tmp_path / "run"), "--out", str(bad.with_suffix(""))], "--out"),
+        (["train", BASE8, "--out", str(bad.with_suffix(""))], "--out"),
+        (["cas", str(samples), "--out", str(bad.with_suffix(".json"))], "--out"),
+        (["sweep", "--pretrained", "fashion-mnist", "--aug-levels", "0", "--ref", "fashion-mnist",
+          "--out", str(bad.with_suffix(".json"))], "--out"),
+        (["classifier", "train", "--out", str(bad.with_suffix(".safetensors"))], "--out"),
+    ]
+
+
+def test_unwritable_outputs_are_refused_before_any_compute(tmp_path, capsys, no_compute):
+    write_data(tmp_path / "s.npz", n=4)
+    bad = under_a_file(tmp_path, "x.npz")
+    for args, option in _output_cases(bad, tmp_path):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"error: {option} {tmp_path / 'a-regular-file'}" in err, (args, err)
+        assert "regular file" in err
+    # a directory where a file is expected
+    (tmp_path / "adir").mkdir()
+    assert main(["sample", "--pretrained", "fashion-mnist", "--out", str(tmp_path / "adir"), "--device", "cpu"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_read_only_location_is_refused_before_any_compute(tmp_path, capsys, no_compute, monkeypatch):
+    import cascaded_diffusion.errors as errors_module
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(errors_module.tempfile, "mkstemp", read_only)
+    assert main(["sample", "--pretrained", "fashion-mnist", "--out", str(tmp_path / "ro" / "s.npz"),
+                 "--device", "cpu"]) == 2
+    assert f"--out {tmp_path / 'ro' / 's.npz'}: cannot write in {tmp_path / 'ro'}: Read-only file system" in (
+        capsys.readouterr().err)
+    assert main(["train", BASE8, "--out", str(tmp_path / "ro-run")]) == 2
+    assert "Read-only file system" in capsys.readouterr().err
+
+
 def test_atomic_write_failure_names_the_target_and_keeps_the_old_file(tmp_path, monkeypatch):
     target = tmp_path / "f.bin"
     target.write_bytes(b"old")
@@ -273,6 +365,78 @@ def test_atomic_write_failure_names_the_target_and_keeps_the_old_file(tmp_path, 
         atomic_write_bytes(target, b"new contents")
     assert info.value.filename == str(target) and info.value.errno == errno.ENOSPC
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_samples_are_rescued_when_the_disk_fills_during_sampling(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    import cascaded_diffusion.cli as cli_module
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "out" / "s.npz"
+    real_save = cli_module.save_npz
+
+    def save_npz(path, images, labels):
+        if Path(path) == out:
+            raise OSError(errno.ENOSPC, "could not write it (No space left on device)", str(path))
+        real_save(path, images, labels)
+
+    monkeypatch.setattr(cli_module, "save_npz", save_npz)
+    assert main(["sample", "--pretrained", "fashion-mnist", "--num", "2", "--steps", "2", "--out", str(out),
+                 "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    rescued = tmp_path / "tmp" / f"cdm-samples-{os.getpid()}.npz"
+    assert f"{out}: could not write it (No space left on device)" in err and str(rescued) in err
+    with np.load(rescued) as f:
+        assert f["arr_0"].shape == (2, 32, 32, 1)
+
+
+# --- 8. sizes, counts, numbers, devices, packages and input files are checked before any compute -----------
+
+
+@pytest.mark.parametrize("flags, option", [
+    (["--num", "0"], "--num"), (["--num", "-5"], "--num"), (["--batch-size", "-1"], "--batch-size"),
+    (["--batch-size", "0"], "--batch-size"), (["--eta", "nan"], "--eta"), (["--guidance", "nan"], "--guidance"),
+    (["--grid-per-class", "0"], "--grid-per-class"), (["--steps", "-4"], "--steps"),
+    (["--sampler", "euler"], "--sampler"), (["--aug-level", "-1"], "--aug-level"),
+])
+def test_bad_sampling_options_are_refused_while_parsing(flags, option, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["sample", "--pretrained", "fashion-mnist", "--out", str(tmp_path / "x.npz"), *flags])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.steps=-5", "train.steps: must be >= 1, got -5"),
+    ("train.sample_every=-1", "train.sample_every: must be >= 0, got -1"),
+    ("train.sample_steps=-4", "train.sample_steps: must be >= 0, got -4"),
+    ("sample.eta=nan", "sample.eta: must be a finite number >= 0"),
+    ("sample.guidance=nan", "sample.guidance: must be a finite number >= 0"),
+])
+def test_bad_train_settings_are_refused_before_training(setting, message, tmp_path, capsys, no_compute):
+    assert main(["train", BASE8, "--out", str(tmp_path / "run"), "--set", setting]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_or_unknown_devices_are_one_line_errors(tmp_path, capsys, no_compute):
+    for device, message in (("cuda", "no CUDA device is available"), ("tpu", "'tpu' is not a device")):
+        for args in (["sample", "--pretrained", "fashion-mnist", "--out", str(tmp_path / "x.npz")],
+                     ["train", BASE8, "--out", str(tmp_path / "run")],
+                     ["stats", "fashion-mnist", "--out", str(tmp_path / "s.npz")]):
+            assert main([*args, "--device", device]) == 2, (device, args[0])
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err
+
+
+def test_tensorboard_without_the_package_is_refused_before_training(tmp_path, capsys, no_compute, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    assert main(["train", BASE8, "--out", str(tmp_path / "run"), "--set", "train.tensorboard=true"]) == 2
+    assert "train.tensorboard = true needs the tensorboard package" in capsys.readouterr().err
 
 
 def test_truncated_garbage_and_npy_inputs_are_one_line_errors(tmp_path, capsys):
@@ -387,6 +551,42 @@ def test_16_bit_grayscale_pngs_are_scaled_not_clipped(tmp_path):
     assert data.images[:, 0, 0, 0].tolist() == [0, 64, 128, 255]
     rgb = load_images(f"imagefolder:{tmp_path / 'images'}", 8, channels=3, use_cache=False)
     assert rgb.images[:, 0, 0].tolist() == [[v] * 3 for v in (0, 64, 128, 255)]
+
+
+# --- 11. running out of memory says what to lower -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 53687091200 bytes."),
+    MemoryError(),
+])
+def test_out_of_memory_names_what_to_lower(error, tmp_path, capsys, monkeypatch, tiny):
+    import cascaded_diffusion.cascade as cascade_module
+
+    def oom(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(cascade_module, "sample_in_batches", oom)
+    assert main(["sample", "--pretrained", "fashion-mnist", "--batch-size", "100000", "--out",
+                 str(tmp_path / "x.npz"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "lower --batch-size (it is 100000)" in err and "Traceback" not in err
+    monkeypatch.setattr(Trainer, "train_step", oom)
+    cfg, _ = tiny
+    assert main(train_args(cfg, tmp_path / "run")) == 2
+    assert "lower train.batch_size" in capsys.readouterr().err
+
+
+def test_a_genuine_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    import cascaded_diffusion.cascade as cascade_module
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("an internal invariant broke")
+
+    monkeypatch.setattr(cascade_module, "sample_in_batches", bug)
+    with pytest.raises(RuntimeError, match="internal invariant"):
+        main(["sample", "--pretrained", "fashion-mnist", "--out", str(tmp_path / "x.npz"), "--device", "cpu"])
 
 
 # --- 12. downloaded Inception weights are checked against the hash in their name ------------------------------
