@@ -2,14 +2,18 @@
 
 Layout of a run directory::
 
+    RUN_DIR/.lock                         held (flock) by the trainer writing this run; pid and host inside
     RUN_DIR/config.toml                   resolved config of the run (human-readable)
-    RUN_DIR/log.jsonl                     one JSON object per logged step
+    RUN_DIR/log.jsonl                     one JSON object per logged step, appended (see training.read_log)
     RUN_DIR/checkpoints/step_00001000/    one complete checkpoint
         model.safetensors  ema.safetensors  optimizer.safetensors  rng.safetensors  state.json
 
 A checkpoint is assembled in a hidden temporary directory, every file fsynced, then renamed into place in
 one atomic step, so a process killed mid-write (or a full disk) never damages the previous checkpoint.
-Nothing is ever unpickled: tensors come from safetensors and metadata from JSON.
+Nothing is ever unpickled: tensors come from safetensors and metadata from JSON. What a killed process leaves
+behind (``.tmp-step_*`` directories, half-deleted ``step_*`` directories) is removed by :func:`clean_run_dir`
+on the next start, and a corrupt newest checkpoint is skipped in favour of the newest valid one
+(:func:`latest_valid_checkpoint`).
 
 An exported stage (``export_stage``) is a directory with ``model.safetensors`` (EMA weights) and
 ``stage.json`` (the resolved config); it loads like a run directory for sampling.
@@ -17,9 +21,13 @@ An exported stage (``export_stage``) is a directory with ``model.safetensors`` (
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -58,16 +66,30 @@ def write_bytes_durably(path: Path, data: bytes) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a single file atomically (temp file in the same directory, fsync, rename)."""
+    """Write a single file atomically (temp file in the same directory, fsync, rename).
+
+    A full disk, a kill or any other failure leaves the previous file at ``path`` untouched; an OSError is
+    re-raised naming ``path`` (not the temporary file)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write_bytes_durably(tmp, data)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        _unlink_quietly(tmp)
+        raise OSError(e.errno, f"could not write it ({e.strerror or e}); any previous version is untouched",
+                      str(path)) from e
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _unlink_quietly(tmp)
         raise
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -131,6 +153,161 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+TRAINING_STEMS = ("model", "ema", "optimizer", "rng")
+
+
+def _check_safetensors_file(path: Path) -> None:
+    """Raise CheckpointError unless ``path`` is a complete safetensors file (header parses, size matches)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"only {size} bytes")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise ValueError(f"its header claims {n} bytes but the file has {size}")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({e})") from None
+    if size != 8 + n + end:
+        raise CheckpointError(f"{path} is truncated or corrupt ({size} bytes, its header describes {8 + n + end})")
+
+
+def verify_checkpoint(checkpoint_dir: str | Path, stems: tuple[str, ...] = TRAINING_STEMS) -> dict[str, Any]:
+    """Check that a checkpoint is complete and readable without loading its tensors: ``state.json`` parses and
+    names a step and a config, and each ``STEM.safetensors`` is whole. Returns the state; raises CheckpointError."""
+    ckpt = Path(checkpoint_dir)
+    state = load_state(ckpt)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{ckpt / STATE_FILE} is corrupt: no step or config")
+    for stem in stems:
+        _check_safetensors_file(ckpt / f"{stem}.safetensors")
+    return state
+
+
+def latest_valid_checkpoint(
+    run_dir: str | Path, stems: tuple[str, ...] = TRAINING_STEMS
+) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that passes :func:`verify_checkpoint`, and the newer ones that did not (with why)."""
+    skipped: list[tuple[Path, str]] = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(ckpt, stems)
+        except CheckpointError as e:
+            skipped.append((ckpt, str(e)))
+            continue
+        return ckpt, skipped
+    return None, skipped
+
+
+_TMP_FILE = re.compile(r"\..+\.tmp-\d+")
+
+
+def clean_run_dir(run_dir: str | Path) -> list[Path]:
+    """Remove what an interrupted trainer leaves behind; returns what was removed.
+
+    Only our own leftovers go: ``checkpoints/.tmp-step_*`` directories (a checkpoint being written),
+    ``checkpoints/step_*`` directories without ``state.json`` (a checkpoint being pruned or replaced), and the
+    ``.NAME.tmp-PID`` files of :func:`atomic_write_bytes`. Call it only while holding the run's lock."""
+    run_dir = Path(run_dir)
+    removed: list[Path] = []
+    root = run_dir / CHECKPOINT_DIR
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            if p.is_dir() and not p.is_symlink() and (
+                p.name.startswith(".tmp-step_") or (p.name.startswith("step_") and not (p / STATE_FILE).exists())
+            ):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    if run_dir.is_dir():
+        for p in sorted(run_dir.iterdir()):
+            if _TMP_FILE.fullmatch(p.name) and p.is_file():
+                _unlink_quietly(p)
+                removed.append(p)
+    return removed
+
+
+def set_aside_checkpoint(path: Path) -> Path:
+    """Rename a corrupt checkpoint out of the way (``corrupt-step_*``, never deleted) and return the new path."""
+    target = path.with_name(f"corrupt-{path.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"corrupt-{path.name}-{n}")
+    os.replace(path, target)
+    return target
+
+
+# --- the run-directory lock ------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``RUN/.lock``, held while a trainer writes the run directory.
+
+    The kernel drops the lock when the process exits, however it exits (``kill -9`` included), so a stale lock
+    never blocks a resume; the file itself stays and records the last holder. A second trainer is refused with
+    :class:`~cascaded_diffusion.errors.RunLockedError` naming the holder's pid and host. The file descriptor is
+    not inherited by exec'ed children. On a network file system the lock is as good as its ``flock`` support
+    (Linux NFS emulates it with byte-range locks, which work across hosts)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        from .errors import RunLockedError
+
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not a POSIX system: no locking
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise RunLockedError(
+                f"{self.run_dir} is in use by another trainer ({self._describe_holder()}). Two trainers on one run "
+                "directory would overwrite each other's checkpoints: wait for it to finish or stop it, or train "
+                "into another --out directory."
+            ) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "argv": sys.argv}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def _describe_holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text())
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
+            return f"pid {info['pid']} on host {info['host']}, since {since}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"holder unknown: {self.path} has no readable pid yet"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -157,7 +334,7 @@ def save_checkpoint(
         write_bytes_durably(tmp / STATE_FILE, json.dumps(full_state, indent=1).encode())
         _fsync_dir(tmp)
         if final.exists():  # a re-save of the same step (e.g. after resume): replace it
-            shutil.rmtree(final)
+            _remove_checkpoint(final)
         os.replace(tmp, final)
         _fsync_dir(root)
     except OSError as e:
@@ -173,8 +350,18 @@ def save_checkpoint(
     kept = {checkpoint_name(k) for k in keep_steps}
     for old in list_checkpoints(run_dir)[:-keep_last]:
         if old.name not in kept:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoint(old)
     return final
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint directory, ``state.json`` first: a kill midway leaves a directory that no longer
+    reads as a checkpoint (and that :func:`clean_run_dir` removes), never a half-deleted "complete" one."""
+    try:
+        (path / STATE_FILE).unlink(missing_ok=True)
+    except OSError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -27,6 +28,61 @@ def _float_list(text: str) -> list[float]:
 
 def _str_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+# Checked while parsing, so a bad size or number is refused before anything is loaded or computed.
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+positive_int = _int_at_least(1)
+
+
+def nonneg_int_list(text: str) -> list[int]:
+    values = _int_list(text)
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
+    return values
+
+
+def nonneg_float_list(text: str) -> list[float]:
+    values = _float_list(text)
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers >= 0, got {text!r}")
+    return values
+
+
+def _samplers(text: str) -> list[str]:
+    from .samplers import SAMPLERS
+
+    values = _str_list(text)
+    bad = [v for v in values if v not in SAMPLERS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown sampler {bad[0]!r} (valid: {', '.join(SAMPLERS)})")
+    return values
+
+
+def check_image_path(path: str, option: str) -> None:
+    """An image output path: writable, with an extension PIL can write."""
+    from PIL import Image
+
+    from .errors import UserError, check_output_file
+
+    if Path(path).suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"{option} {path}: unknown image extension {Path(path).suffix!r}; use .png")
+    check_output_file(path, option)
 
 
 # --- train -----------------------------------------------------------------------------------------------
@@ -55,13 +111,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def load_cascade(run_dirs: list[str], pretrained: str | None, device: str, weights: str = "ema"):
     from .cascade import Cascade
+    from .errors import UserError
 
     if pretrained and run_dirs:
-        raise SystemExit("give either run directories or --pretrained, not both")
+        raise UserError("give either run directories or --pretrained, not both")
     if pretrained:
         return Cascade.from_pretrained(pretrained, device=device)
     if not run_dirs:
-        raise SystemExit("give one or more run directories (base first), or --pretrained NAME")
+        raise UserError("give one or more run directories (base first), or --pretrained NAME")
     return Cascade.from_run_dirs(run_dirs, device=device, weights=weights)
 
 
@@ -76,13 +133,40 @@ def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _save_samples_or_rescue(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write the samples to ``path``; if that fails after all the sampling (the disk filled up meanwhile), save
+    them to the temporary directory instead and say where, rather than throwing the work away."""
+    import tempfile
+
+    from .errors import UserError, describe_os_error
+
+    try:
+        save_npz(path, images, labels)
+    except OSError as e:
+        rescue = Path(tempfile.gettempdir()) / f"cdm-samples-{os.getpid()}.npz"
+        try:
+            save_npz(rescue, images, labels)
+        except OSError:
+            raise e from None
+        raise UserError(f"{describe_os_error(e)}; the {len(images)} samples were saved to {rescue} instead") from None
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .cascade import balanced_labels, grid_by_class, sample_in_batches
     from .data import load_images, save_grid
+    from .errors import UserError, check_output_dir, check_output_file
     from .training import resolve_device
 
+    # every output is checked before anything is loaded or sampled
+    check_output_file(args.out, "--out")
+    if args.grid:
+        check_image_path(args.grid, "--grid")
+    if args.save_stages:
+        check_output_dir(args.save_stages, "--save-stages")
+    if args.low_res_samples and not Path(args.low_res_samples).is_file():
+        raise UserError(f"--low-res-samples {args.low_res_samples}: no such file")
     device = resolve_device(args.device)
     cascade = load_cascade(args.run_dirs, args.pretrained, device, weights=args.weights)
     if args.compile:
@@ -92,11 +176,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     start_stage = 0
     if args.low_res_samples:
         if len(cascade.stages) < 2:
-            raise SystemExit("--low-res-samples needs at least one SR stage")
+            raise UserError("--low-res-samples needs at least one SR stage")
         first = cascade.stages[1]
         data = load_images(f"npz:{args.low_res_samples}", first.low_res, channels=first.channels)
         if len(data.images) < args.num:
-            raise SystemExit(f"--low-res-samples has {len(data.images)} images, fewer than --num {args.num}")
+            raise UserError(f"--low-res-samples has {len(data.images)} images, fewer than --num {args.num}")
         low_res, labels, start_stage = data.images[: args.num], torch.from_numpy(data.labels[: args.num]), 1
     kwargs = dict(
         steps=args.steps,
@@ -113,7 +197,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         progress=not args.quiet, **kwargs
     )
     seconds = time.time() - start
-    save_npz(args.out, stage_images[-1], label_array)
+    _save_samples_or_rescue(args.out, stage_images[-1], label_array)
     if args.save_stages:
         out_dir = Path(args.save_stages)
         for i, imgs in enumerate(stage_images):
@@ -136,12 +220,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import export_stage, latest_checkpoint
+    from .checkpoint import CheckpointError, export_stage, latest_valid_checkpoint
+    from .errors import check_output_dir
 
+    check_output_dir(args.out, "--out")
     given = Path(args.run_dir)
-    ckpt = given if (given / "state.json").is_file() else latest_checkpoint(given)
+    if (given / "state.json").is_file():
+        ckpt = given
+    else:
+        ckpt, corrupt = latest_valid_checkpoint(given, stems=(args.weights,))
+        for path, reason in corrupt:
+            print(f"warning: skipping the unreadable checkpoint {path} ({reason})", file=sys.stderr)
+        if ckpt is None and corrupt:
+            raise CheckpointError(f"{args.run_dir} holds no readable checkpoint")
     if ckpt is None:
-        raise SystemExit(f"{args.run_dir} holds no checkpoint (give a run directory or one checkpoints/step_* dir)")
+        raise CheckpointError(f"{args.run_dir} holds no checkpoint (give a run directory or one checkpoints/step_* dir)")
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     out = export_stage(ckpt, args.out, dtype=dtype, weights=args.weights, config_overrides=args.set)
     print(f"exported {ckpt} ({args.weights} weights, {args.dtype}) to {out}")
@@ -152,13 +245,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=_int_list, default=None, help="sampling steps, one value or one per stage (0 = all)")
-    p.add_argument("--sampler", type=_str_list, default=None, help="ddpm | ddim | dpmpp, one or one per stage")
-    p.add_argument("--guidance", type=_float_list, default=None, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--eta", type=_float_list, default=None, help="DDIM eta")
+    p.add_argument("--steps", type=nonneg_int_list, default=None,
+                   help="sampling steps, one value or one per stage (0 = all)")
+    p.add_argument("--sampler", type=_samplers, default=None, help="ddpm | ddim | dpmpp, one or one per stage")
+    p.add_argument("--guidance", type=nonneg_float_list, default=None, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--eta", type=nonneg_float_list, default=None, help="DDIM eta")
     p.add_argument("--truncated", action="store_true", help="truncated conditioning augmentation")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="network precision (autocast)")
     p.add_argument("--compile", nargs="?", const="default", default=None,
@@ -175,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one stage (rerun on the same --out to resume)")
     p.add_argument("config", help="stage config (TOML)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--steps", type=int, default=None, help="total steps (overrides train.steps)")
+    p.add_argument("--steps", type=positive_int, default=None, help="total steps (overrides train.steps)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=2e-4")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
     p.set_defaults(func=cmd_train)
@@ -183,12 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample from one stage or a cascade (base first)")
     p.add_argument("run_dirs", nargs="*", help="run or exported stage directories, base first")
     p.add_argument("--pretrained", default=None, help="a bundled cascade, e.g. fashion-mnist")
-    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--num", type=positive_int, default=64)
     p.add_argument("--out", required=True, help="output .npz (arr_0 uint8 NHWC, arr_1 labels)")
     p.add_argument("--grid", default=None, help="PNG grid: one row per class, every stage side by side")
-    p.add_argument("--grid-per-class", type=int, default=8)
+    p.add_argument("--grid-per-class", type=positive_int, default=8)
     p.add_argument("--class-label", type=int, action="append", default=None, help="sample these classes (repeatable)")
-    p.add_argument("--aug-level", type=_int_list, default=None, help="level s per SR stage (default: its sample_s)")
+    p.add_argument("--aug-level", type=nonneg_int_list, default=None,
+                   help="level s per SR stage (default: its sample_s)")
     p.add_argument("--save-stages", default=None, help="directory for every stage's output (.npz)")
     p.add_argument("--low-res-samples", default=None, help="npz of stage-1 outputs: run only the SR stages on them")
     p.add_argument("--quiet", action="store_true")
@@ -212,23 +307,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _is_out_of_memory(error: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    if isinstance(error, MemoryError) or (torch is not None and isinstance(error, torch.OutOfMemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower() or "failed to allocate" in text
+    )
+
+
+def _out_of_memory_hint(args: argparse.Namespace) -> str:
+    if args.command == "train":
+        return ("lower train.batch_size (raise train.grad_accum to keep the same global batch), or set "
+                "model.gradient_checkpointing = true")
+    if getattr(args, "batch_size", None) is not None:
+        return f"lower --batch-size (it is {args.batch_size})"
+    return "use fewer images (--num) or free memory"
+
+
+def user_error_message(error: BaseException, args: argparse.Namespace) -> str | None:
+    """The one line to print for an error the user can act on; None for anything else (a bug: traceback)."""
+    import zipfile
+
     from .checkpoint import CheckpointError
-    from .config import ConfigError
+    from .errors import describe_os_error
     from .training import NonFiniteLossError
 
+    if _is_out_of_memory(error):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"out of memory ({first[:200]}); {_out_of_memory_hint(args)}"
+    if isinstance(error, OSError):
+        return describe_os_error(error)
+    if isinstance(error, zipfile.BadZipFile):
+        return f"not a readable zip/.npz file ({error}); it is truncated or corrupt"
+    if isinstance(error, (ValueError, CheckpointError, NonFiniteLossError)):  # ConfigError, UserError included
+        return str(error)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. Errors the user can act on (bad config or option, unusable path, corrupt file, busy
+    run directory, out of memory) are one line, ``cdm COMMAND: error: ...``, exit status 2; ``CDM_DEBUG=1``
+    shows their traceback. Anything else is a bug and keeps its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, NonFiniteLossError) as e:
-        if os.environ.get("CDM_DEBUG"):
-            raise
-        print(f"cdm {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"cdm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        message = user_error_message(e, args)
+        if message is None or os.environ.get("CDM_DEBUG"):
+            raise
+        print(f"cdm {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

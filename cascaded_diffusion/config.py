@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import typing
 import warnings
@@ -269,6 +270,7 @@ class StageConfig:
         for key in ("log_every", "ckpt_every", "keep_last"):
             if getattr(t, key) < 1:
                 fail(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+        _validate_counts(self, fail)
 
     @property
     def is_sr(self) -> bool:
@@ -286,6 +288,25 @@ class StageConfig:
             "diffusion": {"learn_sigma": self.diffusion.learn_sigma},
             "conditioning": {"use_aug_level": self.conditioning.augmentation == "noise"},
         }
+
+
+def _validate_counts(config: StageConfig, fail) -> None:
+    """Sizes, counts and numbers that would otherwise fail late (after training) or silently do nothing."""
+    t, smp = config.train, config.sample
+    if t.steps < 1:
+        fail("train.steps", f"must be >= 1, got {t.steps}")
+    for key in ("sample_every", "sample_steps", "warmup_steps"):
+        if getattr(t, key) < 0:
+            fail(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    for key in ("lr", "weight_decay", "grad_clip"):
+        if not math.isfinite(getattr(t, key)):
+            fail(f"train.{key}", f"must be a finite number, got {getattr(t, key)}")
+    if smp.steps < 0:
+        fail("sample.steps", f"must be >= 0 (0 = every training step), got {smp.steps}")
+    if not (math.isfinite(smp.eta) and smp.eta >= 0):
+        fail("sample.eta", f"must be a finite number >= 0, got {smp.eta}")
+    if not (math.isfinite(smp.guidance) and smp.guidance >= 0):
+        fail("sample.guidance", f"must be a finite number >= 0 (1 = no guidance), got {smp.guidance}")
 
 
 def _section_type(f: dataclasses.Field) -> type:

@@ -22,6 +22,7 @@ import math
 import os
 import tempfile
 import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,11 @@ _VALID_SPECS = "'fashion-mnist', 'fashion-mnist:train', 'fashion-mnist:test', 'i
 # Bump when the imagefolder preprocessing or cache layout changes, so stale caches are rebuilt.
 _CACHE_FORMAT_VERSION = 1
 _DECODE_BLOCK = 2048  # paths submitted to the thread pool at a time (bounds the number of live futures)
+# Largest class index an npz label may hold: one class name is built per class, so an absurd label (10**10)
+# must be refused before anything is allocated. ImageNet-21k has 21,841 classes.
+MAX_NPZ_LABEL = 99_999
+# What a truncated, garbage or half-written .npz raises while it is opened or read.
+_NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile, KeyError)
 
 
 @dataclass
@@ -344,18 +350,26 @@ def read_samples_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | 
         raise FileNotFoundError(f"npz file not found: {path}")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zlib.error) as exc:
-        raise ValueError(f"{path}: cannot read as an .npz archive ({exc})") from exc
+    except _NPZ_READ_ERRORS as exc:
+        raise ValueError(
+            f"{path}: cannot read as an .npz archive ({type(exc).__name__}: {exc}); "
+            "the file is truncated, corrupt or not an .npz"
+        ) from exc
+    if not hasattr(archive, "files"):
+        raise ValueError(f"{path}: is a single .npy array, expected an .npz archive with arr_0 (and arr_1)")
     with archive:
-        if not hasattr(archive, "files"):
-            raise ValueError(f"{path}: is a single .npy array, expected an .npz archive with arr_0 (and arr_1)")
         if "arr_0" not in archive.files:
             raise ValueError(
                 f"{path}: no 'arr_0' array (found {archive.files}); expected arr_0 = uint8 N x H x W x C "
                 "images and optional arr_1 = labels"
             )
-        images = archive["arr_0"]
-        labels = archive["arr_1"] if "arr_1" in archive.files else None
+        try:
+            images = archive["arr_0"]
+            labels = archive["arr_1"] if "arr_1" in archive.files else None
+        except _NPZ_READ_ERRORS as exc:
+            raise ValueError(
+                f"{path}: cannot read its arrays ({type(exc).__name__}: {exc}); the file is truncated or corrupt"
+            ) from exc
 
     if images.dtype != np.uint8:
         hint = ""
@@ -390,6 +404,10 @@ def _load_npz(path: Path, resolution: int, *, channels: int | None) -> ImageArra
             )
         if labels.min() < 0:
             raise ValueError(f"{path}: arr_1 has negative label {labels.min()}")
+        if int(labels.max()) > MAX_NPZ_LABEL:  # checked before one class name per possible label is built
+            raise ValueError(
+                f"{path}: arr_1 has label {int(labels.max())}; labels must be class indices 0..{MAX_NPZ_LABEL}"
+            )
         labels = labels.astype(np.int64)
 
     if images.shape[1:3] != (resolution, resolution):
@@ -454,10 +472,21 @@ def _fingerprint(folder: Path, entries: list[tuple[str, int]]) -> dict[str, Any]
     return {"file_count": len(entries), "total_bytes": total_bytes, "mtimes_hash": digest.hexdigest()}
 
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (PIL modes ``I;16*``, and ``I`` as 16-bit PNGs open) scaled to 8-bit ``L``:
+    v -> round(v * 255 / 65535). PIL's own conversion would clip every value above 255 to white."""
+    array = np.asarray(image).astype(np.int64)
+    if image.mode == "I" and array.size and (array.min() < 0 or array.max() > 65535):
+        raise ValueError(f"32-bit integer image with values in [{array.min()}, {array.max()}]; expected 8 or 16 bits")
+    return Image.fromarray(((array * 255 + 32767) // 65535).astype(np.uint8))
+
+
 def _decode_image(path: str, resolution: int, mode: str) -> np.ndarray:
     """Decode one image file and preprocess it to resolution x resolution x C uint8 (C from ``mode``)."""
     with Image.open(path) as image:
         image.load()  # raises on truncated data instead of decoding a partly grey image
+        if image.mode.startswith("I;16") or image.mode == "I":
+            image = _to_8bit(image)
         with warnings.catch_warnings():
             # Palette images with transparency warn on RGB conversion; the alpha is meant to be dropped.
             warnings.simplefilter("ignore", UserWarning)
@@ -592,6 +621,11 @@ def _load_imagefolder(
     cached = _try_load_cache(manifest_path, images_path, labels_path, expected_manifest)
     if cached is not None:
         images, labels, skipped = cached
+        if skipped and on_corrupt == "error":  # the cache was built under "skip": the policy still applies
+            raise ValueError(
+                f"cannot decode image {skipped[0]} ({len(skipped)} of {len(entries)} files were unreadable when "
+                f"the cache {manifest_path} was built; on_corrupt = 'error' refuses them)"
+            )
         if skipped:
             _warn_skipped(folder, skipped, len(entries))
         return ImageArray(images, labels, len(class_names), class_names, source)
@@ -896,8 +930,18 @@ def save_grid(
     pad_value: int = 255,
 ) -> Path:
     """Write :func:`make_grid` of ``images`` to ``path`` (format from the extension, e.g. .png); returns it."""
+    import io
+
+    from .checkpoint import atomic_write_bytes
+
     grid = make_grid(images, nrow, padding=padding, pad_value=pad_value)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    buffer = io.BytesIO()
+    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    try:
+        image.save(buffer, format=Image.registered_extensions().get(path.suffix.lower()))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: cannot write an image with extension {path.suffix!r} ({e}); use .png") from None
+    atomic_write_bytes(path, buffer.getvalue())  # a full disk or a kill never leaves a half-written grid
     return path

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .augment import BlurAugmentation, NoAugmentation, NoiseAugmentation
-from .checkpoint import STAGE_FILE, CheckpointError, latest_checkpoint, load_state, load_tensors, load_weights_into
+from .checkpoint import STAGE_FILE, CheckpointError, latest_valid_checkpoint, load_state, load_tensors, load_weights_into
 from .config import StageConfig
 from .diffusion import GaussianDiffusion, make_beta_schedule
 from .samplers import make_cfg_model_fn, sample
@@ -126,8 +127,15 @@ class Stage:
         else:
             if not path.exists():
                 raise CheckpointError(f"{path} does not exist")
-            # a run directory (its newest checkpoint) or one checkpoint directory (checkpoints/step_*)
-            ckpt_dir = path if (path / "state.json").is_file() else latest_checkpoint(path)
+            # a run directory (its newest readable checkpoint) or one checkpoint directory (checkpoints/step_*)
+            if (path / "state.json").is_file():
+                ckpt_dir, corrupt = path, []
+            else:
+                ckpt_dir, corrupt = latest_valid_checkpoint(path, stems=(weights,))
+            for bad, reason in corrupt:
+                warnings.warn(f"skipping the unreadable checkpoint {bad} ({reason}); using {ckpt_dir}", stacklevel=2)
+            if ckpt_dir is None and corrupt:
+                raise CheckpointError(f"{path} holds no readable checkpoint: {corrupt[0][1]}")
             if ckpt_dir is None:
                 raise CheckpointError(
                     f"{path} holds no checkpoint: expected a run directory written by `cdm train` "

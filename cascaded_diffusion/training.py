@@ -17,6 +17,8 @@ import copy
 import json
 import math
 import os
+import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +31,23 @@ import torch.distributed as dist
 from . import __version__
 from .augment import downsample, upsample
 from .checkpoint import (
+    CheckpointError,
+    RunLock,
     atomic_write_text,
+    clean_run_dir,
     latest_checkpoint,
+    latest_valid_checkpoint,
     load_state,
     load_tensors,
     load_weights_into,
     optimizer_state_from_flat,
     optimizer_state_to_flat,
     save_checkpoint,
+    set_aside_checkpoint,
 )
 from .config import ConfigError, StageConfig, TrainSection
 from .data import BatchStream, ImageArray, images_to_tensor, load_images, save_grid, tensor_to_images
+from .errors import UserError, check_output_dir
 from .stage import Stage, autocast_context, build_augmentation, build_diffusion, build_network
 
 
@@ -64,13 +72,29 @@ def distributed_env() -> tuple[int, int, int]:
 
 
 def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps`` as a torch.device; a device that is unknown or not
+    present is a :class:`UserError` (before any work starts)."""
     if requested in (None, "auto"):
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {requested!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was requested but no CUDA device is available")
-        return torch.device("cuda", local_rank)
-    return torch.device(requested)
+            raise UserError(
+                f"--device {requested} was requested but no CUDA device is available (torch {torch.__version__}"
+                f"{'' if torch.version.cuda else ', a CPU-only build'}); use --device cpu"
+            )
+        index = local_rank if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {requested}: there are only {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"--device {requested} was requested but MPS is not available; use --device cpu")
+    if device.type not in ("cpu", "mps"):
+        raise UserError(f"--device {requested!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def configure_cuda_backends(train: TrainSection) -> None:
@@ -135,9 +159,57 @@ class Trainer:
         self._data = data
 
     # --- setup -----------------------------------------------------------------------------------------
-    def _check_run_dir(self) -> Path | None:
+    def _prepare_run_dir(self) -> Path | None:
+        """Lock the run directory, clean what an interrupted run left, and pick the checkpoint to resume from
+        (rank 0 decides, every rank follows). Nothing here computes, so a refusal costs nothing."""
+        if self.config.train.tensorboard and self.is_main:
+            _check_tensorboard()
+        error: BaseException | None = None
+        ckpt: Path | None = None
+        if self.is_main:
+            try:
+                check_output_dir(self.run_dir, "--out")
+                self._lock = RunLock(self.run_dir).acquire()
+                removed = clean_run_dir(self.run_dir)
+                if removed:
+                    print(f"removed {len(removed)} leftover(s) of an interrupted run: "
+                          + ", ".join(p.name for p in removed), file=sys.stderr, flush=True)
+                ckpt = self._select_checkpoint()
+            except BaseException as e:  # handed to the other ranks below, then raised here
+                error = e
+        if self.world_size > 1:
+            payload = [None if error is None else f"{type(error).__name__}: {error}", None if ckpt is None else str(ckpt)]
+            dist.broadcast_object_list(payload, src=0)
+            if error is None and payload[0] is not None:
+                raise UserError(f"rank 0 refused {self.run_dir}: {payload[0]}")
+            ckpt = Path(payload[1]) if payload[1] else None
+        if error is not None:
+            raise error
+        return self._check_run_dir(ckpt)
+
+    def _select_checkpoint(self) -> Path | None:
+        """The newest valid checkpoint; newer corrupt ones (truncated safetensors, broken state.json) are renamed
+        ``corrupt-step_*`` (kept for inspection) and the fallback is announced."""
+        ckpt, corrupt = latest_valid_checkpoint(self.run_dir)
+        if corrupt and ckpt is None:
+            raise CheckpointError(
+                f"{self.run_dir} holds no valid checkpoint: " + "; ".join(reason for _, reason in corrupt)
+                + ". Nothing was changed; move the run directory away to start over."
+            )
+        for path, reason in corrupt:
+            aside = set_aside_checkpoint(path)
+            print(f"warning: {reason}; renamed {path.name} to {aside.name} and resuming from the newest valid "
+                  f"checkpoint, {ckpt.name}", file=sys.stderr, flush=True)
+        return ckpt
+
+    def _release_lock(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+            self._lock = None
+
+    def _check_run_dir(self, ckpt: Path | None) -> Path | None:
         """Return the checkpoint to resume from, refusing a run dir whose network differs from the config."""
-        ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             return None
         state = load_state(ckpt)
@@ -409,20 +481,38 @@ class Trainer:
 
     # --- the loop --------------------------------------------------------------------------------------
     def train(self) -> TrainSummary:
+        """Train to ``train.steps`` (resuming from the run directory's newest valid checkpoint), holding the
+        run directory's lock throughout."""
+        try:
+            return self._train(self._prepare_run_dir())
+        finally:
+            self._release_lock()
+
+    def _write_config(self) -> None:
+        """``RUN/config.toml``: the resolved config, rewritten on each start; a config.toml that is not ours
+        (e.g. the user's own, commented file trained with ``--out`` its own directory) is never overwritten:
+        ours then goes to ``config.resolved.toml``."""
+        path = self.run_dir / "config.toml"
+        try:
+            foreign = path.exists() and not path.read_text(errors="replace").startswith(CONFIG_HEADER)
+        except OSError:
+            foreign = True
+        if foreign:
+            path = self.run_dir / "config.resolved.toml"
+        atomic_write_text(path, CONFIG_HEADER + "\n" + self.config.to_toml())
+
+    def _train(self, ckpt: Path | None) -> TrainSummary:
         cfg = self.config
         t = cfg.train
-        ckpt = self._check_run_dir()
         self._build()
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.toml", cfg.to_toml())
         if ckpt is not None:
             self.resume(ckpt)
             if self.is_main:
                 print(f"resumed from {ckpt} at step {self.step}", flush=True)
         log_path = self.run_dir / "log.jsonl"
-        if self.is_main:
-            _truncate_log(log_path, self.step)
+        if self.is_main:  # the run is accepted: only now touch its files
+            self._write_config()
+            _append_log_event(log_path, "resume" if self.step else "start", self.step)
         writer = _tensorboard(self.run_dir) if (t.tensorboard and self.is_main) else None
         start_step = self.step
         end_step = t.steps if self.stop_after is None else min(t.steps, start_step + self.stop_after)
@@ -514,27 +604,63 @@ def _all_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack(flags).all())
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they belong to lost work)."""
+CONFIG_HEADER = "# Written by `cdm train`: the resolved config of this run, rewritten on every start."
+
+
+def _append_log_event(path: Path, event: str, step: int) -> None:
+    """Append ``{"event": "start"|"resume", "step": N, ...}`` to the log. The log is only ever appended to:
+    records of steps after N written before this line belong to work lost to an interruption, and
+    :func:`read_log` drops them; nothing is deleted from the file."""
+    record = {"event": event, "step": step, "time": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
+    with open(path, "ab") as f:
+        if f.tell() > 0:  # a line cut by a kill must not swallow this one
+            with open(path, "rb") as r:
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":
+                    f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode())
+
+
+def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The logged records of a run (``RUN/log.jsonl``, or the path of a log itself) as they stand after every
+    resume: an ``{"event": "start"|"resume", "step": N}`` line voids the records above it with a step after N
+    (work lost to an interruption and redone after it), so each step keeps its last record. Event lines are
+    not returned; a line cut by a kill is skipped."""
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / "log.jsonl"
+    records: list[dict[str, Any]] = []
     if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
+        return records
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+        if not isinstance(record, dict):
+            continue
+        if "event" in record:
+            step = record.get("step", 0)
+            records = [r for r in records if r.get("step", 0) <= step]
+        else:
+            records.append(record)
+    return records
+
+
+def _check_tensorboard() -> None:
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "train.tensorboard = true needs the tensorboard package: pip install 'cascaded-diffusion[tensorboard]' "
+            "(or set train.tensorboard = false)"
+        ) from None
 
 
 def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise RuntimeError(
-            "train.tensorboard = true needs the tensorboard package: pip install 'cascaded-diffusion[tensorboard]'"
-        ) from None
+    _check_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 

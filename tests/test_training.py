@@ -14,7 +14,7 @@ import torch
 
 from cascaded_diffusion.checkpoint import latest_checkpoint, list_checkpoints, load_state, load_tensors
 from cascaded_diffusion.config import ConfigError, StageConfig
-from cascaded_diffusion.training import NonFiniteLossError, Trainer
+from cascaded_diffusion.training import NonFiniteLossError, Trainer, read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,9 +63,13 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    # the log of the lost steps was dropped, so each step is logged once
-    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed/log.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps))
+    # the log is appended to, never rewritten: the records of the lost step 4 stay in the file, voided by the
+    # resume record, so read_log gives each step once, as logged by the run that kept it
+    lines = [json.loads(l) for l in (tmp_path / "resumed/log.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["step"]) for r in lines if "event" in r] == [("start", 0), ("resume", 3)]
+    records = [r for r in lines if "event" not in r]
+    assert [r["step"] for r in records] == [2, 4, 4, 6]
+    assert read_log(tmp_path / "resumed") == [records[0], records[2], records[3]]
     # the sample grid at the end of the run was written
     assert (tmp_path / "resumed/samples/step_00000006.png").is_file()
 
@@ -126,8 +130,9 @@ def test_two_process_ddp_on_cpu(tmp_path):
     # ranks draw different noise: their generator states differ
     assert not torch.equal(rng["rank0.generator"], rng["rank1.generator"])
     # only rank 0 wrote: one log line per logged step
-    steps = [json.loads(l)["step"] for l in (tmp_path / "ddp/log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in read_log(tmp_path / "ddp")]
     assert steps == [2, 4]
+    assert sum("event" in json.loads(l) for l in (tmp_path / "ddp/log.jsonl").read_text().splitlines()) == 1
     # and the run resumes under DDP too
     proc = subprocess.run(cmd[:-4] + ["--steps", "6"] + cmd[-4:], capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

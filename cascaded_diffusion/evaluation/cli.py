@@ -25,23 +25,25 @@ def _device(name: str):
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from ..errors import check_output_file
     from .evaluate import reference_stats
     from .features import get_feature_extractor
 
+    out = check_output_file(args.out, "--out")
     extractor = get_feature_extractor(args.features, _device(args.device))
     start = time.time()
     stats = reference_stats(args.ref, extractor, resolution=args.resolution, channels=args.channels, num=args.num)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stats.save(out)
+    stats.save(out)  # atomic: a full disk or a kill leaves the previous file intact
     print(f"wrote {out}: {stats.num} images, {stats.dim}-d {extractor.name} features ({time.time() - start:.0f} s)")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ..errors import check_output_file
     from .evaluate import evaluate_images, load_samples, reference_stats
     from .features import get_feature_extractor
 
+    check_output_file(args.out, "--out")
     images, _ = load_samples(args.samples, args.num)
     extractor = get_feature_extractor(args.features, _device(args.device))
     reference = reference_stats(args.ref, extractor, resolution=images.shape[1], channels=images.shape[-1])
@@ -56,8 +58,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_classifier_train(args: argparse.Namespace) -> int:
     from ..data import load_images
+    from ..errors import check_output_file
     from .classifier import evaluate_classifier, save_classifier, train_classifier
 
+    check_output_file(args.out, "--out")
     train = load_images(args.data, args.resolution)
     test_spec = args.test or (args.data.split(":")[0] + ":test" if args.data.startswith("fashion-mnist") else None)
     test = load_images(test_spec, args.resolution) if test_spec else None
@@ -83,9 +87,12 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
 
 def cmd_cas(args: argparse.Namespace) -> int:
     from ..data import load_images
+    from ..errors import check_output_file
     from .cas import classification_accuracy_score
     from .evaluate import load_samples
 
+    if args.out:
+        check_output_file(args.out, "--out")
     images, labels = load_samples(args.samples, args.num)
     if labels is None:
         raise ValueError(f"{args.samples} has no arr_1 labels: CAS needs the class each sample was generated for")
@@ -115,11 +122,15 @@ def cmd_cas(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ..cli import load_cascade
+    from ..cli import check_image_path, load_cascade
+    from ..errors import check_output_file
     from .evaluate import reference_stats
     from .features import get_feature_extractor
     from .sweep import augmentation_sweep, plot_sweep
 
+    check_output_file(args.out, "--out")
+    if args.plot:
+        check_image_path(args.plot, "--plot")
     device = _device(args.device)
     cascade = load_cascade(args.run_dirs, args.pretrained, device, weights=args.weights)
     extractor = get_feature_extractor(args.features, device)
@@ -142,13 +153,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def add_evaluation_commands(sub, add_sampling_args) -> None:
+    from ..cli import nonneg_int_list, positive_int
+
     p = sub.add_parser("stats", help="reference feature statistics of a dataset")
     p.add_argument("ref", help="fashion-mnist | fashion-mnist:test | imagefolder:PATH | npz:PATH")
     p.add_argument("--out", required=True)
     p.add_argument("--features", default="inception", help="inception[:WEIGHTS] | classifier[:PATH]")
-    p.add_argument("--resolution", type=int, default=None, help="image resolution (that of the samples you score)")
-    p.add_argument("--channels", type=int, default=None)
-    p.add_argument("--num", type=int, default=None, help="use the first N images")
+    p.add_argument("--resolution", type=positive_int, default=None,
+                   help="image resolution (that of the samples you score)")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None)
+    p.add_argument("--num", type=positive_int, default=None, help="use the first N images")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_stats)
 
@@ -158,7 +172,7 @@ def add_evaluation_commands(sub, add_sampling_args) -> None:
     p.add_argument("--out", required=True, help="metrics JSON")
     p.add_argument("--metrics", default="fid,kid,is,pr")
     p.add_argument("--features", default="inception", help="inception[:WEIGHTS] | classifier[:PATH]")
-    p.add_argument("--num", type=int, default=None)
+    p.add_argument("--num", type=positive_int, default=None)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
@@ -168,8 +182,8 @@ def add_evaluation_commands(sub, add_sampling_args) -> None:
     c.add_argument("--data", default="fashion-mnist")
     c.add_argument("--test", default=None, help="test split (default: DATA:test for fashion-mnist)")
     c.add_argument("--out", required=True, help=".safetensors path")
-    c.add_argument("--resolution", type=int, default=32)
-    c.add_argument("--epochs", type=int, default=None)
+    c.add_argument("--resolution", type=positive_int, default=32)
+    c.add_argument("--epochs", type=positive_int, default=None)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="auto")
     c.set_defaults(func=cmd_classifier_train)
@@ -179,8 +193,8 @@ def add_evaluation_commands(sub, add_sampling_args) -> None:
     p.add_argument("--test", default="fashion-mnist:test")
     p.add_argument("--real", default=None, help="also train on this many real images (e.g. fashion-mnist)")
     p.add_argument("--out", default=None, help="JSON result")
-    p.add_argument("--num", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--num", type=positive_int, default=None)
+    p.add_argument("--epochs", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_cas)
@@ -188,8 +202,8 @@ def add_evaluation_commands(sub, add_sampling_args) -> None:
     p = sub.add_parser("sweep", help="FID over the conditioning-augmentation level s")
     p.add_argument("run_dirs", nargs="*")
     p.add_argument("--pretrained", default=None)
-    p.add_argument("--aug-levels", required=True, type=lambda s: [int(v) for v in s.split(",") if v.strip()])
-    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--aug-levels", required=True, type=nonneg_int_list)
+    p.add_argument("--num", type=positive_int, default=1000)
     p.add_argument("--ref", required=True, help="dataset spec or stats .npz")
     p.add_argument("--ground-truth", default=None, help="dataset for the ground-truth low-res curve (default: --ref)")
     p.add_argument("--no-ground-truth", action="store_true")

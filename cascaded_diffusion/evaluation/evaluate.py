@@ -20,7 +20,9 @@ import numpy as np
 from .features import FeatureExtractor, extract
 from .metrics import (
     FeatureStats,
+    NotAStatsFile,
     check_compatible,
+    check_images_match,
     fid_from_stats,
     inception_score,
     kid,
@@ -68,8 +70,8 @@ def reference_stats(
     if ref.endswith(".npz") and path.is_file() and not ref.startswith("npz:"):
         try:
             return FeatureStats.load(path)
-        except ValueError:
-            pass  # not a stats file: treat it as an image npz below
+        except NotAStatsFile:
+            pass  # not a stats file: treat it as an image npz below (a corrupt file is an error, named)
         ref = f"npz:{ref}"
     from ..data import load_images
 
@@ -82,7 +84,9 @@ def reference_stats(
     cached = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
     if cached.is_file():
         try:
-            return FeatureStats.load(cached)
+            stats = FeatureStats.load(cached)
+            stats.resolution, stats.channels = resolution, int(images.shape[-1])
+            return stats
         except (ValueError, OSError):
             cached.unlink(missing_ok=True)
     stats = FeatureStats.from_features(
@@ -90,10 +94,12 @@ def reference_stats(
         network=extractor.name,
         source=f"{ref} @ {resolution}px, n={len(images)}",
     )
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp-{os.getpid()}")
-    stats.save(tmp)
-    os.replace(tmp, cached)
+    stats.resolution, stats.channels = resolution, int(images.shape[-1])
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        stats.save(cached)  # atomic
+    except OSError as e:  # a cache that cannot be written costs a recomputation next time, not this result
+        warnings.warn(f"could not cache the reference statistics at {cached}: {e}", stacklevel=2)
     return stats
 
 
@@ -113,6 +119,7 @@ def evaluate_images(
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)} (valid: {', '.join(METRICS)})")
+    check_images_match(np.shape(images), reference, f"the samples {source}".rstrip())
     need_probs = "is" in metrics
     features, probs = extract(images, extractor, batch_size=batch_size, with_probs=need_probs)
     stats = FeatureStats.from_features(features, network=extractor.name, source=source, keep_features=False)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
+import re
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -320,13 +320,41 @@ def _missing_weights_message(path: Path, reason: str) -> str:
     )
 
 
+class WeightsHashError(ValueError):
+    """Downloaded weights whose SHA-256 does not start with the prefix their file name carries."""
+
+
+def expected_sha256_prefix(filename: str) -> str | None:
+    """The hash prefix a weights file name carries, torch.hub style (``NAME-<sha256 prefix>.ext``), or None."""
+    match = re.search(r"-([0-9a-f]{8,64})\.[^.]+$", filename)
+    return match.group(1) if match else None
+
+
 def _download(url: str, destination: Path, timeout_s: float) -> None:
-    """Fetch ``url`` to ``destination`` atomically (a partial download never lands at the final path)."""
+    """Fetch ``url`` to ``destination`` atomically (a partial download never lands at the final path) and,
+    when the destination's name carries a SHA-256 prefix (``...-6726825d.pth``), check the bytes against it:
+    a corrupt or substituted download is deleted and refused."""
     destination.parent.mkdir(parents=True, exist_ok=True)
+    expected = expected_sha256_prefix(destination.name)
+    digest = hashlib.sha256()
     with urllib.request.urlopen(url, timeout=timeout_s) as response:
         with tempfile.NamedTemporaryFile(dir=destination.parent, delete=False, suffix=".part") as tmp:
-            shutil.copyfileobj(response, tmp)
             tmp_path = Path(tmp.name)
+            try:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    digest.update(chunk)
+                    tmp.write(chunk)
+            except BaseException:
+                tmp.close()
+                tmp_path.unlink(missing_ok=True)
+                raise
+    if expected is not None and not digest.hexdigest().startswith(expected):
+        tmp_path.unlink(missing_ok=True)
+        raise WeightsHashError(
+            f"the file downloaded from {url} has SHA-256 {digest.hexdigest()[:16]}..., but its name says it starts "
+            f"with {expected}: the download is corrupt or not the expected file, so it was discarded. Retry, or "
+            f"download it yourself and check it (sha256sum), then pass its path"
+        )
     os.replace(tmp_path, destination)
 
 

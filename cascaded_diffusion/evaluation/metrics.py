@@ -7,8 +7,12 @@ so that statistics from different networks can never be compared by accident.
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -77,6 +81,9 @@ class FeatureStats:
         network: identifier of the feature network (e.g. ``"inception"`` or ``"classifier:NAME@HASH"``).
         source: free-form description of the images (dataset spec, sample file, ...).
         features: the raw (num, D) features, kept for KID and precision/recall; ``None`` when dropped.
+        resolution: side length of the images the features came from (``None``: unknown); samples of another
+            resolution are refused by ``evaluate_images``.
+        channels: their channel count (1 or 3; ``None``: unknown).
     """
 
     mu: np.ndarray
@@ -85,6 +92,8 @@ class FeatureStats:
     network: str
     source: str = ""
     features: np.ndarray | None = None
+    resolution: int | None = None
+    channels: int | None = None
 
     def __post_init__(self) -> None:
         self.mu = np.asarray(self.mu, dtype=np.float64)
@@ -126,7 +135,10 @@ class FeatureStats:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the statistics to an uncompressed ``.npz`` (strings stored as numpy unicode, no pickling)."""
+        """Write the statistics to an uncompressed ``.npz`` (strings stored as numpy unicode, no pickling),
+        atomically: a full disk or a kill leaves any previous file at ``path`` intact."""
+        from ..checkpoint import atomic_write_bytes
+
         arrays: dict[str, np.ndarray] = {
             "mu": self.mu,
             "sigma": self.sigma,
@@ -138,17 +150,39 @@ class FeatureStats:
         }
         if self.features is not None:
             arrays["features"] = self.features
-        # Write through a file object so numpy does not append ".npz" to a path that lacks it.
-        with open(path, "wb") as handle:
-            np.savez(handle, **arrays)
+        for key in ("resolution", "channels"):
+            if getattr(self, key) is not None:
+                arrays[key] = np.asarray(getattr(self, key), dtype=np.int64)
+        # Through a buffer: numpy never appends ".npz" to a path that lacks it, and the file lands in one rename.
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
-        """Read statistics written by :meth:`save` (``allow_pickle=False``)."""
-        with np.load(path, allow_pickle=False) as data:
+        """Read statistics written by :meth:`save` (``allow_pickle=False``).
+
+        Raises :class:`NotAStatsFile` for a readable ``.npz`` of something else (e.g. images) and ValueError
+        naming the file for a truncated or corrupt one."""
+        try:
+            return cls._load(path)
+        except (OSError, EOFError, zlib.error, zipfile.BadZipFile, KeyError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise ValueError(
+                f"{os.fspath(path)} is not a readable statistics file ({type(e).__name__}: {e}); it is truncated or "
+                "corrupt: recompute it with `cdm stats`"
+            ) from None
+
+    @classmethod
+    def _load(cls, path: str | os.PathLike) -> "FeatureStats":
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):
+            raise NotAStatsFile(f"{os.fspath(path)} holds a single array, not feature statistics")
+        with data:
             missing = {"mu", "sigma", "num", "network"} - set(data.files)
             if missing:
-                raise ValueError(
+                raise NotAStatsFile(
                     f"{os.fspath(path)} is not a FeatureStats file: missing {sorted(missing)} "
                     f"(found keys {sorted(data.files)})"
                 )
@@ -165,10 +199,37 @@ class FeatureStats:
                 network=str(data["network"]),
                 source=str(data["source"]) if "source" in data.files else "",
                 features=data["features"] if "features" in data.files else None,
+                resolution=int(data["resolution"]) if "resolution" in data.files else None,
+                channels=int(data["channels"]) if "channels" in data.files else None,
             )
+            if stats.resolution is None:  # older files: reference_stats wrote "SPEC @ 32px, n=N" as the source
+                match = re.search(r" @ (\d+)px", stats.source)
+                stats.resolution = int(match.group(1)) if match else None
             if "dim" in data.files and int(data["dim"]) != stats.dim:
                 raise ValueError(f"{os.fspath(path)} is inconsistent: dim={int(data['dim'])} but mu has {stats.dim}")
         return stats
+
+
+class NotAStatsFile(ValueError):
+    """A readable ``.npz`` that does not hold :class:`FeatureStats` (e.g. an image file)."""
+
+
+def check_images_match(images_shape: tuple[int, ...], reference: FeatureStats, what: str = "samples") -> None:
+    """Raise ValueError unless N×H×W×C images have the resolution and channels ``reference`` was computed at
+    (when it records them): an 8×8 set scored against 32×32 statistics gives a large, meaningless FID."""
+    h, w, c = (int(v) for v in images_shape[1:4])
+    where = f"the reference statistics ({reference.source or 'unnamed'})"
+    if reference.resolution is not None and (h, w) != (reference.resolution, reference.resolution):
+        raise ValueError(
+            f"{what} are {h}x{w} but {where} were computed at {reference.resolution}x{reference.resolution}; "
+            f"scores across resolutions are meaningless. Recompute the reference at {h}px "
+            f"(`cdm stats REF --resolution {h}`) or pass a dataset spec as --ref"
+        )
+    if reference.channels is not None and c != reference.channels:
+        raise ValueError(
+            f"{what} have {c} channel(s) but {where} were computed from {reference.channels}-channel images. "
+            f"Recompute the reference with `cdm stats REF --channels {c}` or pass a dataset spec as --ref"
+        )
 
 
 def check_compatible(stats: FeatureStats, reference: FeatureStats) -> None:

@@ -1,0 +1,83 @@
+"""Errors a user can act on, and checks that output paths are writable before any compute starts.
+
+The CLI turns a :class:`UserError` (and config, checkpoint and file-system errors) into one line,
+``cdm COMMAND: error: ...``, exit status 2. Every output path a command will write is checked first
+(:func:`check_output_file`, :func:`check_output_dir`), so a read-only location, a directory given for a file
+or a path under a regular file is refused before minutes of sampling or training, not after.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+
+class UserError(ValueError):
+    """Bad input or environment the user can fix (a path, an option, a missing package); the message says how."""
+
+
+class RunLockedError(UserError):
+    """Another process is training in this run directory."""
+
+
+def describe_os_error(error: OSError) -> str:
+    """``PATH: reason`` for an OSError that carries a path, else its own text."""
+    if error.filename is not None and error.strerror:
+        path = error.filename if error.filename2 is None else f"{error.filename} -> {error.filename2}"
+        return f"{path}: {error.strerror}"
+    return str(error)
+
+
+def _reason(error: OSError) -> str:
+    if error.errno == errno.ENOTDIR:
+        return "a parent of it is a regular file, not a directory"
+    if error.errno == errno.EEXIST:
+        return "it exists as a regular file, not a directory"
+    if error.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return error.strerror or str(error)
+
+
+def _probe_writable(directory: Path, option: str, target: Path) -> None:
+    """Create and remove an empty file in ``directory``: catches read-only file systems (even as root),
+    permission errors and paths under regular files."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".cdm-write-check-")
+    except OSError as e:
+        raise UserError(f"{option} {target}: cannot write in {directory}: {_reason(e)}") from None
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError:  # pragma: no cover - we just created it
+        pass
+
+
+def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Make sure ``path`` can be written as a file (its directory is created if needed); return it."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{option} {target}: is a directory; give a file path")
+    parent = target.parent if str(target.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{option} {target}: cannot create the directory {parent}: {_reason(e)}") from None
+    if not parent.is_dir():
+        raise UserError(f"{option} {target}: {parent} is not a directory")
+    _probe_writable(parent, option, target)
+    return target
+
+
+def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Make sure ``path`` is (or can be created as) a writable directory; return it."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{option} {target}: is a file; give a directory")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{option} {target}: cannot create the directory: {_reason(e)}") from None
+    _probe_writable(target, option, target)
+    return target

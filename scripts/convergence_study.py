@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""Quality against training compute for the Fashion-MNIST cascade (docs/results.md, "At convergence").
+
+For every kept checkpoint (``train.keep_steps``) of the noise-augmented SR model, the SR model trained
+without augmentation, and the single 32×32 model, sample ``--num`` images and score FID with classifier
+features against the Fashion-MNIST training set, with a bootstrap standard error over the samples. Every
+cascade point runs its SR model on the *same* base samples (the final base checkpoint); the augmented model
+is scored at each ``--levels`` s and its best s is reported per budget.
+
+Training compute per point: forward FLOPs per image (``torch.utils.flop_counter`` at the size the stage
+trained on: the crop for crop-trained SR stages) × 3 (forward + backward) × images seen; a cascade point adds
+the whole base run. CPU-hours come from the runs' logs (images per second of each logged interval).
+
+Results append to ``RUNS/convergence.jsonl`` (one line per scored point; rerunning skips scored points), and
+``--plot`` draws FID against training FLOPs.
+
+    python scripts/convergence_study.py --runs /work/runs/conv --num 5000 --levels 100,250,400 \
+        --plot docs/images/convergence.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SAMPLER = ("dpmpp", "20,10")  # base steps, SR (or single-model) steps
+
+
+def cdm(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "cascaded_diffusion.cli", *args], check=True)
+
+
+def checkpoints(run: Path) -> list[Path]:
+    from cascaded_diffusion.checkpoint import list_checkpoints
+
+    return list_checkpoints(run)
+
+
+def run_config(run: Path):
+    from cascaded_diffusion.checkpoint import load_state
+    from cascaded_diffusion.config import StageConfig
+
+    return StageConfig.from_dict(load_state(checkpoints(run)[-1])["config"])
+
+
+def forward_flops_per_image(config) -> float:
+    """Forward FLOPs of one training image (at the crop size when the stage trains on crops)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cascaded_diffusion.stage import build_network
+
+    net = build_network(config, "cpu").eval()
+    s = config.stage
+    size = config.train.crop or s.resolution
+    x = torch.zeros(1, s.channels, size, size)
+    kwargs = {"y": torch.zeros(1, dtype=torch.long)}
+    if config.is_sr:
+        kwargs["low_res"] = torch.zeros(1, s.channels, size, size)  # the upsampled conditioning crop
+        if config.conditioning.augmentation == "noise":
+            kwargs["aug_level"] = torch.zeros(1)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x, torch.zeros(1), **kwargs)
+    return float(counter.get_total_flops())
+
+
+def cpu_hours_at(run: Path, step: int) -> float:
+    """Training time up to ``step`` from the log (one thread per run: wall-clock time = CPU time)."""
+    seconds, seen = 0.0, set()
+    config = run_config(run)
+    per_step = config.train.batch_size * config.train.grad_accum
+    last_step = 0
+    for line in (run / "log.jsonl").read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "img_per_s" not in rec or rec["step"] in seen or rec["step"] > step:
+            continue
+        seen.add(rec["step"])
+        steps = rec["step"] - last_step if rec["step"] > last_step else config.train.log_every
+        last_step = rec["step"]
+        seconds += steps * per_step / max(rec["img_per_s"], 1e-9)
+    return seconds / 3600
+
+
+def fid_with_bootstrap(samples: Path, ref: Path, rounds: int, seed: int = 0) -> dict:
+    from cascaded_diffusion.evaluation.evaluate import load_samples
+    from cascaded_diffusion.evaluation.features import extract, get_feature_extractor
+    from cascaded_diffusion.evaluation.metrics import FeatureStats, fid_from_stats
+
+    images, _ = load_samples(samples)
+    extractor = get_feature_extractor("classifier")
+    reference = FeatureStats.load(ref)
+    features, _ = extract(images, extractor)
+    fid = fid_from_stats(FeatureStats.from_features(features, extractor.name, keep_features=False), reference)
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(rounds):
+        pick = rng.integers(0, len(features), len(features))
+        boot.append(fid_from_stats(FeatureStats.from_features(features[pick], extractor.name, keep_features=False),
+                                   reference))
+    # FID is biased upward under resampling (duplicates shrink the covariance); the spread is what we report
+    return {"fid": fid, "fid_bootstrap_std": float(np.std(boot, ddof=1)) if rounds > 1 else None,
+            "feature_network": extractor.name, "num": int(len(images))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=Path, required=True, help="holds base8, sr8to32, sr8to32_noaug, single32")
+    p.add_argument("--num", type=int, default=5000)
+    p.add_argument("--levels", default="100,250,400", help="s levels for the augmented SR model")
+    p.add_argument("--bootstrap", type=int, default=20)
+    p.add_argument("--plot", type=Path)
+    p.add_argument("--only-plot", action="store_true")
+    args = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    runs = args.runs
+    out = runs / "convergence"
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = runs / "convergence.jsonl"
+    done = {}
+    if results_file.exists():
+        for line in results_file.read_text().splitlines():
+            rec = json.loads(line)
+            done[(rec["model"], rec["step"], rec.get("s"))] = rec
+
+    ref = out / "ref32.npz"
+    if not args.only_plot:
+        if not ref.exists():
+            cdm("stats", "fashion-mnist", "--resolution", "32", "--features", "classifier", "--out", str(ref))
+        base_run = runs / "base8"
+        base_samples = out / f"base_samples_step{checkpoints(base_run)[-1].name[5:]}.npz"
+        if not base_samples.exists():
+            cdm("sample", str(base_run), "--num", str(args.num), "--sampler", SAMPLER[0], "--steps",
+                SAMPLER[1].split(",")[0], "--seed", "0", "--out", str(base_samples), "--quiet")
+        base_flops = forward_flops_per_image(run_config(base_run)) * 3
+        base_cfg = run_config(base_run)
+        base_step = int(checkpoints(base_run)[-1].name[5:])
+        base_total = base_flops * base_step * base_cfg.train.batch_size * base_cfg.train.grad_accum
+        base_hours = cpu_hours_at(base_run, base_step)
+        plan = []
+        for model in ("sr8to32", "sr8to32_noaug", "single32"):
+            run = runs / model
+            if not run.is_dir():
+                continue
+            config = run_config(run)
+            flops = forward_flops_per_image(config) * 3
+            levels = [int(s) for s in args.levels.split(",")] if model == "sr8to32" else [None]
+            for ckpt in checkpoints(run):
+                step = int(ckpt.name[5:])
+                for s in levels:
+                    plan.append((model, run, config, flops, ckpt, step, s))
+        for model, run, config, flops, ckpt, step, s in plan:
+            if (model, step, s) in done:
+                continue
+            name = f"{model}_step{step}" + (f"_s{s}" if s is not None else "")
+            samples = out / f"{name}.npz"
+            if not samples.exists():
+                if model == "single32":
+                    cdm("sample", str(ckpt), "--num", str(args.num), "--sampler", SAMPLER[0], "--steps",
+                        SAMPLER[1].split(",")[1], "--seed", "1", "--out", str(samples), "--quiet")
+                else:
+                    extra = ["--aug-level", str(s)] if s is not None else []
+                    cdm("sample", str(base_run), str(ckpt), "--low-res-samples", str(base_samples), "--num",
+                        str(args.num), "--sampler", SAMPLER[0], "--steps", SAMPLER[1], "--seed", "1",
+                        "--out", str(samples), "--quiet", *extra)
+            images = step * config.train.batch_size * config.train.grad_accum
+            cascade = model != "single32"
+            rec = {
+                "model": model, "step": step, "s": s, "images_seen": images,
+                "epochs": images / 60000,
+                "train_flops": flops * images + (base_total if cascade else 0.0),
+                "stage_flops": flops * images,
+                "cpu_hours": cpu_hours_at(run, step) + (base_hours if cascade else 0.0),
+                "sampler": SAMPLER, **fid_with_bootstrap(samples, ref, args.bootstrap),
+            }
+            with open(results_file, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            done[(model, step, s)] = rec
+            print(f"{name}: FID {rec['fid']:.2f} ± {rec['fid_bootstrap_std'] or 0:.2f}", flush=True)
+    if args.plot:
+        plot(list(done.values()), args.plot)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = {
+        "cascade, noise-augmented SR (best s)": [r for r in records if r["model"] == "sr8to32"],
+        "cascade, SR without augmentation": [r for r in records if r["model"] == "sr8to32_noaug"],
+        "single 32×32 model": [r for r in records if r["model"] == "single32"],
+    }
+    for label, recs in series.items():
+        best: dict[int, dict] = {}
+        for r in recs:  # best s per checkpoint
+            if r["step"] not in best or r["fid"] < best[r["step"]]["fid"]:
+                best[r["step"]] = r
+        pts = sorted(best.values(), key=lambda r: r["train_flops"])
+        if not pts:
+            continue
+        ax.errorbar([r["train_flops"] / 1e15 for r in pts], [r["fid"] for r in pts],
+                    yerr=[r["fid_bootstrap_std"] or 0 for r in pts], marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training compute, PFLOP (cascade: base + SR)")
+    ax.set_ylabel("FID (classifier features, lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
