@@ -71,22 +71,16 @@ def forward_flops_per_image(config) -> float:
 
 
 def cpu_hours_at(run: Path, step: int) -> float:
-    """Training time up to ``step`` from the log (one thread per run: wall-clock time = CPU time)."""
-    seconds, seen = 0.0, set()
+    """Training time up to ``step`` from the log (one thread per run: wall-clock time = CPU time), counting
+    only the records that stand after every resume (work lost to an interruption is not counted)."""
+    from cascaded_diffusion.training import read_log
+
     config = run_config(run)
     per_step = config.train.batch_size * config.train.grad_accum
-    last_step = 0
-    for line in (run / "log.jsonl").read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "img_per_s" not in rec or rec["step"] in seen or rec["step"] > step:
-            continue
-        seen.add(rec["step"])
-        steps = rec["step"] - last_step if rec["step"] > last_step else config.train.log_every
+    seconds, last_step = 0.0, 0
+    for rec in sorted((r for r in read_log(run) if "img_per_s" in r and r["step"] <= step), key=lambda r: r["step"]):
+        seconds += (rec["step"] - last_step) * per_step / max(rec["img_per_s"], 1e-9)
         last_step = rec["step"]
-        seconds += steps * per_step / max(rec["img_per_s"], 1e-9)
     return seconds / 3600
 
 

@@ -1,0 +1,55 @@
+"""The convergence-study scripts' bookkeeping: training FLOPs per image, CPU time from a resumed log, the plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from cascaded_diffusion.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+convergence_study = pytest.importorskip("convergence_study")
+
+
+def test_crop_training_flops_scale_with_pixels():
+    config = load_config(ROOT / "configs" / "fashion-mnist" / "sr8to32.toml")
+    cropped = convergence_study.forward_flops_per_image(config)
+    config.train.crop = 0
+    whole = convergence_study.forward_flops_per_image(config)
+    # convolutions scale with the pixel count (1/4), attention over 4x fewer tokens by less; the per-image
+    # time/class/level embedding MLPs do not scale at all
+    assert 0.2 < cropped / whole < 0.27
+
+
+def test_cpu_hours_count_only_the_work_that_stands(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [
+        {"event": "start", "step": 0},
+        {"step": 10, "img_per_s": 32.0},  # 10 steps x 32 images at 32 img/s = 10 s
+        {"step": 20, "img_per_s": 32.0},  # lost: the run was killed and resumed from step 10
+        {"event": "resume", "step": 10},
+        {"step": 20, "img_per_s": 16.0},  # redone at half the speed: 20 s
+    ]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = load_config(ROOT / "configs" / "fashion-mnist" / "sr8to32.toml")
+    config.train.batch_size = 32
+    monkeypatch.setattr(convergence_study, "run_config", lambda _run: config)
+    assert convergence_study.cpu_hours_at(run, 20) == pytest.approx(30 / 3600)
+    assert convergence_study.cpu_hours_at(run, 10) == pytest.approx(10 / 3600)
+
+
+def test_plot_takes_the_best_s_per_checkpoint(tmp_path):
+    records = [
+        {"model": "sr8to32", "step": 470, "s": 100, "fid": 9.0, "fid_bootstrap_std": 0.2, "train_flops": 1e15},
+        {"model": "sr8to32", "step": 470, "s": 250, "fid": 8.0, "fid_bootstrap_std": 0.2, "train_flops": 1e15},
+        {"model": "sr8to32_noaug", "step": 470, "s": None, "fid": 8.5, "fid_bootstrap_std": 0.2, "train_flops": 1e15},
+        {"model": "single32", "step": 290, "s": None, "fid": 20.0, "fid_bootstrap_std": None, "train_flops": 1e14},
+    ]
+    out = tmp_path / "plot.png"
+    convergence_study.plot(records, out)
+    assert out.stat().st_size > 1000
