@@ -298,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a sampling default, e.g. sample.steps=25")
     p.set_defaults(func=cmd_export)
 
+    from .prepare import add_prepare_command  # `cdm prepare`: decode an image folder once (prepared:DIR)
+
+    add_prepare_command(sub)
+
     try:
         from .evaluation.cli import add_evaluation_commands
     except ImportError:  # pragma: no cover - the evaluation package is part of the distribution

@@ -48,6 +48,7 @@ class DataSection:
     cache_dir: str = ""
     flip: bool = True
     on_corrupt: str = field(default="skip", metadata=_choices("skip", "error"))
+    prefetch: int = 2  # batches read ahead by a background thread (0: read on the training thread)
 
 
 @dataclass
@@ -244,6 +245,8 @@ class StageConfig:
                 fail("conditioning.blur_sigma_max", "need 0 < blur_sigma_min <= blur_sigma_max")
             if not 0.0 <= c.blur_prob <= 1.0:
                 fail("conditioning.blur_prob", f"must be in [0, 1], got {c.blur_prob}")
+        if self.data.prefetch < 0:
+            fail("data.prefetch", f"must be >= 0, got {self.data.prefetch}")
         if t.batch_size < 1 or t.grad_accum < 1:
             fail("train.batch_size", "batch_size and grad_accum must be >= 1")
         if t.lr <= 0:

@@ -5,8 +5,10 @@ Dataset specs accepted by :func:`load_images`:
 * ``fashion-mnist`` / ``fashion-mnist:train`` / ``fashion-mnist:test`` -- the four standard idx ``.gz``
   files; 28x28 images are zero-padded to 32x32 (2 px each side), then resized to ``resolution``.
 * ``imagefolder:PATH`` -- ImageNet layout, one subfolder per class (sorted folder names give labels 0..K-1);
-  ADM/BigGAN preprocessing; the decoded array is cached on disk as ``.npy`` and memory-mapped.
+  ADM/BigGAN preprocessing; decoded once into the cache directory by the machinery of ``cdm prepare``
+  (:mod:`cascaded_diffusion.prepare`) and memory-mapped.
 * ``npz:PATH`` -- the guided-diffusion evaluator format: ``arr_0`` uint8 NHWC, optional ``arr_1`` labels.
+* ``prepared:DIR`` -- a directory written by ``cdm prepare``, memory-mapped at the requested resolution.
 
 On disk and in :class:`ImageArray` images are uint8 NHWC; inside the library they are float tensors in
 [-1, 1], NCHW (:func:`images_to_tensor` / :func:`tensor_to_images` convert between the two).
@@ -69,7 +71,9 @@ _IDX_LABELS_MAGIC = 0x00000801  # unsigned byte data, 1 dimension
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 )
-_VALID_SPECS = "'fashion-mnist', 'fashion-mnist:train', 'fashion-mnist:test', 'imagefolder:PATH', 'npz:PATH'"
+_VALID_SPECS = (
+    "'fashion-mnist', 'fashion-mnist:train', 'fashion-mnist:test', 'imagefolder:PATH', 'npz:PATH', 'prepared:DIR'"
+)
 # Bump when the imagefolder preprocessing or cache layout changes, so stale caches are rebuilt.
 _CACHE_FORMAT_VERSION = 1
 _DECODE_BLOCK = 2048  # paths submitted to the thread pool at a time (bounds the number of live futures)
@@ -148,7 +152,7 @@ def load_images(
     """Load a dataset spec as square uint8 images of side ``resolution``.
 
     Args:
-        spec: ``fashion-mnist[:train|:test]``, ``imagefolder:PATH`` or ``npz:PATH``.
+        spec: ``fashion-mnist[:train|:test]``, ``imagefolder:PATH``, ``npz:PATH`` or ``prepared:DIR``.
         resolution: output side length in pixels.
         channels: 1 (grayscale) or 3 (RGB); ``None`` keeps the source's own (Fashion-MNIST 1, image folders
             3, npz whatever it holds). Grayscale is replicated to RGB; RGB is converted to luma as PIL's
@@ -185,7 +189,7 @@ def load_images(
         if split not in _FASHION_MNIST_FILES:
             raise ValueError(f"unknown Fashion-MNIST split {arg!r} in spec {spec!r}; expected 'train' or 'test'")
         return _load_fashion_mnist(split, resolution, channels=channels, root=root)
-    if kind in ("imagefolder", "npz"):
+    if kind in ("imagefolder", "npz", "prepared"):
         if not arg:
             raise ValueError(f"spec {spec!r} is missing its PATH; expected '{kind}:PATH'")
         path = Path(os.path.expanduser(arg))
@@ -193,6 +197,10 @@ def load_images(
             path = Path(os.path.expanduser(os.fspath(root))) / path
         if kind == "npz":
             return _load_npz(path, resolution, channels=channels)
+        if kind == "prepared":  # a `cdm prepare` directory, memory-mapped (cascaded_diffusion.prepare)
+            from .prepare import load_prepared
+
+            return load_prepared(path, resolution, channels=channels, on_corrupt=on_corrupt)
         return _load_imagefolder(
             path,
             resolution,
@@ -581,6 +589,11 @@ def _load_imagefolder(
     num_workers: int | None,
 ) -> ImageArray:
     folder = folder.resolve()
+    if use_cache:  # the cache is a `cdm prepare` of the folder at this one resolution (cascaded_diffusion.prepare)
+        from .prepare import load_imagefolder_cached
+
+        return load_imagefolder_cached(folder, resolution, channels=channels, cache_dir=cache_dir,
+                                       on_corrupt=on_corrupt, progress=progress, num_workers=num_workers)
     class_names, entries = _list_image_folder(folder)
     relpaths = [relpath for relpath, _ in entries]
     all_labels = np.array([label for _, label in entries], dtype=np.int64)

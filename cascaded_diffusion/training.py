@@ -48,6 +48,7 @@ from .checkpoint import (
 from .config import ConfigError, StageConfig, TrainSection
 from .data import BatchStream, ImageArray, images_to_tensor, load_images, save_grid, tensor_to_images
 from .errors import UserError, check_output_dir
+from .loader import PrefetchLoader
 from .stage import Stage, autocast_context, build_augmentation, build_diffusion, build_network
 
 
@@ -289,6 +290,9 @@ class Trainer:
             self.train_net = torch.compile(self.train_net)
         self.data = self._load_data()
         self.stream = BatchStream(len(self.data.images), t.batch_size, t.seed, self.rank, self.world_size)
+        # reads the stream's next batches ahead in a thread; the stream alone decides what batch k holds
+        self.loader = PrefetchLoader(self.data.images, self.data.labels, self.stream, depth=cfg.data.prefetch,
+                                     pin_memory=self.device.type == "cuda")
         self.step = 0
 
     # --- checkpointing ---------------------------------------------------------------------------------
@@ -355,12 +359,10 @@ class Trainer:
 
     # --- one step --------------------------------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = np.sort(self.stream.next_indices())  # sorted: friendlier to memory-mapped caches
-        images = np.asarray(self.data.images[idx])
-        labels = torch.from_numpy(np.asarray(self.data.labels[idx], dtype=np.int64))
+        images, labels = self.loader.next()  # the stream's next batch (sorted indices), read ahead by a thread
         flip = None
         if self.config.data.flip:
-            flip = torch.rand(len(idx), generator=self.generator, device=self.device) < 0.5
+            flip = torch.rand(len(labels), generator=self.generator, device=self.device) < 0.5
         x0 = images_to_tensor(images, device=self.device, flip_mask=flip)
         return x0, labels.to(self.device, non_blocking=True)
 
@@ -486,6 +488,8 @@ class Trainer:
         try:
             return self._train(self._prepare_run_dir())
         finally:
+            if getattr(self, "loader", None) is not None:
+                self.loader.close()
             self._release_lock()
 
     def _write_config(self) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cascaded_diffusion import data
+from cascaded_diffusion import data, prepare
 from cascaded_diffusion.data import (
     FASHION_MNIST_CLASSES,
     BatchStream,
@@ -218,8 +218,8 @@ def test_imagefolder_on_corrupt_error_names_the_path(tmp_path: Path) -> None:
     folder = _build_folder(tmp_path / "images")
     with pytest.raises(ValueError, match=r"broken\.png"):
         load_images(f"imagefolder:{folder}", 8, cache_dir=tmp_path / "cache", on_corrupt="error")
-    assert not list((tmp_path / "cache").glob("*.json")), "a failed build must not leave a valid cache"
-    assert not list((tmp_path / "cache").glob("*.tmp")), "temporary files must be cleaned up"
+    assert not list((tmp_path / "cache").glob("*/manifest.json")), "a failed build must not leave a valid cache"
+    assert not list((tmp_path / "cache").rglob("*.tmp*")), "temporary files must be cleaned up"
 
 
 def test_imagefolder_cache_created_reused_and_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,41 +228,43 @@ def test_imagefolder_cache_created_reused_and_invalidated(tmp_path: Path, monkey
     spec = f"imagefolder:{folder}"
     with pytest.warns(UserWarning):
         first = load_images(spec, 8, cache_dir=cache)
-    manifests = list(cache.glob("*.json"))
-    assert len(manifests) == 1 and len(list(cache.glob("*.npy"))) == 2
+    # the cache entry is a prepared dataset (cascaded_diffusion.prepare) at the one resolution
+    manifests = list(cache.glob("*/manifest.json"))
+    assert len(manifests) == 1 and len(list(cache.glob("*/*.npy"))) == 2
     manifest = json.loads(manifests[0].read_text())
-    assert manifest["spec"] == spec.replace(str(folder), str(folder.resolve()))
-    assert manifest["resolution"] == 8 and manifest["file_count"] == 7 and manifest["num_images"] == 5
+    assert manifest["source"] == spec.replace(str(folder), str(folder.resolve()))
+    fingerprint = manifest["fingerprint"]
+    assert manifest["resolutions"] == [8] and fingerprint["file_count"] == 7 and manifest["num_images"] == 5
     image_files = [p for p in folder.rglob("*") if p.is_file() and p.suffix != ".txt"]
-    assert manifest["total_bytes"] == sum(p.stat().st_size for p in image_files)
-    assert len(manifest["mtimes_hash"]) == 64 and len(manifest["skipped"]) == 2
+    assert fingerprint["total_bytes"] == sum(p.stat().st_size for p in image_files)
+    assert len(fingerprint["mtimes_hash"]) == 64 and len(manifest["skipped"]) == 2
     assert isinstance(first.images, np.memmap)
 
     def must_not_decode(*args, **kwargs):
         raise AssertionError("decoding ran although the cache is valid")
 
-    monkeypatch.setattr(data, "_decode_image", must_not_decode)
+    monkeypatch.setattr(prepare, "_decode_chunk", must_not_decode)
     with pytest.warns(UserWarning, match="skipped 2"):  # the cached skip list is still reported
         again = load_images(spec, 8, cache_dir=cache)
     np.testing.assert_array_equal(again.images, first.images)
     np.testing.assert_array_equal(again.labels, first.labels)
 
     monkeypatch.undo()
-    original = data._decode_image
+    original = prepare._decode_chunk
     calls = []
 
-    def counting_decode(*args, **kwargs):
-        calls.append(args[0])
-        return original(*args, **kwargs)
+    def counting_decode(job):
+        calls.extend(job[2])  # the chunk's files
+        return original(job)
 
-    monkeypatch.setattr(data, "_decode_image", counting_decode)
+    monkeypatch.setattr(prepare, "_decode_chunk", counting_decode)
     _solid((10, 20, 30)).save(folder / "dog" / "c.png")
     with pytest.warns(UserWarning):
         grown = load_images(spec, 8, cache_dir=cache)
     assert len(calls) == 8, "adding a file must rebuild the cache"
     assert len(grown) == 6 and grown.labels.tolist() == [0, 0, 0, 1, 1, 1]
     np.testing.assert_array_equal(grown.images[5], np.broadcast_to([10, 20, 30], (8, 8, 3)))
-    assert len(list(cache.glob("*.json"))) == 1, "the rebuilt cache replaces the old one"
+    assert len(list(cache.glob("*/manifest.json"))) == 1, "the rebuilt cache replaces the old one"
 
     # Editing a file in place (same name, new content and mtime) also invalidates it.
     calls.clear()
@@ -277,7 +279,7 @@ def test_imagefolder_cache_created_reused_and_invalidated(tmp_path: Path, monkey
     # A different resolution gets its own cache entry.
     with pytest.warns(UserWarning):
         assert load_images(spec, 4, cache_dir=cache).images.shape == (6, 4, 4, 3)
-    assert len(list(cache.glob("*.json"))) == 2
+    assert len(list(cache.glob("*/manifest.json"))) == 2
 
 
 def test_imagefolder_default_cache_dir_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -287,7 +289,7 @@ def test_imagefolder_default_cache_dir_from_env(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("CDM_CACHE", str(tmp_path / "cdm"))
     assert data.default_cache_dir() == tmp_path / "cdm" / "data"
     ds = load_images(f"imagefolder:{folder}", 8)
-    assert len(list((tmp_path / "cdm" / "data").glob("*.json"))) == 1
+    assert len(list((tmp_path / "cdm" / "data").glob("*/manifest.json"))) == 1
     assert ds.images.shape == (1, 8, 8, 3)
 
 

@@ -137,3 +137,41 @@ def test_two_process_ddp_on_cpu(tmp_path):
     proc = subprocess.run(cmd[:-4] + ["--steps", "6"] + cmd[-4:], capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_state(latest_checkpoint(tmp_path / "ddp"))["step"] == 6
+
+
+def test_prepared_source_trains_and_resumes_bitwise_with_and_without_prefetch(tmp_path):
+    from PIL import Image
+
+    from cascaded_diffusion.prepare import prepare_dataset
+
+    rng = np.random.default_rng(1)
+    for c in range(3):
+        (tmp_path / "folder" / f"class{c}").mkdir(parents=True)
+        for i in range(8):
+            pixels = rng.integers(0, 256, (int(rng.integers(8, 20)), int(rng.integers(8, 20)), 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "folder" / f"class{c}" / f"{i}.png")
+    prepare_dataset(tmp_path / "folder", [8, 16], tmp_path / "prepared", workers=1)
+    raw = tiny_config(tmp_path, steps=4, ckpt_every=2).to_dict()
+    raw["stage"]["channels"] = 3
+    raw["data"]["source"] = f"prepared:{tmp_path / 'prepared'}"
+
+    def config(prefetch: int) -> StageConfig:
+        return StageConfig.from_dict({**raw, "data": {**raw["data"], "prefetch": prefetch}})
+
+    # the batches read on the training thread (prefetch 0) ...
+    Trainer(config(0), tmp_path / "straight", device="cpu").train()
+    # ... equal those read ahead by the loader, across an interruption: stopped after 3 steps, the step-3
+    # work lost, resumed from the step-2 checkpoint at the exact data position
+    Trainer(config(2), tmp_path / "resumed", device="cpu", stop_after=3).train()
+    for ckpt in list_checkpoints(tmp_path / "resumed"):
+        if load_state(ckpt)["step"] > 2:
+            import shutil
+
+            shutil.rmtree(ckpt)
+    Trainer(config(2), tmp_path / "resumed", device="cpu").train()
+    straight, resumed = latest_checkpoint(tmp_path / "straight"), latest_checkpoint(tmp_path / "resumed")
+    assert load_state(resumed)["step"] == 4 and load_state(resumed)["data_stream"] == load_state(straight)["data_stream"]
+    a, b = all_tensors(straight), all_tensors(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
