@@ -109,7 +109,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=Path, required=True, help="holds base8, sr8to32, sr8to32_noaug, single32")
     p.add_argument("--num", type=int, default=5000)
-    p.add_argument("--levels", default="100,250,400", help="s levels for the augmented SR model")
+    p.add_argument("--levels", default="100,250,400", help="s levels for the augmented SR model's newest checkpoint")
+    p.add_argument("--levels-early", help="s levels at the earlier (kept) checkpoints; default: --levels")
+    p.add_argument("--models", default="sr8to32,sr8to32_noaug,single32",
+                   help="which runs to score (two lanes can score different models side by side)")
+    p.add_argument("--kept-only", action="store_true",
+                   help="score only kept checkpoints, not the newest one (while the trainings still run)")
     p.add_argument("--bootstrap", type=int, default=20)
     p.add_argument("--plot", type=Path)
     p.add_argument("--only-plot", action="store_true")
@@ -140,15 +145,23 @@ def main() -> None:
         base_total = base_flops * base_step * base_cfg.train.batch_size * base_cfg.train.grad_accum
         base_hours = cpu_hours_at(base_run, base_step)
         plan = []
-        for model in ("sr8to32", "sr8to32_noaug", "single32"):
+        for model in args.models.split(","):
             run = runs / model
             if not run.is_dir():
                 continue
             config = run_config(run)
             flops = forward_flops_per_image(config) * 3
-            levels = [int(s) for s in args.levels.split(",")] if model == "sr8to32" else [None]
-            for ckpt in checkpoints(run):
+            # the kept checkpoints (doubling budgets) and the newest; the rolling ones in between are skipped
+            kept = set(config.train.keep_steps or ())
+            ckpts = [c for c in checkpoints(run) if int(c.name[5:]) in kept]
+            if not args.kept_only:
+                ckpts += checkpoints(run)[-1:]
+            for ckpt in dict.fromkeys(ckpts):
                 step = int(ckpt.name[5:])
+                levels = [None]
+                if model == "sr8to32":
+                    spec = args.levels if ckpt == ckpts[-1] else (args.levels_early or args.levels)
+                    levels = [int(s) for s in spec.split(",")]
                 for s in levels:
                     plan.append((model, run, config, flops, ckpt, step, s))
         for model, run, config, flops, ckpt, step, s in plan:

@@ -6,7 +6,8 @@
 # Everything resumes: rerunning skips finished training and reuses existing sample files.
 #
 # Knobs (environment): RUNS (output dir), STEPS_BASE / STEPS_SR / STEPS_SINGLE (training steps; the single
-# model's default matches base + SR in training FLOPs: one base step costs 0.68 of a 32x32 step),
+# model's default matches base + SR in training FLOPs: one base step costs 0.68 of a 32x32 step; STEPS_SINGLE=0
+# leaves the single model out),
 # NUM (samples per setting, paper protocol 10000), SWEEP_NUM, LEVELS, SAMPLER / SAMPLE_STEPS (per stage,
 # base,SR), S (sampling level; default: the non-truncated sweep's optimum), DEVICE (cpu|cuda),
 # FEATURES (default: the classifier shipped with the package).
@@ -40,7 +41,7 @@ train() {  # config run_dir steps
 train base8 base8 "$STEPS_BASE"
 train sr8to32 sr8to32 "$STEPS_SR"
 train sr8to32_noaug sr8to32_noaug "$STEPS_SR"
-train single32 single32 "$STEPS_SINGLE"
+if [ "$STEPS_SINGLE" -gt 0 ]; then train single32 single32 "$STEPS_SINGLE"; fi
 
 REF="$RUNS/ref_fmnist_train_32.npz"
 [ -f "$REF" ] || { log "reference stats"; cdm stats fashion-mnist --resolution 32 --features "$FEATURES" --out "$REF" --device "$DEVICE"; }
@@ -70,7 +71,7 @@ independent_of_s() {
   [ -f "$RUNS/base8_samples.npz" ] || { log "sample base"; cdm sample "$RUNS/base8" --num "$NUM" --steps "$BASE_STEPS" \
       --sampler "$SAMPLER" --out "$RUNS/base8_samples.npz" --grid "$RUNS/base8_samples.png" --device "$DEVICE" --quiet; }
   sample cascade_noaug "$RUNS/base8" "$RUNS/sr8to32_noaug" --steps "$SAMPLE_STEPS" --low-res-samples "$RUNS/base8_samples.npz"
-  sample single32 "$RUNS/single32" --steps "$SR_STEPS"
+  if [ -d "$RUNS/single32" ]; then sample single32 "$RUNS/single32" --steps "$SR_STEPS"; fi
 }
 
 sweeps > "$RUNS/lane_sweeps.log" 2>&1 &
