@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # stage_costs
+
 SAMPLER = ("dpmpp", "20,10")  # base steps, SR (or single-model) steps
 
 
@@ -51,23 +53,9 @@ def run_config(run: Path):
 
 def forward_flops_per_image(config) -> float:
     """Forward FLOPs of one training image (at the crop size when the stage trains on crops)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from stage_costs import forward_flops
 
-    from cascaded_diffusion.stage import build_network
-
-    net = build_network(config, "cpu").eval()
-    s = config.stage
-    size = config.train.crop or s.resolution
-    x = torch.zeros(1, s.channels, size, size)
-    kwargs = {"y": torch.zeros(1, dtype=torch.long)}
-    if config.is_sr:
-        kwargs["low_res"] = torch.zeros(1, s.channels, size, size)  # the upsampled conditioning crop
-        if config.conditioning.augmentation == "noise":
-            kwargs["aug_level"] = torch.zeros(1)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(x, torch.zeros(1), **kwargs)
-    return float(counter.get_total_flops())
+    return forward_flops(config)
 
 
 def cpu_hours_at(run: Path, step: int) -> float:
