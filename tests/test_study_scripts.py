@@ -30,8 +30,9 @@ def test_flops_counted_on_meta_equal_a_real_forward():
     # within 0.2 %: the U-Net's CPU-only fast paths count a few elementwise FLOPs differently from the generic
     # path that the meta device (and a GPU) takes
     assert stage_costs.forward_flops(config) == pytest.approx(counter.get_total_flops(), rel=2e-3)
-    # the sampling cost is counted at full size: 4x the pixels of the 16x16 training crop, a bit more for attention
-    assert 4 <= stage_costs.forward_flops(config, 32) / stage_costs.forward_flops(config) < 4.5
+    # the sampling cost is counted at full size: 4x the pixels of the 16x16 training crop (less the per-image
+    # embedding MLPs, which do not scale; more for attention over 4x the tokens)
+    assert 3.7 < stage_costs.forward_flops(config, 32) / stage_costs.forward_flops(config) < 4.5
 
 
 def test_stage_costs_multiply_out_the_schedule():
