@@ -55,9 +55,17 @@ def stage_cost(path: Path, global_batch: int | None = None, sample_steps: int | 
         "params": sum(p.numel() for p in __import__("cascaded_diffusion.stage", fromlist=["x"])
                       .build_network(config, "meta").parameters()),
         "train_gflop_per_image": train_fwd / 1e9, "train_steps": t.steps, "global_batch": batch,
-        "train_eflop": 3 * train_fwd * t.steps * batch / 1e18,
-        "sample_steps": steps, "sample_tflop_per_image": sample_fwd * steps / 1e12,
+        "train_flops": 3 * train_fwd * t.steps * batch,
+        "sample_steps": steps, "sample_flops_per_image": sample_fwd * steps,
     }
+
+
+def si(flops: float) -> str:
+    """FLOPs with an SI prefix: 1.14 PFLOP, 633.7 EFLOP."""
+    for prefix, scale in (("Z", 1e21), ("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {prefix}FLOP"
+    return f"{flops:.3g} FLOP"
 
 
 def main() -> None:
@@ -76,16 +84,16 @@ def main() -> None:
     if not args.markdown:
         print(json.dumps(rows, indent=1))
         return
-    print("| stage | params | GFLOP / training image | steps × global batch | training EFLOP | sampling steps | "
-          "TFLOP / sample |")
+    print("| stage | params | forward GFLOP / training image | steps × global batch | training | sampling steps | "
+          "sampling / image |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['params'] / 1e6:.0f}M | {r['train_gflop_per_image']:.1f} | "
-              f"{r['train_steps'] // 1000}k × {r['global_batch']} | {r['train_eflop']:.1f} | {r['sample_steps']} | "
-              f"{r['sample_tflop_per_image']:.2f} |")
-    total = sum(r["sample_tflop_per_image"] for r in rows)
-    print(f"\nTotal training: {sum(r['train_eflop'] for r in rows):.1f} EFLOP; sampling one image through "
-          f"every stage listed: {total:.1f} TFLOP ({total * 50000 / 1e3:.0f} PFLOP for 50k samples).")
+        print(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['train_gflop_per_image']:.3g} | "
+              f"{r['train_steps']} × {r['global_batch']} | {si(r['train_flops'])} | {r['sample_steps']} | "
+              f"{si(r['sample_flops_per_image'])} |")
+    total = sum(r["sample_flops_per_image"] for r in rows)
+    print(f"\nSum over the stages listed: training {si(sum(r['train_flops'] for r in rows))}; sampling "
+          f"{si(total)} per image, {si(total * 50000)} for 50k.")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,9 @@ def test_flops_counted_on_meta_equal_a_real_forward():
 def test_stage_costs_multiply_out_the_schedule():
     row = stage_costs.stage_cost(ROOT / "configs" / "fashion-mnist" / "base8.toml", global_batch=128, sample_steps=10)
     assert row["global_batch"] == 128 and row["train_steps"] == 30000
-    assert row["train_eflop"] == pytest.approx(3 * row["train_gflop_per_image"] * 1e9 * 30000 * 128 / 1e18)
-    assert row["sample_tflop_per_image"] == pytest.approx(row["train_gflop_per_image"] * 10 / 1e3)
+    assert row["train_flops"] == pytest.approx(3 * row["train_gflop_per_image"] * 1e9 * 30000 * 128)
+    assert row["sample_flops_per_image"] == pytest.approx(row["train_gflop_per_image"] * 1e9 * 10)
+    assert stage_costs.si(1.14e15) == "1.14 PFLOP" and stage_costs.si(633.7e18) == "634 EFLOP"
 
 
 def test_crop_training_flops_scale_with_pixels():
