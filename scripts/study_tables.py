@@ -3,7 +3,8 @@
     python scripts/study_tables.py RUNS_DIR
 
 Reads ``sweep_nontruncated.json``, ``sweep_truncated.json`` and, per setting, ``NAME.metrics.json`` and
-``NAME.cas.json`` (as written by scripts/fashion_mnist_study.sh), so the tables are generated, never typed.
+``NAME.cas.json`` (as written by scripts/fashion_mnist_study.sh), and ``convergence.jsonl`` (as written by
+scripts/convergence_study.py), so the tables are generated, never typed.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main(root: str) -> None:
         for cells in rows:
             print("| " + " | ".join(cells) + " |")
         print()
+    convergence_table(runs / "convergence.jsonl")
     for mode in ("nontruncated", "truncated"):
         sweep = load(runs / f"sweep_{mode}.json")
         if sweep is None:
@@ -71,6 +73,49 @@ def main(root: str) -> None:
             g = gt.get(r["level"])
             print(f"| {r['level']} | {r['fid']:.2f} | {'' if g is None else f'{g:.2f}'} |")
         print()
+
+
+def convergence_table(path: Path) -> None:
+    """FID at every scored checkpoint: one row per budget, the augmented model at each scored s."""
+    if not path.is_file():
+        return
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    levels = sorted({r["s"] for r in records if r["model"] == "sr8to32" and r["s"] is not None})
+    print(f"Quality against training compute (N = {records[0]['num']} per point, classifier features, "
+          "± bootstrap std):\n")
+    head = ["SR steps", "SR epochs", "cascade training (PFLOP)", "CPU-hours"]
+    head += [f"augmented, s = {s}" for s in levels] + ["without augmentation"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    by_step: dict[int, dict] = {}
+    for r in records:
+        if r["model"] == "single32":
+            continue
+        by_step.setdefault(r["step"], {})[(r["model"], r["s"])] = r
+    for step in sorted(by_step):
+        row = by_step[step]
+        any_rec = next(iter(row.values()))
+        best = min((r for (m, _), r in row.items() if m == "sr8to32"), key=lambda r: r["fid"], default=None)
+
+        def cell(r):
+            if r is None:
+                return ""
+            text = f"{r['fid']:.2f} ± {r['fid_bootstrap_std'] or 0:.2f}"
+            return f"**{text}**" if r is best else text
+
+        cells = [str(step), f"{any_rec['epochs']:.1f}", f"{any_rec['train_flops'] / 1e15:.2f}",
+                 f"{any_rec['cpu_hours']:.2f}"]
+        cells += [cell(row.get(("sr8to32", s))) for s in levels] + [cell(row.get(("sr8to32_noaug", None)))]
+        print("| " + " | ".join(cells) + " |")
+    single = sorted((r for r in records if r["model"] == "single32"), key=lambda r: r["step"])
+    if single:
+        print("\nSingle 32×32 model:\n")
+        print("| steps | epochs | training (PFLOP) | CPU-hours | FID |")
+        print("|---|---|---|---|---|")
+        for r in single:
+            print(f"| {r['step']} | {r['epochs']:.1f} | {r['train_flops'] / 1e15:.2f} | {r['cpu_hours']:.2f} | "
+                  f"{r['fid']:.2f} ± {r['fid_bootstrap_std'] or 0:.2f} |")
+    print()
 
 
 if __name__ == "__main__":

@@ -81,3 +81,23 @@ def test_plot_takes_the_best_s_per_checkpoint(tmp_path):
     out = tmp_path / "plot.png"
     convergence_study.plot(records, out)
     assert out.stat().st_size > 1000
+
+
+def test_convergence_table_marks_the_best_level_per_budget(tmp_path, capsys):
+    study_tables = pytest.importorskip("study_tables")
+    recs = [
+        {"model": "sr8to32", "step": 470, "s": 100, "fid": 9.0},
+        {"model": "sr8to32", "step": 470, "s": 250, "fid": 8.5},
+        {"model": "sr8to32_noaug", "step": 470, "s": None, "fid": 9.5},
+        {"model": "sr8to32", "step": 940, "s": 250, "fid": 7.0},
+        {"model": "single32", "step": 290, "s": None, "fid": 20.0},
+    ]
+    for r in recs:
+        r.update(num=5000, epochs=r["step"] * 64 / 60000, train_flops=1e15, cpu_hours=0.1, fid_bootstrap_std=0.1)
+    (tmp_path / "convergence.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    study_tables.main(str(tmp_path))
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 470 ") or line.startswith("| 940 ")]
+    assert rows[0].split(" | ")[4:] == ["9.00 ± 0.10", "**8.50 ± 0.10**", "9.50 ± 0.10 |"]
+    assert rows[1].split(" | ")[4:] == ["", "**7.00 ± 0.10**", " |"]
+    assert "| 290 | 0.3 | 1.00 | 0.10 | 20.00 ± 0.10 |" in out
