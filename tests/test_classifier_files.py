@@ -225,3 +225,20 @@ def test_a_conversion_killed_between_its_two_writes_loads_and_can_be_rerun(tmp_p
     assert feature_network_name(path) == v1_name
     with safe_open(str(path), framework="pt") as handle:
         assert not handle.metadata()
+
+
+def test_cdm_commands_refuse_a_bad_classifier_in_one_line(tmp_path, capsys) -> None:
+    from cascaded_diffusion.cli import main
+
+    images = tmp_path / "images.npz"
+    np.savez(images, arr_0=IMAGES[:4, :16, :16], arr_1=np.arange(4))
+    v1 = tmp_path / "v1.safetensors"
+    _save_v1(_tiny_model(), v1, {})
+    edited, edited_description = _pair(tmp_path)
+    _edit_json(edited_description, config={**json.loads(edited_description.read_text())["config"], "resolution": 32})
+    for path, message in ((v1, "old v1 format"), (edited, "does not match c.json"),
+                          (tmp_path / "none.safetensors", "classifier not found")):
+        rc = main(["stats", f"npz:{images}", "--features", f"classifier:{path}", "--out", str(tmp_path / "s.npz"),
+                   "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and err.count("\n") == 1, err
