@@ -107,7 +107,8 @@ def test_round_trip_is_exact_and_names_the_network_by_fingerprint(tmp_path) -> N
             np.testing.assert_array_equal(a, b)
     assert feature_network_name(weights) == f"classifier:tiny.safetensors@{info['fingerprint'][:12]}"
     extractor = get_feature_extractor(f"classifier:{weights.with_suffix('.json')}")
-    assert extractor.name == feature_network_name(weights) and extractor.label == "classifier features (tiny.safetensors)"
+    assert extractor.name == feature_network_name(weights)
+    assert extractor.label == "classifier features (tiny.safetensors)"
 
     # Another classifier (other weights or another config) gets another name.
     other = save_classifier(_tiny_model(seed=1), tmp_path / "other.safetensors")
