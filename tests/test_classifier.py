@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cascaded_diffusion.checkpoint import CheckpointError
 from cascaded_diffusion.evaluation.cas import classification_accuracy_score
 from cascaded_diffusion.evaluation.classifier import (
     DEFAULT_CLASSIFIER_PATH,
@@ -166,7 +167,7 @@ def test_load_rejects_other_safetensors(tmp_path) -> None:
 
     path = tmp_path / "other.safetensors"
     save_file({"w": torch.zeros(2)}, str(path))
-    with pytest.raises(ValueError, match="not a classifier saved by save_classifier"):
+    with pytest.raises(CheckpointError, match="has no other.json next to it"):
         load_classifier(path)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         load_classifier(tmp_path / "missing.safetensors")

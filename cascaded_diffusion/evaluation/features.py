@@ -4,25 +4,31 @@ Feature-network specs (:func:`get_feature_extractor`):
 
 * ``"inception"`` / ``"inception:WEIGHTS_PATH"``: the TF-FID Inception-v3 port, 2048-d pool3 features,
   1008-way softmax for IS. Only numbers from this network are comparable with published FIDs.
-* ``"classifier"`` / ``"classifier:PATH"``: our small Fashion-MNIST ResNet (``classifier.py``),
+* ``"classifier"`` / ``"classifier:PATH"``: our small Fashion-MNIST ResNet (``classifier/``),
   penultimate features. Numbers from it must be labelled "classifier features (NAME)" and are only
-  comparable with other numbers from the *same* classifier file: its ``name`` embeds a hash of the
-  weights so statistics from a different classifier can never be mixed in.
+  comparable with other numbers from the *same* classifier: its ``name`` embeds a hash of the config and
+  weights (``classifier/files.py``) so statistics from a different classifier can never be mixed in.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from scipy.special import softmax
 
-from .classifier import DEFAULT_CLASSIFIER_PATH, check_images_uint8_nhwc, classifier_outputs, load_classifier
-from .inception import INCEPTION_FEATURE_DIM, file_sha256, load_inception
+from .classifier import (
+    DEFAULT_CLASSIFIER_PATH,
+    check_images_uint8_nhwc,
+    classifier_outputs,
+    classifier_paths,
+    feature_network_name,
+    load_classifier,
+)
+from .inception import INCEPTION_FEATURE_DIM, load_inception
 from .metrics import FeatureStats
 
 
@@ -79,10 +85,10 @@ class ClassifierFeatureExtractor:
     """Penultimate features and softmax of a classifier saved by ``classifier.save_classifier``."""
 
     def __init__(self, path: str | os.PathLike = DEFAULT_CLASSIFIER_PATH, device: str | torch.device = "cpu") -> None:
-        self.path = Path(path)
+        self.path = classifier_paths(path)[0]
         self.device = torch.device(device)
         self.model, self.metadata = load_classifier(self.path, device=self.device)
-        self.name = f"classifier:{self.path.name}@{file_sha256(self.path)}"
+        self.name = feature_network_name(self.path)
         self.label = f"classifier features ({self.path.name})"
         self.dim = self.model.config.feature_dim
 

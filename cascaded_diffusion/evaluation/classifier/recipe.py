@@ -1,0 +1,257 @@
+"""The fixed classifier training recipe: data order, augmentation, optimizer, schedule, and the eval loop.
+
+The same recipe (:func:`train_classifier` defaults) trains the shipped Fashion-MNIST feature network and,
+on generated images only, the Classification Accuracy Score classifier (``cas.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import (
+    ClassifierConfig,
+    ResNetClassifier,
+    check_images_uint8_nhwc,
+    classifier_outputs,
+    pixels_to_model_input,
+    uint8_batch_to_pixels,
+)
+
+
+def random_crop_and_flip(pixels: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Random translation by up to ``padding`` pixels (zero = black padding) and random horizontal flips."""
+    n, _, h, w = pixels.shape
+    if padding > 0:
+        padded = F.pad(pixels, (padding, padding, padding, padding))
+        offsets_y = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        offsets_x = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        rows = (offsets_y[:, None] + torch.arange(h)[None, :]).to(pixels.device)
+        cols = (offsets_x[:, None] + torch.arange(w)[None, :]).to(pixels.device)
+        batch_index = torch.arange(n, device=pixels.device)[:, None, None]
+        # Advanced indexing puts the indexed dims first: (N, H, W, C) -> back to NCHW.
+        pixels = padded.permute(0, 2, 3, 1)[batch_index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(pixels.device)
+    return torch.where(flip[:, None, None, None], pixels.flip(3), pixels)
+
+
+@dataclass
+class TrainingHistory:
+    """What happened during :func:`train_classifier`.
+
+    ``losses`` holds the mean training loss of every ``log_every`` steps; ``epochs`` one dict per
+    epoch (train loss/accuracy, optional eval top-1/top-5, elapsed seconds).
+    """
+
+    losses: list[float] = field(default_factory=list)
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    wall_s: float = 0.0
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _learning_rate_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warmup, then linear decay to zero: robust for short, fixed-length schedules."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def train_classifier(
+    images_uint8_nhwc: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    epochs: int = 5,
+    steps: int | None = None,
+    batch_size: int = 256,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    label_smoothing: float = 0.1,
+    warmup_fraction: float = 0.05,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    augment: bool = True,
+    crop_padding: int = 2,
+    bf16: bool = True,
+    progress: bool = True,
+    eval_images: np.ndarray | None = None,
+    eval_labels: np.ndarray | None = None,
+    config: ClassifierConfig | None = None,
+    log_every: int = 50,
+) -> tuple[ResNetClassifier, TrainingHistory]:
+    """Train a :class:`ResNetClassifier` with the fixed recipe; return it (eval mode) and its history.
+
+    Recipe: SGD with Nesterov momentum, linear warmup then linear decay to 0, label smoothing, weight
+    decay, random translation (``crop_padding`` pixels) and horizontal flips, bf16 autocast. ``steps``
+    overrides ``epochs``. When ``eval_images``/``eval_labels`` are given they are scored after every
+    epoch (reporting only: nothing is selected on them).
+
+    ``config`` defaults to ``ClassifierConfig(num_classes, channels of the images, resolution 32)``.
+    """
+    images = check_images_uint8_nhwc(images_uint8_nhwc)
+    targets = _check_labels(labels, images.shape[0], num_classes)
+    if (eval_images is None) != (eval_labels is None):
+        raise ValueError("eval_images and eval_labels must be given together")
+    if config is None:
+        config = ClassifierConfig(num_classes=num_classes, in_channels=images.shape[-1])
+    elif config.num_classes != num_classes:
+        raise ValueError(f"config.num_classes={config.num_classes} but num_classes={num_classes}")
+    if batch_size < 2 or images.shape[0] < 2:
+        raise ValueError(
+            f"batch norm needs at least 2 images per batch: got batch_size={batch_size} and {images.shape[0]} images"
+        )
+    device = torch.device(device)
+
+    num_images = images.shape[0]
+    batch_size = min(batch_size, num_images)
+    steps_per_epoch = num_images // batch_size  # the ragged last batch is dropped (BN statistics)
+    total_steps = steps if steps is not None else epochs * steps_per_epoch
+    if total_steps < 1:
+        raise ValueError(f"nothing to train: steps={steps}, epochs={epochs}")
+    warmup_steps = max(1, int(warmup_fraction * total_steps))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ResNetClassifier(config)
+    model = model.to(device=device, memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(seed)
+
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        # Weight decay on BN scales/shifts and biases only hurts; decay conv/linear weights.
+        (decay if parameter.ndim > 1 else no_decay).append(parameter)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        momentum=momentum,
+        nesterov=True,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _learning_rate_factor(step, total_steps, warmup_steps)
+    )
+
+    history = TrainingHistory(
+        recipe=dict(
+            epochs=epochs, steps=total_steps, batch_size=batch_size, lr=lr, momentum=momentum,
+            weight_decay=weight_decay, label_smoothing=label_smoothing, warmup_fraction=warmup_fraction,
+            seed=seed, augment=augment, crop_padding=crop_padding, bf16=bf16, num_train=num_images,
+            config=asdict(config),
+        )
+    )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, desc="classifier", mininterval=5.0)
+
+    start_time = time.time()
+    step = 0
+    epoch = 0
+    window_loss = 0.0
+    window_count = 0
+    model.train()
+    while step < total_steps:
+        order = torch.randperm(num_images, generator=generator).numpy()
+        epoch_loss, epoch_correct, epoch_seen = 0.0, 0, 0
+        for batch_start in range(0, steps_per_epoch * batch_size, batch_size):
+            if step >= total_steps:
+                break
+            index = np.sort(order[batch_start : batch_start + batch_size])  # sorted: faster gather
+            pixels = uint8_batch_to_pixels(images[index], config.resolution, config.in_channels, device)
+            if augment:
+                pixels = random_crop_and_flip(pixels, crop_padding, generator)
+            x = pixels_to_model_input(pixels).contiguous(memory_format=torch.channels_last)
+            y = targets[index].to(device)
+            with _autocast(device, bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise RuntimeError(f"classifier training diverged at step {step} (loss {loss_value}); lower lr")
+            epoch_loss += loss_value * y.shape[0]
+            epoch_correct += int((logits.argmax(dim=1) == y).sum())
+            epoch_seen += y.shape[0]
+            window_loss += loss_value
+            window_count += 1
+            if window_count == log_every:
+                history.losses.append(window_loss / window_count)
+                window_loss, window_count = 0.0, 0
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+        epoch += 1
+        summary = {
+            "epoch": float(epoch),
+            "step": float(step),
+            "train_loss": epoch_loss / max(1, epoch_seen),
+            "train_top1": epoch_correct / max(1, epoch_seen),
+        }
+        if eval_images is not None:
+            scores = evaluate_classifier(model, eval_images, eval_labels, device=device)
+            summary.update(eval_top1=scores["top1"], eval_top5=scores["top5"])
+            model.train()
+        summary["elapsed_s"] = time.time() - start_time
+        history.epochs.append(summary)
+        if bar is not None:
+            bar.write(" ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+    if window_count:
+        history.losses.append(window_loss / window_count)
+    if bar is not None:
+        bar.close()
+    history.steps = step
+    history.wall_s = time.time() - start_time
+    model.eval()
+    return model, history
+
+
+def _check_labels(labels: np.ndarray, num_images: int, num_classes: int) -> torch.Tensor:
+    array = np.asarray(labels)
+    if array.ndim != 1 or array.shape[0] != num_images:
+        raise ValueError(f"labels must be a 1-D array with one label per image ({num_images}), got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {array.dtype}")
+    if array.size and (array.min() < 0 or array.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes - 1}] (num_classes={num_classes}); found range "
+            f"[{array.min()}, {array.max()}]"
+        )
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def evaluate_classifier(
+    model: ResNetClassifier,
+    images_uint8_nhwc: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int = 500,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (top-5 is 1.0 whenever num_classes <= 5)."""
+    images = check_images_uint8_nhwc(images_uint8_nhwc)
+    targets = _check_labels(labels, images.shape[0], model.config.num_classes).numpy()
+    _, logits = classifier_outputs(model, images, batch_size=batch_size, device=device)
+    top1 = float(np.mean(logits.argmax(axis=1) == targets))
+    k = min(5, logits.shape[1])
+    top_k = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    top5 = float(np.mean(np.any(top_k == targets[:, None], axis=1)))
+    return {"top1": top1, "top5": top5}
