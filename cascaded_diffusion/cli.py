@@ -157,7 +157,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .cascade import balanced_labels, grid_by_class, sample_in_batches
     from .data import load_images, save_grid
     from .errors import UserError, check_output_dir, check_output_file
-    from .training import resolve_device
+    from .hardware import resolve_device
 
     # every output is checked before anything is loaded or sampled
     check_output_file(args.out, "--out")

@@ -6,7 +6,6 @@ exported stage directory (``model.safetensors`` + ``stage.json``), so sampling c
 
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -18,6 +17,7 @@ from .augment import BlurAugmentation, NoAugmentation, NoiseAugmentation
 from .checkpoint import STAGE_FILE, CheckpointError, latest_valid_checkpoint, load_state, load_tensors, load_weights_into
 from .config import StageConfig
 from .diffusion import GaussianDiffusion, make_beta_schedule
+from .hardware import bf16_autocast
 from .samplers import make_cfg_model_fn, sample
 from .unet import UNet, UNetConfig
 
@@ -78,12 +78,6 @@ def build_augmentation(config: StageConfig):
     if c.augmentation == "blur":
         return BlurAugmentation(c.blur_kernel, c.blur_sigma_min, c.blur_sigma_max, c.blur_prob)
     return NoAugmentation()
-
-
-def autocast_context(device: torch.device, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class Stage:
@@ -204,7 +198,7 @@ class Stage:
                 x = x.contiguous(memory_format=torch.channels_last)
             if self._cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            with autocast_context(self.device, autocast):
+            with bf16_autocast(self.device, autocast):
                 out = self._sampling_net(x, t, y=labels, aug_level=aug, low_res=lr)
             return out.float().clone() if self._cuda_graphs and out.dtype == torch.float32 else out.float()
 

@@ -45,11 +45,12 @@ from .checkpoint import (
     save_checkpoint,
     set_aside_checkpoint,
 )
-from .config import ConfigError, StageConfig, TrainSection
+from .config import ConfigError, StageConfig
 from .data import BatchStream, ImageArray, images_to_tensor, load_images, save_grid, tensor_to_images
 from .errors import UserError, check_output_dir
 from .loader import PrefetchLoader
-from .stage import Stage, autocast_context, build_augmentation, build_diffusion, build_network
+from .hardware import bf16_autocast, configure_cuda_backends, resolve_device
+from .stage import Stage, build_augmentation, build_diffusion, build_network
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,40 +71,6 @@ class TrainSummary:
 def distributed_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
-    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps`` as a torch.device; a device that is unknown or not
-    present is a :class:`UserError` (before any work starts)."""
-    if requested in (None, "auto"):
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(requested)
-    except (RuntimeError, TypeError):
-        raise UserError(f"--device {requested!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(
-                f"--device {requested} was requested but no CUDA device is available (torch {torch.__version__}"
-                f"{'' if torch.version.cuda else ', a CPU-only build'}); use --device cpu"
-            )
-        index = local_rank if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            raise UserError(f"--device {requested}: there are only {torch.cuda.device_count()} CUDA device(s)")
-        return torch.device("cuda", index)
-    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise UserError(f"--device {requested} was requested but MPS is not available; use --device cpu")
-    if device.type not in ("cpu", "mps"):
-        raise UserError(f"--device {requested!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-def configure_cuda_backends(train: TrainSection) -> None:
-    """The global CUDA math settings of a training process: TF32 for fp32 matmuls and convolutions (the parts
-    that autocast leaves in fp32), and cuDNN autotuning unless ``train.cudnn_benchmark`` is off."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = train.cudnn_benchmark
 
 
 # --- EMA -------------------------------------------------------------------------------------------------
@@ -156,7 +123,7 @@ class Trainer:
         self.device = resolve_device(device, self.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            configure_cuda_backends(config.train)
+            configure_cuda_backends(config.train.cudnn_benchmark)
         self._data = data
 
     # --- setup -----------------------------------------------------------------------------------------
@@ -389,7 +356,7 @@ class Trainer:
         def model_fn(x_t: torch.Tensor, t_scaled: torch.Tensor) -> torch.Tensor:
             if channels_last:
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
-            with autocast_context(self.device, cfg.train.bf16):
+            with bf16_autocast(self.device, cfg.train.bf16):
                 out = net(x_t, t_scaled, y=y, aug_level=aug_level, low_res=low_res)
             return out.float()
 

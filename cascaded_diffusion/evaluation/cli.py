@@ -19,7 +19,7 @@ def _write_json(path: str | Path, payload: dict) -> None:
 
 
 def _device(name: str):
-    from ..training import resolve_device
+    from ..hardware import resolve_device
 
     return resolve_device(name)
 
