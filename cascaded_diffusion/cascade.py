@@ -20,8 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data import images_to_tensor, make_grid, save_grid, tensor_to_images
-from .augment import upsample
+from .fileio import images_to_tensor, tensor_to_images
 from .stage import Stage
 
 
@@ -268,38 +267,3 @@ def balanced_labels(num: int, num_classes: int, class_labels: Sequence[int] | No
         pool = torch.arange(num_classes, dtype=torch.long)
     labels = pool.repeat((num + len(pool) - 1) // len(pool))[:num]
     return labels.sort(stable=True).values
-
-
-def grid_by_class(
-    stage_images: Sequence[np.ndarray],
-    labels: np.ndarray,
-    per_class: int = 8,
-    max_classes: int = 10,
-    min_tile: int = 32,
-) -> np.ndarray:
-    """One row per class; each sample shows every stage side by side (nearest-upsampled to the final
-    resolution, and to at least ``min_tile`` pixels so tiny stages stay visible), low resolution to high.
-    ``stage_images``: uint8 NHWC arrays, one per stage."""
-    final = stage_images[-1].shape[1]
-    final *= -(-min_tile // final) if final < min_tile else 1
-    shown = []
-    for imgs in stage_images:
-        t = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float()
-        if imgs.shape[1] != final:
-            t = upsample(t, final, "nearest")
-        shown.append(t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    classes = [c for c in np.unique(labels)][:max_classes]
-    per_class = min(per_class, min(int((labels == c).sum()) for c in classes))
-    tiles = []
-    for c in classes:
-        idx = np.flatnonzero(labels == c)[:per_class]
-        for j in idx:
-            tiles.extend(s[j] for s in shown)
-    return make_grid(np.stack(tiles), nrow=per_class * len(shown))
-
-
-def save_cascade_grid(output: CascadeOutput, path: str | Path, per_class: int = 8) -> None:
-    images = [tensor_to_images(x) for x in output.stages]
-    labels = output.labels.cpu().numpy()
-    grid = grid_by_class(images, labels, per_class=per_class)
-    save_grid(grid[None], path, nrow=1, padding=0)

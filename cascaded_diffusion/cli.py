@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .fileio import save_samples_npz
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -122,17 +124,6 @@ def load_cascade(run_dirs: list[str], pretrained: str | None, device: str, weigh
     return Cascade.from_run_dirs(run_dirs, device=device, weights=weights)
 
 
-def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
-    from .checkpoint import atomic_write_bytes
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, arr_0=images, arr_1=labels.astype(np.int64))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def _save_samples_or_rescue(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
     """Write the samples to ``path``; if that fails after all the sampling (the disk filled up meanwhile), save
     them to the temporary directory instead and say where, rather than throwing the work away."""
@@ -141,11 +132,11 @@ def _save_samples_or_rescue(path: str | Path, images: np.ndarray, labels: np.nda
     from .errors import UserError, describe_os_error
 
     try:
-        save_npz(path, images, labels)
+        save_samples_npz(path, images, labels)
     except OSError as e:
         rescue = Path(tempfile.gettempdir()) / f"cdm-samples-{os.getpid()}.npz"
         try:
-            save_npz(rescue, images, labels)
+            save_samples_npz(rescue, images, labels)
         except OSError:
             raise e from None
         raise UserError(f"{describe_os_error(e)}; the {len(images)} samples were saved to {rescue} instead") from None
@@ -154,8 +145,9 @@ def _save_samples_or_rescue(path: str | Path, images: np.ndarray, labels: np.nda
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .cascade import balanced_labels, grid_by_class, sample_in_batches
-    from .data import load_images, save_grid
+    from .cascade import balanced_labels, sample_in_batches
+    from .data import load_images
+    from .fileio import grid_by_class, save_grid
     from .errors import UserError, check_output_dir, check_output_file
     from .hardware import resolve_device
 
@@ -201,7 +193,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.save_stages:
         out_dir = Path(args.save_stages)
         for i, imgs in enumerate(stage_images):
-            save_npz(out_dir / f"stage{i + 1 + start_stage}_{imgs.shape[1]}px.npz", imgs, label_array)
+            save_samples_npz(out_dir / f"stage{i + 1 + start_stage}_{imgs.shape[1]}px.npz", imgs, label_array)
     if args.grid:
         grid = grid_by_class(stage_images, label_array, per_class=args.grid_per_class)
         save_grid(grid[None], args.grid, nrow=1, padding=0)

@@ -19,33 +19,25 @@ from __future__ import annotations
 import concurrent.futures
 import gzip
 import hashlib
-import json
 import math
 import os
-import tempfile
 import warnings
-import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import numpy as np
-import torch
 from PIL import Image
+
+from .fileio import read_samples_npz
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "IMAGE_EXTENSIONS",
     "ImageArray",
     "load_images",
-    "default_cache_dir",
     "BatchStream",
-    "images_to_tensor",
-    "tensor_to_images",
-    "random_flip_mask",
-    "make_grid",
-    "save_grid",
 ]
 
 FASHION_MNIST_CLASSES = [
@@ -74,14 +66,10 @@ IMAGE_EXTENSIONS = frozenset(
 _VALID_SPECS = (
     "'fashion-mnist', 'fashion-mnist:train', 'fashion-mnist:test', 'imagefolder:PATH', 'npz:PATH', 'prepared:DIR'"
 )
-# Bump when the imagefolder preprocessing or cache layout changes, so stale caches are rebuilt.
-_CACHE_FORMAT_VERSION = 1
 _DECODE_BLOCK = 2048  # paths submitted to the thread pool at a time (bounds the number of live futures)
 # Largest class index an npz label may hold: one class name is built per class, so an absurd label (10**10)
 # must be refused before anything is allocated. ImageNet-21k has 21,841 classes.
 MAX_NPZ_LABEL = 99_999
-# What a truncated, garbage or half-written .npz raises while it is opened or read.
-_NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile, KeyError)
 
 
 @dataclass
@@ -160,7 +148,7 @@ def load_images(
         root: for Fashion-MNIST, the directory holding the four idx files (default: env
             ``CDM_FASHION_MNIST``, else ``/usr/share/datasets/fashion-mnist``); for ``imagefolder``/``npz``,
             a base directory that a relative PATH is resolved against.
-        cache_dir: where ``imagefolder`` caches its decoded array (default: :func:`default_cache_dir`).
+        cache_dir: where ``imagefolder`` caches its decoded array (default: ``fileio.cache_dir("data")``).
         on_corrupt: ``"skip"`` drops unreadable image files with a warning; ``"error"`` raises naming the file.
         progress: show a tqdm progress bar while decoding an image folder.
         use_cache: ``False`` decodes an image folder in memory without reading or writing the cache.
@@ -350,54 +338,6 @@ def _load_fashion_mnist(
 # --------------------------------------------------------------------------------------------------------
 
 
-def read_samples_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read and validate a guided-diffusion style ``.npz``: ``arr_0`` uint8 N×H×W×C images and the
-    optional ``arr_1`` labels (returned unvalidated, or None)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"npz file not found: {path}")
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except _NPZ_READ_ERRORS as exc:
-        raise ValueError(
-            f"{path}: cannot read as an .npz archive ({type(exc).__name__}: {exc}); "
-            "the file is truncated, corrupt or not an .npz"
-        ) from exc
-    if not hasattr(archive, "files"):
-        raise ValueError(f"{path}: is a single .npy array, expected an .npz archive with arr_0 (and arr_1)")
-    with archive:
-        if "arr_0" not in archive.files:
-            raise ValueError(
-                f"{path}: no 'arr_0' array (found {archive.files}); expected arr_0 = uint8 N x H x W x C "
-                "images and optional arr_1 = labels"
-            )
-        try:
-            images = archive["arr_0"]
-            labels = archive["arr_1"] if "arr_1" in archive.files else None
-        except _NPZ_READ_ERRORS as exc:
-            raise ValueError(
-                f"{path}: cannot read its arrays ({type(exc).__name__}: {exc}); the file is truncated or corrupt"
-            ) from exc
-
-    if images.dtype != np.uint8:
-        hint = ""
-        if np.issubdtype(images.dtype, np.floating) and images.size:
-            lo, hi = float(images.min()), float(images.max())
-            hint = (
-                f" (values in [{lo:.3g}, {hi:.3g}]; from [-1, 1] convert with "
-                "((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8))"
-            )
-        raise ValueError(f"{path}: arr_0 has dtype {images.dtype}, expected uint8 images in 0..255{hint}")
-    if images.ndim != 4:
-        raise ValueError(
-            f"{path}: arr_0 has shape {images.shape} (rank {images.ndim}), expected rank 4 N x H x W x C "
-            "(add a trailing channel axis for grayscale)"
-        )
-    if images.shape[0] == 0:
-        raise ValueError(f"{path}: arr_0 holds no images")
-    return images, labels
-
-
 def _load_npz(path: Path, resolution: int, *, channels: int | None) -> ImageArray:
     images, labels = read_samples_npz(path)
     images = _convert_channels(images, channels, str(path))
@@ -433,14 +373,6 @@ def _load_npz(path: Path, resolution: int, *, channels: int | None) -> ImageArra
 # --------------------------------------------------------------------------------------------------------
 # imagefolder: listing, fingerprint, decoding, cache
 # --------------------------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """Directory for decoded image-folder caches: ``$CDM_CACHE/data`` if CDM_CACHE is set (it names the
-    library's cache root), else ``~/.cache/cascaded_diffusion/data``."""
-    root = os.environ.get("CDM_CACHE")
-    base = Path(os.path.expanduser(root)) if root else Path.home() / ".cache" / "cascaded_diffusion"
-    return base / "data"
 
 
 def _list_image_folder(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -548,35 +480,6 @@ def _warn_skipped(folder: Path, skipped: list[str], total: int) -> None:
     )
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _remove_quietly(path: str | Path) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def _load_imagefolder(
     folder: Path,
     resolution: int,
@@ -597,122 +500,21 @@ def _load_imagefolder(
     class_names, entries = _list_image_folder(folder)
     relpaths = [relpath for relpath, _ in entries]
     all_labels = np.array([label for _, label in entries], dtype=np.int64)
-    mode = "RGB" if channels == 3 else "L"
-    source = f"imagefolder:{folder}"
     workers = num_workers if num_workers is not None else min(32, os.cpu_count() or 1)
     if workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    shape = (len(entries), resolution, resolution, channels)
-
-    if not use_cache:
-        images = np.empty(shape, dtype=np.uint8)
-        failures = _decode_into(folder, relpaths, images, resolution, mode, on_corrupt, progress, workers)
-        keep = _kept_indices(len(relpaths), failures, folder)
-        skipped = [failures[i] for i in sorted(failures)]
-        if skipped:
-            _warn_skipped(folder, skipped, len(entries))
-            images = images[keep]
-        return ImageArray(images, all_labels[keep], len(class_names), class_names, source)
-
-    cache_root = Path(os.path.expanduser(os.fspath(cache_dir))) if cache_dir is not None else default_cache_dir()
-    cache_root.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(f"{folder}\0{resolution}\0{channels}\0{_CACHE_FORMAT_VERSION}".encode()).hexdigest()[:16]
-    stem = f"{folder.name}-{resolution}px-{channels}ch-{key}"
-    images_path = cache_root / f"{stem}.images.npy"
-    labels_path = cache_root / f"{stem}.labels.npy"
-    manifest_path = cache_root / f"{stem}.json"
-
-    fingerprint = _fingerprint(folder, entries)
-    expected_manifest = {
-        "format_version": _CACHE_FORMAT_VERSION,
-        "spec": source,
-        "resolution": resolution,
-        "channels": channels,
-        "class_names": class_names,
-        **fingerprint,
-    }
-    cached = _try_load_cache(manifest_path, images_path, labels_path, expected_manifest)
-    if cached is not None:
-        images, labels, skipped = cached
-        if skipped and on_corrupt == "error":  # the cache was built under "skip": the policy still applies
-            raise ValueError(
-                f"cannot decode image {skipped[0]} ({len(skipped)} of {len(entries)} files were unreadable when "
-                f"the cache {manifest_path} was built; on_corrupt = 'error' refuses them)"
-            )
-        if skipped:
-            _warn_skipped(folder, skipped, len(entries))
-        return ImageArray(images, labels, len(class_names), class_names, source)
-
-    # Remove the manifest first: until a new one is written the cache reads as absent, so a crash
-    # mid-rebuild can never pair a stale manifest with new arrays.
-    _remove_quietly(manifest_path)
-    # Decode straight into a temporary .npy on disk so folders larger than RAM can be cached.
-    fd, tmp_images = tempfile.mkstemp(dir=cache_root, prefix=images_path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        buffer = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=shape)
-        failures = _decode_into(folder, relpaths, buffer, resolution, mode, on_corrupt, progress, workers)
-        keep = _kept_indices(len(relpaths), failures, folder)
-        skipped = [failures[i] for i in sorted(failures)]
-        if skipped:
-            _warn_skipped(folder, skipped, len(entries))
-            compacted_path = tmp_images + ".kept"
-            compacted = np.lib.format.open_memmap(
-                compacted_path, mode="w+", dtype=np.uint8, shape=(len(keep), *shape[1:])
-            )
-            for start in range(0, len(keep), _DECODE_BLOCK):
-                chunk = keep[start : start + _DECODE_BLOCK]
-                compacted[start : start + len(chunk)] = buffer[chunk]
-            compacted.flush()
-            del compacted, buffer
-            os.replace(compacted_path, tmp_images)
-        else:
-            buffer.flush()
-            del buffer
-        os.replace(tmp_images, images_path)
-    except BaseException:
-        _remove_quietly(tmp_images)
-        _remove_quietly(tmp_images + ".kept")
-        raise
-    _atomic_save_npy(labels_path, all_labels[keep])
-    _atomic_write_json(manifest_path, {**expected_manifest, "num_images": len(keep), "skipped": skipped})
-
-    images = np.load(images_path, mmap_mode="r")
-    return ImageArray(images, np.load(labels_path), len(class_names), class_names, source)
-
-
-def _kept_indices(num_files: int, failures: dict[int, str], folder: Path) -> np.ndarray:
-    if len(failures) == num_files:
+    images = np.empty((len(entries), resolution, resolution, channels), dtype=np.uint8)
+    mode = "RGB" if channels == 3 else "L"
+    failures = _decode_into(folder, relpaths, images, resolution, mode, on_corrupt, progress, workers)
+    if len(failures) == len(relpaths):
         first = failures[min(failures)]
-        raise ValueError(f"{folder}: none of the {num_files} image files could be decoded; first: {first}")
-    return np.array([i for i in range(num_files) if i not in failures], dtype=np.int64)
-
-
-def _try_load_cache(
-    manifest_path: Path, images_path: Path, labels_path: Path, expected: dict[str, Any]
-) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
-    """Return (images memmap, labels, skipped paths) if the cache matches ``expected``, else None."""
-    try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if any(manifest.get(k) != v for k, v in expected.items()):
-        return None
-    try:
-        images = np.load(images_path, mmap_mode="r")
-        labels = np.load(labels_path)
-    except (OSError, ValueError):
-        return None
-    n = manifest.get("num_images")
-    if (
-        images.dtype != np.uint8
-        or images.shape != (n, expected["resolution"], expected["resolution"], expected["channels"])
-        or labels.dtype != np.int64
-        or labels.shape != (n,)
-    ):
-        return None
-    return images, labels, list(manifest.get("skipped", []))
+        raise ValueError(f"{folder}: none of the {len(relpaths)} image files could be decoded; first: {first}")
+    keep = np.array([i for i in range(len(relpaths)) if i not in failures], dtype=np.int64)
+    skipped = [failures[i] for i in sorted(failures)]
+    if skipped:
+        _warn_skipped(folder, skipped, len(entries))
+        images = images[keep]
+    return ImageArray(images, all_labels[keep], len(class_names), class_names, f"imagefolder:{folder}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -835,126 +637,3 @@ class BatchStream:
 # --------------------------------------------------------------------------------------------------------
 # uint8 <-> [-1, 1] tensors, flips
 # --------------------------------------------------------------------------------------------------------
-
-
-def images_to_tensor(
-    images: np.ndarray | torch.Tensor,
-    device: torch.device | str | None = None,
-    flip_mask: torch.Tensor | np.ndarray | None = None,
-) -> torch.Tensor:
-    """uint8 N x H x W x C images -> float32 N x C x H x W tensor in [-1, 1] on ``device``.
-
-    The uint8 data is moved before the float conversion (4x less transfer). ``flip_mask`` (bool, length N)
-    mirrors the selected images left-right.
-    """
-    if isinstance(images, np.ndarray):
-        if images.dtype != np.uint8:
-            raise ValueError(f"images_to_tensor expects uint8 images, got numpy dtype {images.dtype}")
-        if not images.flags.writeable or not images.flags.c_contiguous:
-            images = np.array(images)  # memmaps are read-only; torch wants writable memory
-        tensor = torch.from_numpy(images)
-    elif isinstance(images, torch.Tensor):
-        if images.dtype != torch.uint8:
-            raise ValueError(f"images_to_tensor expects uint8 images, got tensor dtype {images.dtype}")
-        tensor = images
-    else:
-        raise ValueError(f"images_to_tensor expects a numpy array or torch tensor, got {type(images).__name__}")
-    if tensor.ndim != 4:
-        raise ValueError(f"images_to_tensor expects N x H x W x C images, got shape {tuple(tensor.shape)}")
-    if device is not None:
-        tensor = tensor.to(device, non_blocking=True)
-    x = tensor.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    if flip_mask is not None:
-        mask = torch.as_tensor(flip_mask, device=x.device)
-        if mask.dtype != torch.bool or mask.shape != (x.shape[0],):
-            raise ValueError(
-                f"flip_mask must be a bool tensor of shape ({x.shape[0]},), got {mask.dtype} {tuple(mask.shape)}"
-            )
-        x = torch.where(mask[:, None, None, None], x.flip(3), x)
-    return x.contiguous()
-
-
-def tensor_to_images(x: torch.Tensor) -> np.ndarray:
-    """Float N x C x H x W tensor in [-1, 1] -> uint8 N x H x W x C numpy array (rounded, clamped)."""
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
-        raise ValueError(
-            "tensor_to_images expects a float N x C x H x W tensor, got "
-            + (f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__)
-        )
-    x = x.detach()
-    if torch.isnan(x).any():
-        raise ValueError("tensor_to_images: the images contain NaN (did sampling or training diverge?)")
-    pixels = ((x.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
-def random_flip_mask(n: int, generator: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:
-    """Bool tensor of length ``n``, each entry True with probability ``p`` (on the generator's device)."""
-    if n < 0 or not 0.0 <= p <= 1.0:
-        raise ValueError(f"random_flip_mask needs n >= 0 and 0 <= p <= 1, got n={n}, p={p}")
-    device = generator.device if generator is not None else None
-    return torch.rand(n, generator=generator, device=device) < p
-
-
-# --------------------------------------------------------------------------------------------------------
-# Grids
-# --------------------------------------------------------------------------------------------------------
-
-
-def make_grid(
-    images: np.ndarray | torch.Tensor, nrow: int, padding: int = 2, pad_value: int = 255
-) -> np.ndarray:
-    """Tile images into one uint8 H x W x C array with ``nrow`` images per row.
-
-    Args:
-        images: uint8 N x H x W x C (numpy or tensor), or a float N x C x H x W tensor in [-1, 1].
-        nrow: images per row (callers put one class per row by passing the samples-per-class count).
-        padding: pixels between images and around the border.
-        pad_value: gray level of the padding (white by default, visible against black backgrounds).
-    """
-    if isinstance(images, torch.Tensor):
-        images = tensor_to_images(images) if images.is_floating_point() else images.detach().cpu().numpy()
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(
-            f"make_grid expects a non-empty uint8 N x H x W x C array, got {images.dtype} {images.shape}"
-        )
-    if nrow < 1 or padding < 0 or not 0 <= pad_value <= 255:
-        raise ValueError(
-            "make_grid needs nrow >= 1, padding >= 0, 0 <= pad_value <= 255; "
-            f"got nrow={nrow}, padding={padding}, pad_value={pad_value}"
-        )
-    n, h, w, c = images.shape
-    ncol = min(nrow, n)
-    nrows = math.ceil(n / ncol)
-    grid = np.full((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, np.uint8)
-    for i in range(n):
-        top = padding + (i // ncol) * (h + padding)
-        left = padding + (i % ncol) * (w + padding)
-        grid[top : top + h, left : left + w] = images[i]
-    return grid
-
-
-def save_grid(
-    images: np.ndarray | torch.Tensor,
-    path: str | os.PathLike,
-    nrow: int,
-    padding: int = 2,
-    pad_value: int = 255,
-) -> Path:
-    """Write :func:`make_grid` of ``images`` to ``path`` (format from the extension, e.g. .png); returns it."""
-    import io
-
-    from .checkpoint import atomic_write_bytes
-
-    grid = make_grid(images, nrow, padding=padding, pad_value=pad_value)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    try:
-        image.save(buffer, format=Image.registered_extensions().get(path.suffix.lower()))
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{path}: cannot write an image with extension {path.suffix!r} ({e}); use .png") from None
-    atomic_write_bytes(path, buffer.getvalue())  # a full disk or a kill never leaves a half-written grid
-    return path

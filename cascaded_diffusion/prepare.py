@@ -16,7 +16,7 @@ the same pixels as the ``imagefolder:`` path) and resizes it to every requested 
 decode *chunks* of files straight into full-size memory-mapped arrays under ``DATA_DIR/.partial/``; each
 finished chunk is flushed and then recorded in ``.partial/done.jsonl``, so a killed preparation resumes with the
 chunks not yet recorded. At the end the rows of unreadable files are squeezed out in place, the arrays are
-renamed into ``DATA_DIR`` and the manifest is written atomically (``checkpoint.atomic_write_text``).
+renamed into ``DATA_DIR`` and the manifest is written atomically (``fileio.atomic_write_text``).
 
 Training reads it with ``data.source = "prepared:DATA_DIR"`` (:func:`load_prepared`); the ``imagefolder:PATH``
 source prepares the folder at the one resolution it needs into the cache directory
@@ -45,7 +45,6 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .checkpoint import atomic_write_bytes, atomic_write_text
 from .data import (
     ImageArray,
     _center_crop_resize,
@@ -53,9 +52,9 @@ from .data import (
     _list_image_folder,
     _to_8bit,
     _warn_skipped,
-    default_cache_dir,
 )
 from .errors import UserError, check_output_dir
+from .fileio import atomic_write_bytes, atomic_write_text, cache_dir as cache_root
 
 __all__ = [
     "PREPROCESSING",
@@ -669,7 +668,7 @@ def load_prepared(
 
 def cache_entry(folder: Path, resolution: int, channels: int, cache_dir: str | os.PathLike | None) -> Path:
     """The prepared directory that caches ``imagefolder:FOLDER`` at one resolution."""
-    root = Path(os.path.expanduser(os.fspath(cache_dir))) if cache_dir is not None else default_cache_dir()
+    root = Path(os.path.expanduser(os.fspath(cache_dir))) if cache_dir is not None else cache_root("data")
     key = hashlib.sha256(f"{folder}\0{resolution}\0{channels}\0{FORMAT_VERSION}".encode()).hexdigest()[:16]
     return root / f"{folder.name}-{resolution}px-{channels}ch-{key}"
 

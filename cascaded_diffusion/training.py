@@ -29,11 +29,10 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
-from .augment import downsample, upsample
+from .augment import downsample
 from .checkpoint import (
     CheckpointError,
     RunLock,
-    atomic_write_text,
     clean_run_dir,
     latest_checkpoint,
     latest_valid_checkpoint,
@@ -46,7 +45,8 @@ from .checkpoint import (
     set_aside_checkpoint,
 )
 from .config import ConfigError, StageConfig
-from .data import BatchStream, ImageArray, images_to_tensor, load_images, save_grid, tensor_to_images
+from .data import BatchStream, ImageArray, load_images
+from .fileio import atomic_write_text, grid_by_class, images_to_tensor, save_grid, tensor_to_images
 from .errors import UserError, check_output_dir
 from .loader import PrefetchLoader
 from .hardware import bf16_autocast, configure_cuda_backends, resolve_device
@@ -428,7 +428,7 @@ class Trainer:
         labels = torch.arange(rows, device=self.device).repeat_interleave(per_class)
         gen = torch.Generator(self.device).manual_seed(1234)
         low = None
-        columns = []
+        columns: list[np.ndarray] = []
         if cfg.is_sr:
             picks = []
             for c in range(rows):
@@ -436,17 +436,13 @@ class Trainer:
                 picks.append(np.resize(where, per_class) if len(where) else np.zeros(per_class, np.int64))
             real = images_to_tensor(np.asarray(self.data.images[np.concatenate(picks)]), device=self.device)
             low = downsample(real, cfg.stage.low_res)
-            columns.append(upsample(low, cfg.stage.resolution, "nearest"))
+            columns.append(tensor_to_images(low.clamp(-1, 1)))
         x = stage.sample(labels, low_res=low, steps=cfg.train.sample_steps, generator=gen, autocast=cfg.train.bf16)
-        columns.append(x)
+        columns.append(tensor_to_images(x))
         if cfg.is_sr:
-            columns.append(real)
-        # interleave columns per row: for SR each row shows low-res | sample | real
-        grid = torch.stack(columns, 1).reshape(-1, *x.shape[1:]) if len(columns) > 1 else x
-        if grid.shape[-1] < 32:  # keep tiny stages visible
-            r = grid.shape[-1]
-            grid = upsample(grid, r * -(-32 // r), "nearest")
-        save_grid(tensor_to_images(grid), path, nrow=per_class * len(columns))
+            columns.append(tensor_to_images(real))
+        # one row per class; for SR each sample shows low-res | sample | real
+        save_grid(grid_by_class(columns, labels.cpu().numpy(), per_class=per_class)[None], path, nrow=1, padding=0)
 
     # --- the loop --------------------------------------------------------------------------------------
     def train(self) -> TrainSummary:

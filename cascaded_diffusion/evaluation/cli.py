@@ -11,7 +11,7 @@ import numpy as np
 
 
 def _write_json(path: str | Path, payload: dict) -> None:
-    from ..checkpoint import atomic_write_text
+    from ..fileio import atomic_write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -137,7 +137,7 @@ class FeatureStats:
     def save(self, path: str | os.PathLike) -> None:
         """Write the statistics to an uncompressed ``.npz`` (strings stored as numpy unicode, no pickling),
         atomically: a full disk or a kill leaves any previous file at ``path`` intact."""
-        from ..checkpoint import atomic_write_bytes
+        from ..fileio import atomic_write_bytes
 
         arrays: dict[str, np.ndarray] = {
             "mu": self.mu,
