@@ -255,7 +255,7 @@ def main(argv=None) -> dict:
                       f"plain {r['plain_ms']:7.2f} ms  {r['speedup']:5.2f}x  max diff {r['max_abs_diff']:.3g}",
                       flush=True)
     if not args.skip_networks or args.cascade:
-        cascade = Cascade.from_pretrained(args.pretrained)
+        cascade = Cascade.load(pretrained=args.pretrained)
         if not args.skip_networks:
             result["networks"] = run_networks(cascade, args.batch_size, args.reps)
             for r in result["networks"]:

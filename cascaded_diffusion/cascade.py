@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from .fileio import images_to_tensor, tensor_to_images
+from .errors import UserError
+from .pretrained import pretrained_stage_dirs
 from .stage import Stage
 
 
@@ -53,17 +55,23 @@ class Cascade:
 
     # --- construction ----------------------------------------------------------------------------------
     @classmethod
-    def from_run_dirs(
-        cls, paths: Sequence[str | Path], device: str | torch.device = "cpu", weights: str = "ema"
+    def load(
+        cls,
+        run_dirs: Sequence[str | Path] = (),
+        *,
+        pretrained: str | None = None,
+        device: str | torch.device = "cpu",
+        weights: str = "ema",
     ) -> "Cascade":
-        stages = [Stage.load(p, device=device, weights=weights) for p in paths]
-        return cls(stages)
-
-    @classmethod
-    def from_pretrained(cls, name: str, device: str | torch.device = "cpu") -> "Cascade":
-        from .pretrained import pretrained_stage_dirs
-
-        return cls.from_run_dirs(pretrained_stage_dirs(name), device=device, weights="ema")
+        """The stages in ``run_dirs`` (run or exported stage directories, base first), or the bundled cascade
+        ``pretrained`` (EMA weights); one or the other."""
+        if pretrained and run_dirs:
+            raise UserError("give either run directories or --pretrained, not both")
+        if pretrained:
+            run_dirs, weights = pretrained_stage_dirs(pretrained), "ema"
+        if not run_dirs:
+            raise UserError("give one or more run directories (base first), or --pretrained NAME")
+        return cls([Stage.load(p, device=device, weights=weights) for p in run_dirs])
 
     def compile(self, mode: str | None = None, backend: str = "inductor") -> "Cascade":
         """Sample every stage through ``torch.compile`` (see :meth:`Stage.compile`)."""
@@ -113,8 +121,29 @@ class Cascade:
         return self.stages[0].num_classes
 
     def default_aug_levels(self) -> list[int]:
-        """Per SR stage: the level stored in its config (``conditioning.sample_s``); 0 without noise aug."""
-        return [s.config.conditioning.sample_s if s.uses_noise_augmentation else 0 for s in self.stages[1:]]
+        """Per SR stage: the level it was trained at if that was one fixed level (``conditioning.fixed_s``), else
+        the level stored in its config (``conditioning.sample_s``); 0 without noise aug."""
+        levels = []
+        for stage in self.stages[1:]:
+            c = stage.config.conditioning
+            levels.append(0 if not stage.uses_noise_augmentation else c.fixed_s if c.fixed_s >= 0 else c.sample_s)
+        return levels
+
+    def aug_levels(self, aug_levels: Sequence[int] | None = None) -> list[int]:
+        """One level s per SR stage: ``aug_levels`` (one value is used for every SR stage) or the defaults."""
+        n = len(self.stages)
+        levels = list(aug_levels) if aug_levels is not None else self.default_aug_levels()
+        if len(levels) == 1 and n > 2:
+            levels = levels * (n - 1)
+        if len(levels) != n - 1:
+            raise CascadeError(f"aug_levels: got {len(levels)} values for {n - 1} SR stages")
+        return levels
+
+    def noisy_outputs(self, aug_levels: Sequence[int] | None = None, truncated: bool = False) -> list[bool]:
+        """Per stage: whether :meth:`sample` returns a noisy z_s for it rather than an image (truncated sampling
+        stops a stage at the next stage's level s and hands z_s on)."""
+        levels = self.aug_levels(aug_levels)
+        return [truncated and i < len(levels) and levels[i] > 0 for i in range(len(self.stages))]
 
     def _check_truncation(self, i: int, level: int) -> None:
         """Truncated sampling hands the previous stage's own x_s on: the schedules must agree."""
@@ -161,11 +190,7 @@ class Cascade:
         sampler_l = _per_stage(sampler, n, "sampler")
         guidance_l = _per_stage(guidance, n, "guidance")
         eta_l = _per_stage(eta, n, "eta")
-        levels = list(aug_levels) if aug_levels is not None else self.default_aug_levels()
-        if len(levels) == 1 and n > 2:
-            levels = levels * (n - 1)
-        if len(levels) != n - 1:
-            raise CascadeError(f"aug_levels: got {len(levels)} values for {n - 1} SR stages")
+        levels = self.aug_levels(aug_levels)
         for i, s in enumerate(levels, start=1):
             stage = self.stages[i]
             if s and not stage.uses_noise_augmentation:
@@ -177,6 +202,9 @@ class Cascade:
                 raise CascadeError(f"aug level {s} for stage {i + 1} is outside [0, {stage.config.conditioning.noise_timesteps}]")
             if truncated and s and i > start_stage:
                 self._check_truncation(i, s)
+        for i in range(start_stage, n):
+            g = guidance_l[i]
+            self.stages[i].check_guidance(self.stages[i].config.sample.guidance if g is None else g)
         if not 0 <= start_stage < n:
             raise CascadeError(f"start_stage must be in [0, {n}), got {start_stage}")
         if start_stage > 0 and low_res is None:

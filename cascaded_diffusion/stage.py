@@ -17,6 +17,7 @@ from .augment import BlurAugmentation, NoAugmentation, NoiseAugmentation
 from .checkpoint import STAGE_FILE, CheckpointError, latest_valid_checkpoint, load_state, load_tensors, load_weights_into
 from .config import StageConfig
 from .diffusion import GaussianDiffusion, make_beta_schedule
+from .errors import UserError
 from .hardware import bf16_autocast
 from .samplers import make_cfg_model_fn, sample
 from .unet import UNet, UNetConfig
@@ -170,6 +171,16 @@ class Stage:
     def uses_noise_augmentation(self) -> bool:
         return isinstance(self.augmentation, NoiseAugmentation)
 
+    def check_guidance(self, guidance: float) -> None:
+        """Classifier-free guidance other than 1 mixes in the null-class prediction, which only a stage trained with
+        label dropout has learnt: refuse it for any other stage."""
+        if guidance != 1.0 and self.config.model.label_dropout <= 0:
+            raise UserError(
+                f"classifier-free guidance {guidance:g} needs a stage trained with label dropout (model.label_dropout "
+                f"> 0); stage {self.source or self.config.stage.name} was trained without it, so its null class is "
+                "untrained. Use guidance 1"
+            )
+
     # --- the closure the samplers call -----------------------------------------------------------------
     def model_fn(
         self,
@@ -183,6 +194,7 @@ class Stage:
         the integer augmentation level ``aug_level``). ``guidance`` 1.0 is plain conditional sampling."""
         if self.is_sr and low_res is None:
             raise ValueError(f"stage {self.source or self.config.stage.name} is an SR stage: it needs low_res")
+        self.check_guidance(guidance)
         scaled_aug = None
         if self.uses_noise_augmentation:
             if aug_level is None:

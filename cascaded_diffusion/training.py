@@ -112,6 +112,13 @@ class Trainer:
     ):
         """``stop_after``: return after this many optimizer steps in this invocation (used to simulate an
         interruption in tests); the run's total length stays ``config.train.steps``."""
+        d = config.diffusion
+        if d.learn_sigma and d.loss == "simple":
+            raise ConfigError(
+                "diffusion.learn_sigma = true with diffusion.loss = \"simple\" would leave the variance head untrained "
+                "while sampling uses it: set diffusion.loss = \"hybrid\" (Improved DDPM's L_simple + VLB), or "
+                "learn_sigma = false"
+            )
         self.config = config
         self.run_dir = Path(run_dir)
         self.rank, self.world_size, self.local_rank = distributed_env()

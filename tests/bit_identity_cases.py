@@ -27,9 +27,8 @@ def load_cascade(kind: str):
     from cascaded_diffusion.cascade import Cascade
 
     if kind == "tiny":
-        return Cascade.load(TINY) if hasattr(Cascade, "load") else Cascade.from_run_dirs(TINY)
-    return Cascade.load(pretrained="fashion-mnist") if hasattr(Cascade, "load") else Cascade.from_pretrained(
-        "fashion-mnist")
+        return Cascade.load(TINY)
+    return Cascade.load(pretrained="fashion-mnist")
 
 
 def sample_case(name: str) -> np.ndarray:

@@ -295,7 +295,7 @@ def no_compute(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("compute started before the output paths were checked")
 
-    import cascaded_diffusion.cascade as cascade_module
+    import cascaded_diffusion.cli.sample as cascade_module  # where cdm sample looks it up
     import cascaded_diffusion.evaluation.evaluate as evaluate_module
     import cascaded_diffusion.evaluation.features as features_module
 
@@ -371,7 +371,7 @@ def test_atomic_write_failure_names_the_target_and_keeps_the_old_file(tmp_path, 
 def test_samples_are_rescued_when_the_disk_fills_during_sampling(tmp_path, capsys, monkeypatch):
     import tempfile
 
-    import cascaded_diffusion.cli as cli_module
+    import cascaded_diffusion.cli.common as cli_module
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -563,7 +563,7 @@ def test_16_bit_grayscale_pngs_are_scaled_not_clipped(tmp_path):
     MemoryError(),
 ])
 def test_out_of_memory_names_what_to_lower(error, tmp_path, capsys, monkeypatch, tiny):
-    import cascaded_diffusion.cascade as cascade_module
+    import cascaded_diffusion.cli.sample as cascade_module  # where cdm sample looks it up
 
     def oom(*args, **kwargs):
         raise error
@@ -580,7 +580,7 @@ def test_out_of_memory_names_what_to_lower(error, tmp_path, capsys, monkeypatch,
 
 
 def test_a_genuine_bug_keeps_its_traceback(tmp_path, monkeypatch):
-    import cascaded_diffusion.cascade as cascade_module
+    import cascaded_diffusion.cli.sample as cascade_module  # where cdm sample looks it up
 
     def bug(*args, **kwargs):
         raise RuntimeError("an internal invariant broke")
