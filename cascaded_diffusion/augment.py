@@ -22,8 +22,6 @@ All three augmentations are callables ``aug(z, generator=None, training=True) ->
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,8 +33,6 @@ __all__ = [
     "BlurAugmentation",
     "NoAugmentation",
     "gaussian_kernels",
-    "make_augmentation",
-    "AUGMENTATION_KINDS",
 ]
 
 _UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest")
@@ -335,17 +331,3 @@ class NoAugmentation:
 
     def __repr__(self) -> str:
         return "NoAugmentation()"
-
-
-AUGMENTATION_KINDS = {"noise": NoiseAugmentation, "blur": BlurAugmentation, "none": NoAugmentation}
-
-
-def make_augmentation(kind: str, **kwargs: Any) -> NoiseAugmentation | BlurAugmentation | NoAugmentation:
-    """Build an augmentation by name: ``"noise"`` (needs ``alphas_cumprod_prev``, ``s_min``, ``s_max``,
-    optional ``fixed_s``), ``"blur"`` (``kernel_size``, ``sigma_min``, ``sigma_max``, ``prob``) or ``"none"``."""
-    if kind not in AUGMENTATION_KINDS:
-        raise ValueError(f"unknown augmentation kind {kind!r}; expected one of {sorted(AUGMENTATION_KINDS)}")
-    try:
-        return AUGMENTATION_KINDS[kind](**kwargs)
-    except TypeError as exc:
-        raise ValueError(f"bad arguments for {kind!r} augmentation {sorted(kwargs)}: {exc}") from exc

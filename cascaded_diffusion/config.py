@@ -413,7 +413,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> StageCo
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return StageConfig.from_dict(apply_overrides(raw, overrides or []), source=str(path))
-
-
-def config_from_json(text: str, source: str = "checkpoint") -> StageConfig:
-    return StageConfig.from_dict(json.loads(text), source=source)

@@ -65,21 +65,6 @@ def make_cfg_model_fn(
     return guided
 
 
-def guided_model_fn(
-    model_fn_cond: ModelFn, model_fn_uncond: ModelFn, scale: float | None, learn_sigma: bool
-) -> ModelFn:
-    """Classifier-free guidance from two closures (two forwards per step); same convention as
-    :func:`make_cfg_model_fn`, which batches both passes into one and should be preferred."""
-    if scale is None or scale == 1.0:
-        return model_fn_cond
-
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cond, uncond = model_fn_cond(x, t), model_fn_uncond(x, t)
-        return _combine_guided(cond, uncond, scale, _check_outputs(cond, x, learn_sigma), learn_sigma)
-
-    return guided
-
-
 # --- timestep sequences ----------------------------------------------------------------------------------
 
 
