@@ -11,7 +11,7 @@ The manifest records the source (path and a fingerprint: file count, total bytes
 path, label, size and mtime), the preprocessing, the resolutions and channels, the counts, the class names,
 every array's file and shape, and the files that could not be decoded (skipped, with the reason).
 
-Preparation decodes every image once (ADM/BigGAN preprocessing, :func:`cascaded_diffusion.data._center_crop_resize`,
+Preparation decodes every image once (ADM/BigGAN preprocessing, :func:`cascaded_diffusion.readers.center_crop_resize`,
 the same pixels as the ``imagefolder:`` path) and resizes it to every requested resolution. Worker processes
 decode *chunks* of files straight into full-size memory-mapped arrays under ``DATA_DIR/.partial/``; each
 finished chunk is flushed and then recorded in ``.partial/done.jsonl``, so a killed preparation resumes with the
@@ -45,14 +45,8 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .data import (
-    ImageArray,
-    _center_crop_resize,
-    _fingerprint,
-    _list_image_folder,
-    _to_8bit,
-    _warn_skipped,
-)
+from .imagefolder import fingerprint, list_image_folder, to_8bit, warn_skipped
+from .readers import ImageArray, center_crop_resize
 from .errors import UserError, check_output_dir
 from .fileio import atomic_write_bytes, atomic_write_text, cache_dir as cache_root
 
@@ -108,11 +102,11 @@ class PrepareResult:
 
 
 def _open_converted(path: str, mode: str) -> Image.Image:
-    """Decode one file to a PIL image of ``mode`` exactly as ``data._decode_image`` does before resizing."""
+    """Decode one file to a PIL image of ``mode`` exactly as ``imagefolder.decode_image`` does before resizing."""
     with Image.open(path) as image:
         image.load()  # raises on truncated data instead of decoding a partly grey image
         if image.mode.startswith("I;16") or image.mode == "I":
-            image = _to_8bit(image)
+            image = to_8bit(image)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # palette + transparency -> RGB drops the alpha
             image = image.convert(mode)
@@ -144,7 +138,7 @@ def _decode_chunk(job: tuple) -> tuple[int, dict[int, str]]:
         try:
             image = _open_converted(os.path.join(folder, relpath), mode)
             for resolution, array in arrays:
-                pixels = _center_crop_resize(image, resolution)
+                pixels = center_crop_resize(image, resolution)
                 array[start + offset] = pixels.reshape(array.shape[1:])
         except Exception as exc:  # any decoder failure means "unreadable file"; never abort a long run
             failures[start + offset] = f"{relpath}: {type(exc).__name__}: {exc}"
@@ -350,14 +344,14 @@ def prepare_dataset(
     if int(workers) < 1 or int(chunk_size) < 1:
         raise UserError(f"workers and chunk_size must be >= 1, got {workers} and {chunk_size}")
     folder = _image_folder(source)
-    class_names, entries = _list_image_folder(folder)
+    class_names, entries = list_image_folder(folder)
     relpaths = [relpath for relpath, _ in entries]
     all_labels = np.array([label for _, label in entries], dtype=np.int64)
     plan = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "source": f"imagefolder:{folder}",
-        "fingerprint": _fingerprint(folder, entries),
+        "fingerprint": fingerprint(folder, entries),
         "preprocessing": PREPROCESSING,
         "resolutions": resolutions,
         "channels": channels,
@@ -694,5 +688,5 @@ def load_imagefolder_cached(
                              progress=progress, replace_stale=True, wait_for_lock=True)
     data = load_prepared(entry, resolution, channels=channels, on_corrupt=on_corrupt, source=f"imagefolder:{folder}")
     if result.skipped:
-        _warn_skipped(folder, [str(folder / s) for s in result.skipped], result.manifest["file_count"])
+        warn_skipped(folder, [str(folder / s) for s in result.skipped], result.manifest["file_count"])
     return data

@@ -45,10 +45,11 @@ from .checkpoint import (
     set_aside_checkpoint,
 )
 from .config import ConfigError, StageConfig
-from .data import BatchStream, ImageArray, load_images
+from .data import load_images
 from .fileio import atomic_write_text, grid_by_class, images_to_tensor, save_grid, tensor_to_images
 from .errors import UserError, check_output_dir
-from .loader import PrefetchLoader
+from .loader import BatchStream, PrefetchLoader
+from .readers import ImageArray
 from .hardware import bf16_autocast, configure_cuda_backends, resolve_device
 from .stage import Stage, build_augmentation, build_diffusion, build_network
 

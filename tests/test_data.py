@@ -1,4 +1,4 @@
-"""Tests for cascaded_diffusion.data: dataset specs, caching, BatchStream, tensor conversion, grids."""
+"""Tests for the dataset specs (data, readers, imagefolder, caching), BatchStream, tensor conversion, grids."""
 
 from __future__ import annotations
 
@@ -13,16 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from cascaded_diffusion import data, prepare
-from cascaded_diffusion.data import (
-    FASHION_MNIST_CLASSES,
-    BatchStream,
-    ImageArray,
-    load_images,
-)
+from cascaded_diffusion import prepare, readers
+from cascaded_diffusion.data import load_images
+from cascaded_diffusion.loader import BatchStream
+from cascaded_diffusion.readers import FASHION_MNIST_CLASSES, ImageArray
 from cascaded_diffusion.fileio import images_to_tensor, make_grid, save_grid, tensor_to_images
 
-FASHION_DIR = Path(data.FASHION_MNIST_DEFAULT_DIR)
+FASHION_DIR = Path(readers.FASHION_MNIST_DEFAULT_DIR)
 needs_fashion_mnist = pytest.mark.skipif(
     not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file(),
     reason=f"Fashion-MNIST not installed in {FASHION_DIR} (apt-get install dataset-fashion-mnist)",
@@ -114,7 +111,7 @@ def _write_fake_fashion(directory: Path, n: int = 5) -> tuple[np.ndarray, np.nda
     rng = np.random.default_rng(0)
     images = rng.integers(1, 256, size=(n, 28, 28), dtype=np.uint8)
     labels = np.arange(n, dtype=np.uint8) % 10
-    for split_images, split_labels in (data._FASHION_MNIST_FILES["train"], data._FASHION_MNIST_FILES["test"]):
+    for split_images, split_labels in (readers.FASHION_MNIST_FILES["train"], readers.FASHION_MNIST_FILES["test"]):
         _write_idx(directory / split_images, 0x803, images)
         _write_idx(directory / split_labels, 0x801, labels)
     return images, labels
