@@ -20,13 +20,12 @@ Speed notes:
 * Group norms run in the activation dtype under autocast (statistics are still accumulated in fp32 by the
   kernel), as ADM's ``GroupNorm32`` does, instead of being upcast to an fp32 copy of the whole activation.
 * SiLU after a norm is applied in place; scale-shift is a single ``addcmul`` (on CPU a multiply and an in-place
-  add, see ``_scale_shift``); on CPU without autograd, 2×2 average pooling is a depthwise convolution
-  (``_avg_pool2x2``) and nearest ×2 upsampling four strided copies (``_nearest_upsample2x``); the SiLU of the
-  embedding is computed once per forward instead of once per residual block; attention uses one fused qkv
-  projection on a token-major view and ``F.scaled_dot_product_attention`` (in fp32 on CPU for bf16/fp16 inputs
-  over short sequences, where the CPU kernel is faster in fp32; see ``_attention``).
-* ``benchmarks/unet_throughput.py`` measures all of this against diffusers' ``UNet2DModel`` at a matched
-  configuration; ``docs/performance.md`` has the numbers.
+  add, see ``_scale_shift``); the SiLU of the embedding is computed once per forward instead of once per residual
+  block; attention uses one fused qkv projection on a token-major view and ``F.scaled_dot_product_attention``
+  (in fp32 on CPU for bf16/fp16 inputs over short sequences, see ``_attention``).
+* Everything else is plain PyTorch, the same op on every device (pooling, nearest upsampling, dropout).
+* Every measurement behind these choices (devices, shapes, timings) is in ``docs/performance.md``;
+  ``benchmarks/unet_throughput.py`` measures the network against diffusers' ``UNet2DModel``.
 """
 
 from __future__ import annotations
@@ -264,10 +263,6 @@ def _group_norm_silu(x: Tensor, norm: nn.GroupNorm) -> Tensor:
     return F.silu(_group_norm(x, norm), inplace=True)
 
 
-def _needs_grad(x: Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
-
-
 def _is_channels_last(x: Tensor) -> bool:
     """A 4-D tensor laid out channels-last, and not also NCHW-contiguous (as one-channel or 1×1 maps are)."""
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -290,74 +285,13 @@ def _interleave_phases(phase: Callable[[int, int], Tensor], shape: torch.Size | 
 def _scale_shift(h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``h * (1 + scale) + shift`` for per-(N, C) ``scale``/``shift`` of shape ``(N, C, 1, 1)``.
 
-    One ``addcmul`` everywhere but on CPU. There, with two of its three operands broadcast over H×W, the CPU
-    TensorIterator leaves its vectorised loop for a scalar one: on a 2-core Zen 4 at (64, 32, 32, 32) addcmul took
-    3.7 ms in bf16 and 0.48 ms in fp32, a multiply followed by an in-place add (each with one broadcast operand,
-    which stays vectorised) 0.66 and 0.17 ms. The results differ by rounding: addcmul fuses the multiply-add
-    (fp32: one rounding instead of two), and in bf16 the product is now rounded to bf16 before the add.
+    One ``addcmul`` everywhere but on CPU, where PyTorch's kernel leaves its vectorised loop when two operands are
+    broadcast, so a multiply and an in-place add (each vectorised) run instead; the results differ by rounding
+    (addcmul rounds once). Timings: docs/performance.md, "CPU fast paths for sampling".
     """
     if h.device.type == "cpu":  # also when compiling, so that a traced graph computes what eager mode does
         return (h * (1.0 + scale)).add_(shift)
     return torch.addcmul(shift, h, 1.0 + scale)
-
-
-def _avg_pool2x2(x: Tensor) -> Tensor:
-    """``F.avg_pool2d(x, 2)``; on CPU without autograd, the same average as a depthwise 2×2 stride-2 convolution.
-
-    PyTorch's CPU ``avg_pool2d`` kernel for NCHW tensors is not vectorised: on a 2-core Zen 4, (64, 64, 32, 32)
-    took 5.6 ms in bf16 and 4.0 ms in fp32, the oneDNN depthwise convolution 0.8 and 1.3 ms. The weights 1/4
-    are exact and oneDNN accumulates in fp32, so the results equal ``avg_pool2d``'s (tests check this). In bf16
-    its forward + backward is slower (25 against 11 ms), so training and any input that needs a gradient keep
-    ``avg_pool2d``; sampling is where this runs. Autocast is off around it: pooling is not an autocast op, so the
-    input keeps its dtype, as with ``avg_pool2d``.
-    """
-    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or _needs_grad(x)
-            or torch.compiler.is_compiling()):
-        return F.avg_pool2d(x, kernel_size=2)
-    channels = x.shape[1]
-    weight = torch.full((channels, 1, 2, 2), 0.25, dtype=x.dtype, device=x.device)
-    with torch.autocast("cpu", enabled=False):
-        return F.conv2d(x, weight, stride=2, groups=channels)
-
-
-def _nearest_upsample2x(x: Tensor) -> Tensor:
-    """``F.interpolate(x, scale_factor=2, mode="nearest")``; on CPU without autograd, four strided copies.
-
-    For NCHW tensors the CPU kernel converts its input to channels_last and its output back (two extra copies):
-    on a 2-core Zen 4 (bf16, batch 64) it took 6.3 ms at 64×16×16 and 1.5 ms at 128×8×8. Copying ``x`` into the
-    four phases of the output took 0.9 and 0.4 ms, with identical values (a broadcast ``expand`` + ``reshape``
-    was no faster than interpolate at 8×8: its inner loop is two elements long). Training keeps
-    ``F.interpolate``, whose backward is one kernel (the copies' backward would be four strided gathers).
-    """
-    if (x.device.type != "cpu" or x.dim() != 4 or _needs_grad(x) or torch.compiler.is_compiling()):
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
-    return _interleave_phases(lambda a, b: x, x.shape, x, _is_channels_last(x))
-
-
-def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Dropout that is ~3x cheaper than ``F.dropout`` on CPU in eager mode.
-
-    The CPU ``bernoulli_`` kernel is single-threaded and draws a fresh 32-bit random number per element, which
-    made dropout ~8% of a CPU training step. Here each element gets 16 random bits (four per 64-bit draw),
-    so the drop probability is quantised to a multiple of 2**-16. The mask is laid out like ``x`` (memory format
-    included) so the multiply stays a dense elementwise op. Elsewhere (CUDA's fused dropout, torch.compile's
-    own RNG) ``F.dropout`` is used.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return F.dropout(x, p=p, training=True)
-    numel = x.numel()
-    bits = torch.randint(-(2**63), 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64, device=x.device)
-    bits = bits.view(torch.int16)[:numel]
-    if _is_channels_last(x):
-        n, c, height, width = x.shape
-        bits = bits.view(n, height, width, c).permute(0, 3, 1, 2)
-    else:
-        bits = bits.view(x.shape)
-    # int16 is uniform on [-2**15, 2**15); keep an element when its bits clear the threshold.
-    keep = bits >= round(p * 65536) - 32768
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
 
 
 _CPU_FP32_ATTENTION_MAX_TOKENS = 256
@@ -366,14 +300,10 @@ _CPU_FP32_ATTENTION_MAX_TOKENS = 256
 def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """``F.scaled_dot_product_attention``; on CPU, bf16/fp16 inputs over <= 256 tokens are attended in fp32.
 
-    PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32 for short sequences (its backward most of
-    all). Measured forward+backward on a shared 2-core AMD EPYC (Zen 4, AVX512-BF16), one thread: fp32 was 1.15x
-    faster at 256 tokens (batch 64, 4 heads x 32), 1.2x at 256 tokens (12 x 64) and 2.3-2.8x at 64 tokens, but
-    0.84x at 1024 tokens (6 x 64), hence the cut at 16x16 feature maps. On the cpu-32 benchmark model this made a
-    bf16-autocast training step ~4% faster. Only the rounding changes: the network's bf16-vs-fp32 error stays of
-    the same size (the bf16 convolutions dominate it). Autocast has to be off around the call, or it would cast
-    the fp32 inputs straight back to bf16. fp32 inputs, longer sequences and every non-CPU device take the plain
-    call unchanged (bit-identical results).
+    PyTorch's CPU attention kernel is slower in bf16 than in fp32 for short sequences (docs/performance.md,
+    "Attention in fp32 on CPU"); only the rounding changes. Autocast has to be off around the call, or it would
+    cast the fp32 inputs straight back to bf16. fp32 inputs, longer sequences and every non-CPU device take the
+    plain call.
     """
     if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
             and q.shape[-2] <= _CPU_FP32_ATTENTION_MAX_TOKENS):
@@ -409,24 +339,18 @@ def _upsample_conv3x3(h: Tensor, conv: nn.Conv2d, interleave: str = "auto") -> T
 
     Interleaving the phases: window k holds output rows 2k − 1 (phase a = 1 of row k − 1) and 2k (phase a = 0
     of row k), and likewise for columns. With the phases ordered (c, 1 − a, 1 − b), ``pixel_shuffle`` puts every
-    phase in place, one row and column down, and a crop removes the first and last rows and columns. That is
-    fastest for CPU training (PyTorch has a native pixel-shuffle kernel there, in either memory format). On other
-    devices a channels_last input takes four slice copies instead, each writing contiguous runs of channels,
-    because pixel_shuffle is a reshape-permute composite there. So does CPU work without autograd (sampling):
-    there the copies beat pixel_shuffle + crop + copy (bf16, batch 64: 4.9 against 7.2 ms for 64 → 32 channels
-    at 16×16), while in training their backward (strided scatters, CopySlices' gradient clones) loses. Neither
-    uses ``as_strided``/``storage_offset``, which break a ``torch.compile`` graph. ``interleave="shuffle"`` or
-    ``"copies"`` forces one way (for tests).
+    phase in place, one row and column down, and a crop removes the first and last rows and columns: the way for
+    NCHW inputs. A channels_last input takes four slice copies instead, each writing contiguous runs of channels
+    (pixel_shuffle is a reshape-permute composite for that layout). Both give the same values; neither uses
+    ``as_strided``/``storage_offset``, which break a ``torch.compile`` graph. ``interleave="shuffle"`` or
+    ``"copies"`` forces one way (for tests). Measurements: docs/performance.md, "Sub-pixel upsampling".
     """
     n, _, height, width = h.shape
     c = conv.out_channels
     channels_last = _is_channels_last(h)
     kernels = _phase_kernels(conv.weight)  # output channels (a, b, c)
     if interleave == "auto":
-        if h.device.type == "cpu":
-            interleave = "shuffle" if _needs_grad(h) or _needs_grad(conv.weight) else "copies"
-        else:
-            interleave = "copies" if channels_last else "shuffle"
+        interleave = "copies" if channels_last else "shuffle"
     elif interleave not in ("shuffle", "copies"):
         raise ValueError(f"interleave must be 'auto', 'shuffle' or 'copies', got {interleave!r}")
     if interleave == "shuffle":
@@ -483,9 +407,9 @@ class ResBlock(nn.Module):
 
     def _resample(self, x: Tensor) -> Tensor:
         if self.resample == "down":
-            return _avg_pool2x2(x)
+            return F.avg_pool2d(x, kernel_size=2)
         if self.resample == "up":
-            return _nearest_upsample2x(x)
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
         return x
 
     def forward(self, x: Tensor, emb_act: Tensor) -> Tensor:
@@ -503,7 +427,7 @@ class ResBlock(nn.Module):
             h = F.silu(h, inplace=True)
         else:
             h = _group_norm_silu(h + emb_out, self.out_norm)
-        h = _dropout(h, self.dropout, self.training)
+        h = F.dropout(h, p=self.dropout, training=self.training)
         h = self.out_conv(h)
         # In place on the conv output: conv's backward needs its input and weight, not its output.
         return h.add_(self.skip(x))
@@ -567,7 +491,7 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor, emb_act: Tensor | None = None) -> Tensor:
         if self.upsample_algorithm == "subpixel":
             return _upsample_conv3x3(x, self.conv)
-        return self.conv(_nearest_upsample2x(x))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class EmbedSequential(nn.ModuleList):
