@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .unet import LOW_RES_UPSAMPLE_MODES
+
 __all__ = [
     "downsample",
     "upsample",
@@ -35,7 +37,7 @@ __all__ = [
     "gaussian_kernels",
 ]
 
-_UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest")
+AUGMENTATIONS = ("none", "noise", "blur")  # conditioning.augmentation: NoAugmentation, NoiseAugmentation, BlurAugmentation
 
 
 def _size_pair(size: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -74,8 +76,8 @@ def upsample(x: torch.Tensor, size: int | tuple[int, int], mode: str = "bilinear
     """
     _check_images(x, "upsample")
     target = _size_pair(size, "upsample")
-    if mode not in _UPSAMPLE_MODES:
-        raise ValueError(f"upsample: mode must be one of {_UPSAMPLE_MODES}, got {mode!r}")
+    if mode not in LOW_RES_UPSAMPLE_MODES:
+        raise ValueError(f"upsample: mode must be one of {LOW_RES_UPSAMPLE_MODES}, got {mode!r}")
     if target == tuple(x.shape[-2:]):
         return x
     if target[0] < x.shape[-2] or target[1] < x.shape[-1]:

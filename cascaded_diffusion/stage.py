@@ -24,27 +24,11 @@ from .unet import UNet, UNetConfig
 
 
 def build_unet_config(config: StageConfig) -> UNetConfig:
-    s, m = config.stage, config.model
-    return UNetConfig(
-        resolution=s.resolution,
-        in_channels=s.channels,
-        out_channels=s.channels,
-        model_channels=m.channels,
-        channel_mult=tuple(m.channel_mult),
-        num_res_blocks=m.num_res_blocks,
-        attention_resolutions=tuple(m.attention_resolutions),
-        num_heads=m.num_heads,
-        num_head_channels=m.num_head_channels,
-        dropout=m.dropout,
-        num_classes=s.num_classes,
-        learn_sigma=config.diffusion.learn_sigma,
-        use_aug_level=config.is_sr and config.conditioning.augmentation == "noise",
-        low_res_channels=s.channels if config.is_sr else 0,
-        low_res_upsample=config.conditioning.upsample,
-        resblock_updown=m.resblock_updown,
-        use_scale_shift_norm=m.use_scale_shift_norm,
-        norm_groups=m.norm_groups,
-        gradient_checkpointing=m.gradient_checkpointing,
+    s = config.stage
+    return UNetConfig.from_options(
+        config.model, resolution=s.resolution, channels=s.channels, num_classes=s.num_classes,
+        learn_sigma=config.diffusion.learn_sigma, use_aug_level=config.uses_aug_level,
+        low_res_channels=s.channels if config.is_sr else 0, low_res_upsample=config.conditioning.upsample,
     )
 
 
@@ -239,9 +223,7 @@ class Stage:
         defaults = self.config.sample
         sampler = sampler or defaults.sampler
         steps = defaults.steps if steps is None else steps
-        variance = variance or defaults.variance
-        if variance == "auto":
-            variance = "learned" if self.config.diffusion.learn_sigma else "fixed_large"
+        variance = variance or defaults.variance  # "auto" is decided by the sampler
         labels = labels.to(self.device)
         if low_res is not None:
             low_res = low_res.to(self.device)

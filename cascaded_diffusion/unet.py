@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "LOW_RES_UPSAMPLE_MODES",
+    "ModelOptions",
     "UNetConfig",
     "UNet",
     "UPSAMPLE_ALGORITHMS",
@@ -54,6 +55,32 @@ __all__ = [
 ]
 
 LOW_RES_UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest")
+
+_NOT_SHAPE = {"architecture": False}  # an option that leaves the network's shape (and so its weights) unchanged
+
+
+@dataclass
+class ModelOptions:
+    """The ``[model]`` section of a stage config, loaded as is: the network's own options. The rest of its
+    :class:`UNetConfig` follows from the stage (:meth:`UNetConfig.from_options`). Options marked
+    ``architecture: False`` may change between a run and its resume; every other one fixes the weights' shapes."""
+
+    channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 2
+    attention_resolutions: list[int] = field(default_factory=lambda: [16])
+    num_heads: int = 4
+    num_head_channels: int = -1
+    dropout: float = field(default=0.0, metadata=_NOT_SHAPE)
+    label_dropout: float = field(default=0.0, metadata=_NOT_SHAPE)  # > 0 trains the null class (guidance)
+    resblock_updown: bool = True
+    use_scale_shift_norm: bool = True
+    norm_groups: int = 32
+    gradient_checkpointing: bool = field(default=False, metadata=_NOT_SHAPE)
+
+    def architecture(self) -> dict[str, Any]:
+        """The options that fix the network's shape."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("architecture", True)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -181,6 +208,32 @@ class UNetConfig:
         for level, mult in enumerate(self.channel_mult):
             if self.level_resolutions[level] in self.attention_resolutions:
                 self.head_layout(self.model_channels * mult)
+
+    @classmethod
+    def from_options(
+        cls,
+        options: ModelOptions,
+        *,
+        resolution: int,
+        channels: int,
+        num_classes: int | None,
+        learn_sigma: bool,
+        use_aug_level: bool = False,
+        low_res_channels: int = 0,
+        low_res_upsample: str = "bilinear",
+    ) -> "UNetConfig":
+        """The network of a stage: its ``[model]`` options plus what the stage fixes (image size and channels,
+        classes, learned variances, and for an SR stage the low-res input and its augmentation level)."""
+        return cls(
+            resolution=resolution, in_channels=channels, out_channels=channels, model_channels=options.channels,
+            channel_mult=tuple(options.channel_mult), num_res_blocks=options.num_res_blocks,
+            attention_resolutions=tuple(options.attention_resolutions), num_heads=options.num_heads,
+            num_head_channels=options.num_head_channels, dropout=options.dropout, num_classes=num_classes,
+            learn_sigma=learn_sigma, use_aug_level=use_aug_level, low_res_channels=low_res_channels,
+            low_res_upsample=low_res_upsample, resblock_updown=options.resblock_updown,
+            use_scale_shift_norm=options.use_scale_shift_norm, norm_groups=options.norm_groups,
+            gradient_checkpointing=options.gradient_checkpointing,
+        )
 
     # ----------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
