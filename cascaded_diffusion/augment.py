@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .unet import LOW_RES_UPSAMPLE_MODES
+from .unet_config import LOW_RES_UPSAMPLE_MODES
 
 __all__ = [
     "downsample",

@@ -20,7 +20,7 @@ from typing import Any
 from .augment import AUGMENTATIONS
 from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTIONS
 from .samplers import SAMPLE_VARIANCES, SAMPLERS
-from .unet import LOW_RES_UPSAMPLE_MODES, ModelOptions
+from .unet_config import LOW_RES_UPSAMPLE_MODES, ModelOptions
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -23,6 +23,9 @@ source prepares the folder at the one resolution it needs into the cache directo
 (:func:`load_imagefolder_cached`), so there is one way to decode a folder, not two.
 """
 
+# Longer than ~400 lines: one crash-safe, resumable pipeline (plan, chunked decoding, journal, compaction, manifest
+# as the commit point) whose steps only make sense together; decoding itself lives in imagefolder.py.
+
 from __future__ import annotations
 
 import concurrent.futures

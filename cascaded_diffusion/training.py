@@ -10,6 +10,10 @@ are read only every ``log_every`` steps (that is also where a non-finite loss is
 never written from non-finite weights, so the last checkpoint on disk is always a good one).
 """
 
+# Longer than ~400 lines: the Trainer is one object whose setup, step, EMA, checkpoint and resume share the
+# invariants that make a resumed run bit-identical to an uninterrupted one; split, they would have to be re-checked
+# across modules. The batch stream and loader (loader.py), devices (hardware.py) and files (fileio.py) live apart.
+
 from __future__ import annotations
 
 import contextlib

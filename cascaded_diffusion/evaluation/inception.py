@@ -20,6 +20,9 @@ FIDs differ from TF-FID by a small amount (typically well below 1%, larger at ti
 like the TF graph (both steps are linear, so the order only matters at round-off level).
 """
 
+# Longer than ~400 lines: a layer-by-layer port of the TF-FID Inception graph; its module names must match the
+# converted weights file, so the graph stays in one place.
+
 from __future__ import annotations
 
 import hashlib
