@@ -45,15 +45,8 @@ class BatchStream:
     from rank 0 and restored on all ranks, even with a different ``world_size`` or ``batch_size``.
     """
 
-    def __init__(
-        self,
-        num_items: int,
-        batch_size: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = True,
-    ) -> None:
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True) -> None:
         for name, value, minimum in (("num_items", num_items, 1), ("batch_size", batch_size, 1),
                                      ("seed", seed, 0), ("world_size", world_size, 1), ("rank", rank, 0)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:

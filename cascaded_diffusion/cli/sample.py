@@ -40,15 +40,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if len(data.images) < args.num:
             raise UserError(f"--low-res-samples has {len(data.images)} images, fewer than --num {args.num}")
         low_res, labels, start_stage = data.images[: args.num], torch.from_numpy(data.labels[: args.num]), 1
-    kwargs = dict(
-        steps=args.steps,
-        sampler=args.sampler,
-        guidance=args.guidance,
-        eta=args.eta,
-        truncated=args.truncated,
-        aug_levels=args.aug_level,
-        autocast=args.precision == "bf16",
-    )
+    kwargs = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta, truncated=args.truncated,
+                  aug_levels=args.aug_level, autocast=args.precision == "bf16")
     start = time.time()
     stage_images, label_array = sample_in_batches(
         cascade, labels, batch_size=args.batch_size, seed=args.seed, low_res=low_res, start_stage=start_stage,
