@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .features import FeatureExtractor, extract
 from ..fileio import cache_dir, read_samples_npz
+from .features import FeatureExtractor, extract
 from .metrics import (
     FeatureStats,
     NotAStatsFile,
