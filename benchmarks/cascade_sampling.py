@@ -67,9 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load(args: argparse.Namespace, mode: str) -> Cascade:
     if args.stages:
-        cascade = Cascade.from_run_dirs(args.stages, device=args.device)
+        cascade = Cascade.load(args.stages, device=args.device)
     else:
-        cascade = Cascade.from_pretrained(args.pretrained, device=args.device)
+        cascade = Cascade.load(pretrained=args.pretrained, device=args.device)
     if mode != "eager":
         cascade.compile(mode=mode, backend=args.compile_backend)
     return cascade

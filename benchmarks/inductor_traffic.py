@@ -10,7 +10,7 @@ convolution FLOPs, without a GPU: the counts are a static property of the compil
 
 The compile runs on this machine's CPU backend. ``--gpu-paths`` (the default) makes ours take the branches it
 takes on non-CPU devices (plain SDPA instead of the CPU's fp32 short-sequence attention, ``addcmul`` for
-scale-shift, slice copies for the channels_last sub-pixel interleave), so that the graph is the one a GPU
+scale-shift; the sub-pixel interleave follows the memory format alone, as everywhere), so that the graph is the one a GPU
 compiles; inductor's CPU fusion decisions are close to, not identical with, its Triton ones. Compiling both
 cpu-32 models takes several minutes on 2 cores. The last line of output is one JSON object.
 
@@ -44,18 +44,13 @@ import cascaded_diffusion.unet as unet
 from cascaded_diffusion.hardware import device_name
 from unet_throughput import CONFIGS, build_diffusers, build_ours, call_diffusers, call_ours, make_inputs
 
-_upsample_conv3x3 = unet._upsample_conv3x3
-
-
 def gpu_code_paths():
     """Ours as it runs on a non-CPU device: the CPU-only branches of ``unet.py`` replaced by their GPU twins (a
     context manager that restores them on exit)."""
     return mock.patch.multiple(unet, **{
         "_attention": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
         "_scale_shift": lambda h, scale, shift: torch.addcmul(shift, h, 1.0 + scale),
-        "_upsample_conv3x3": lambda h, conv, interleave="auto": _upsample_conv3x3(
-            h, conv, interleave if interleave != "auto" else ("copies" if unet._is_channels_last(h) else "shuffle")),
-    })
+    })  # the sub-pixel interleave depends on the memory format only, the same on every device
 
 
 def traffic_of_compiled_step(build, call, bc, batch: int, channels_last: bool) -> dict:

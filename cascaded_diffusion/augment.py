@@ -22,11 +22,11 @@ All three augmentations are callables ``aug(z, generator=None, training=True) ->
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .unet_config import LOW_RES_UPSAMPLE_MODES
 
 __all__ = [
     "downsample",
@@ -35,11 +35,9 @@ __all__ = [
     "BlurAugmentation",
     "NoAugmentation",
     "gaussian_kernels",
-    "make_augmentation",
-    "AUGMENTATION_KINDS",
 ]
 
-_UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest")
+AUGMENTATIONS = ("none", "noise", "blur")  # conditioning.augmentation: NoAugmentation, NoiseAugmentation, BlurAugmentation
 
 
 def _size_pair(size: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -78,8 +76,8 @@ def upsample(x: torch.Tensor, size: int | tuple[int, int], mode: str = "bilinear
     """
     _check_images(x, "upsample")
     target = _size_pair(size, "upsample")
-    if mode not in _UPSAMPLE_MODES:
-        raise ValueError(f"upsample: mode must be one of {_UPSAMPLE_MODES}, got {mode!r}")
+    if mode not in LOW_RES_UPSAMPLE_MODES:
+        raise ValueError(f"upsample: mode must be one of {LOW_RES_UPSAMPLE_MODES}, got {mode!r}")
     if target == tuple(x.shape[-2:]):
         return x
     if target[0] < x.shape[-2] or target[1] < x.shape[-1]:
@@ -335,17 +333,3 @@ class NoAugmentation:
 
     def __repr__(self) -> str:
         return "NoAugmentation()"
-
-
-AUGMENTATION_KINDS = {"noise": NoiseAugmentation, "blur": BlurAugmentation, "none": NoAugmentation}
-
-
-def make_augmentation(kind: str, **kwargs: Any) -> NoiseAugmentation | BlurAugmentation | NoAugmentation:
-    """Build an augmentation by name: ``"noise"`` (needs ``alphas_cumprod_prev``, ``s_min``, ``s_max``,
-    optional ``fixed_s``), ``"blur"`` (``kernel_size``, ``sigma_min``, ``sigma_max``, ``prob``) or ``"none"``."""
-    if kind not in AUGMENTATION_KINDS:
-        raise ValueError(f"unknown augmentation kind {kind!r}; expected one of {sorted(AUGMENTATION_KINDS)}")
-    try:
-        return AUGMENTATION_KINDS[kind](**kwargs)
-    except TypeError as exc:
-        raise ValueError(f"bad arguments for {kind!r} augmentation {sorted(kwargs)}: {exc}") from exc

@@ -20,8 +20,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data import images_to_tensor, make_grid, save_grid, tensor_to_images
-from .augment import upsample
+from .fileio import images_to_tensor, tensor_to_images
+from .errors import UserError
+from .pretrained import pretrained_stage_dirs
 from .stage import Stage
 
 
@@ -54,17 +55,23 @@ class Cascade:
 
     # --- construction ----------------------------------------------------------------------------------
     @classmethod
-    def from_run_dirs(
-        cls, paths: Sequence[str | Path], device: str | torch.device = "cpu", weights: str = "ema"
+    def load(
+        cls,
+        run_dirs: Sequence[str | Path] = (),
+        *,
+        pretrained: str | None = None,
+        device: str | torch.device = "cpu",
+        weights: str = "ema",
     ) -> "Cascade":
-        stages = [Stage.load(p, device=device, weights=weights) for p in paths]
-        return cls(stages)
-
-    @classmethod
-    def from_pretrained(cls, name: str, device: str | torch.device = "cpu") -> "Cascade":
-        from .pretrained import pretrained_stage_dirs
-
-        return cls.from_run_dirs(pretrained_stage_dirs(name), device=device, weights="ema")
+        """The stages in ``run_dirs`` (run or exported stage directories, base first), or the bundled cascade
+        ``pretrained`` (EMA weights); one or the other."""
+        if pretrained and run_dirs:
+            raise UserError("give either run directories or --pretrained, not both")
+        if pretrained:
+            run_dirs, weights = pretrained_stage_dirs(pretrained), "ema"
+        if not run_dirs:
+            raise UserError("give one or more run directories (base first), or --pretrained NAME")
+        return cls([Stage.load(p, device=device, weights=weights) for p in run_dirs])
 
     def compile(self, mode: str | None = None, backend: str = "inductor") -> "Cascade":
         """Sample every stage through ``torch.compile`` (see :meth:`Stage.compile`)."""
@@ -114,8 +121,29 @@ class Cascade:
         return self.stages[0].num_classes
 
     def default_aug_levels(self) -> list[int]:
-        """Per SR stage: the level stored in its config (``conditioning.sample_s``); 0 without noise aug."""
-        return [s.config.conditioning.sample_s if s.uses_noise_augmentation else 0 for s in self.stages[1:]]
+        """Per SR stage: the level it was trained at if that was one fixed level (``conditioning.fixed_s``), else
+        the level stored in its config (``conditioning.sample_s``); 0 without noise aug."""
+        levels = []
+        for stage in self.stages[1:]:
+            c = stage.config.conditioning
+            levels.append(0 if not stage.uses_noise_augmentation else c.fixed_s if c.fixed_s >= 0 else c.sample_s)
+        return levels
+
+    def aug_levels(self, aug_levels: Sequence[int] | None = None) -> list[int]:
+        """One level s per SR stage: ``aug_levels`` (one value is used for every SR stage) or the defaults."""
+        n = len(self.stages)
+        levels = list(aug_levels) if aug_levels is not None else self.default_aug_levels()
+        if len(levels) == 1 and n > 2:
+            levels = levels * (n - 1)
+        if len(levels) != n - 1:
+            raise CascadeError(f"aug_levels: got {len(levels)} values for {n - 1} SR stages")
+        return levels
+
+    def noisy_outputs(self, aug_levels: Sequence[int] | None = None, truncated: bool = False) -> list[bool]:
+        """Per stage: whether :meth:`sample` returns a noisy z_s for it rather than an image (truncated sampling
+        stops a stage at the next stage's level s and hands z_s on)."""
+        levels = self.aug_levels(aug_levels)
+        return [truncated and i < len(levels) and levels[i] > 0 for i in range(len(self.stages))]
 
     def _check_truncation(self, i: int, level: int) -> None:
         """Truncated sampling hands the previous stage's own x_s on: the schedules must agree."""
@@ -162,11 +190,7 @@ class Cascade:
         sampler_l = _per_stage(sampler, n, "sampler")
         guidance_l = _per_stage(guidance, n, "guidance")
         eta_l = _per_stage(eta, n, "eta")
-        levels = list(aug_levels) if aug_levels is not None else self.default_aug_levels()
-        if len(levels) == 1 and n > 2:
-            levels = levels * (n - 1)
-        if len(levels) != n - 1:
-            raise CascadeError(f"aug_levels: got {len(levels)} values for {n - 1} SR stages")
+        levels = self.aug_levels(aug_levels)
         for i, s in enumerate(levels, start=1):
             stage = self.stages[i]
             if s and not stage.uses_noise_augmentation:
@@ -178,6 +202,9 @@ class Cascade:
                 raise CascadeError(f"aug level {s} for stage {i + 1} is outside [0, {stage.config.conditioning.noise_timesteps}]")
             if truncated and s and i > start_stage:
                 self._check_truncation(i, s)
+        for i in range(start_stage, n):
+            g = guidance_l[i]
+            self.stages[i].check_guidance(self.stages[i].config.sample.guidance if g is None else g)
         if not 0 <= start_stage < n:
             raise CascadeError(f"start_stage must be in [0, {n}), got {start_stage}")
         if start_stage > 0 and low_res is None:
@@ -268,38 +295,3 @@ def balanced_labels(num: int, num_classes: int, class_labels: Sequence[int] | No
         pool = torch.arange(num_classes, dtype=torch.long)
     labels = pool.repeat((num + len(pool) - 1) // len(pool))[:num]
     return labels.sort(stable=True).values
-
-
-def grid_by_class(
-    stage_images: Sequence[np.ndarray],
-    labels: np.ndarray,
-    per_class: int = 8,
-    max_classes: int = 10,
-    min_tile: int = 32,
-) -> np.ndarray:
-    """One row per class; each sample shows every stage side by side (nearest-upsampled to the final
-    resolution, and to at least ``min_tile`` pixels so tiny stages stay visible), low resolution to high.
-    ``stage_images``: uint8 NHWC arrays, one per stage."""
-    final = stage_images[-1].shape[1]
-    final *= -(-min_tile // final) if final < min_tile else 1
-    shown = []
-    for imgs in stage_images:
-        t = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float()
-        if imgs.shape[1] != final:
-            t = upsample(t, final, "nearest")
-        shown.append(t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    classes = [c for c in np.unique(labels)][:max_classes]
-    per_class = min(per_class, min(int((labels == c).sum()) for c in classes))
-    tiles = []
-    for c in classes:
-        idx = np.flatnonzero(labels == c)[:per_class]
-        for j in idx:
-            tiles.extend(s[j] for s in shown)
-    return make_grid(np.stack(tiles), nrow=per_class * len(shown))
-
-
-def save_cascade_grid(output: CascadeOutput, path: str | Path, per_class: int = 8) -> None:
-    images = [tensor_to_images(x) for x in output.stages]
-    labels = output.labels.cpu().numpy()
-    grid = grid_by_class(images, labels, per_class=per_class)
-    save_grid(grid[None], path, nrow=1, padding=0)

@@ -35,6 +35,8 @@ from typing import Any, Iterable
 import torch
 from safetensors.torch import load_file, save
 
+from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir, unlink_quietly, write_bytes_durably
+
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
 STAGE_FILE = "stage.json"
@@ -43,57 +45,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or does not belong to the stage it is loaded into."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_bytes_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a single file atomically (temp file in the same directory, fsync, rename).
-
-    A full disk, a kill or any other failure leaves the previous file at ``path`` untouched; an OSError is
-    re-raised naming ``path`` (not the temporary file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write_bytes_durably(tmp, data)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as e:
-        _unlink_quietly(tmp)
-        raise OSError(e.errno, f"could not write it ({e.strerror or e}); any previous version is untouched",
-                      str(path)) from e
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def _contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -228,7 +179,7 @@ def clean_run_dir(run_dir: str | Path) -> list[Path]:
     if run_dir.is_dir():
         for p in sorted(run_dir.iterdir()):
             if _TMP_FILE.fullmatch(p.name) and p.is_file():
-                _unlink_quietly(p)
+                unlink_quietly(p)
                 removed.append(p)
     return removed
 
@@ -332,11 +283,11 @@ def save_checkpoint(
             write_bytes_durably(tmp / f"{stem}.safetensors", save(_contiguous_cpu(tensors)))
         full_state = {"format_version": FORMAT_VERSION, "step": step, "saved_at": time.time(), **state}
         write_bytes_durably(tmp / STATE_FILE, json.dumps(full_state, indent=1).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a re-save of the same step (e.g. after resume): replace it
             _remove_checkpoint(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)

@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .augment import AUGMENTATIONS
+from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTIONS
+from .samplers import SAMPLE_VARIANCES, SAMPLERS
+from .unet_config import LOW_RES_UPSAMPLE_MODES, ModelOptions
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -55,39 +60,23 @@ class DataSection:
 class DiffusionSection:
     timesteps: int = 1000
     schedule: str = "cosine"  # cosine | linear | linear:START,END
-    prediction: str = field(default="eps", metadata=_choices("eps", "v", "x0"))
+    prediction: str = field(default="eps", metadata=_choices(*PREDICTIONS))
     learn_sigma: bool = False
-    loss: str = field(default="simple", metadata=_choices("simple", "hybrid"))
+    loss: str = field(default="simple", metadata=_choices(*LOSSES))
     vlb_weight: float = 0.001
     # weighting of the simple (MSE) term over t; the hybrid loss's VLB term is never reweighted.
     # "min_snr": min(SNR, gamma) expressed in the x0 error (Hang et al. 2023), i.e. min(SNR, gamma)/SNR for eps,
     # min(SNR, gamma)/(SNR + 1) for v, min(SNR, gamma) for x0 prediction
-    loss_weighting: str = field(default="uniform", metadata=_choices("uniform", "min_snr"))
+    loss_weighting: str = field(default="uniform", metadata=_choices(*LOSS_WEIGHTINGS))
     min_snr_gamma: float = 5.0
-
-
-@dataclass
-class ModelSection:
-    channels: int = 64
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
-    num_res_blocks: int = 2
-    attention_resolutions: list[int] = field(default_factory=lambda: [16])
-    num_heads: int = 4
-    num_head_channels: int = -1
-    dropout: float = 0.0
-    label_dropout: float = 0.0  # > 0 trains the null class for classifier-free guidance
-    resblock_updown: bool = True
-    use_scale_shift_norm: bool = True
-    norm_groups: int = 32
-    gradient_checkpointing: bool = False
 
 
 @dataclass
 class ConditioningSection:
     """How an SR stage sees its low-resolution input (ignored by base stages)."""
 
-    upsample: str = field(default="bilinear", metadata=_choices("bilinear", "bicubic", "nearest"))
-    augmentation: str = field(default="none", metadata=_choices("none", "noise", "blur"))
+    upsample: str = field(default="bilinear", metadata=_choices(*LOW_RES_UPSAMPLE_MODES))
+    augmentation: str = field(default="none", metadata=_choices(*AUGMENTATIONS))
     # noise augmentation: the forward process of the *previous* stage, levels s in [s_min, s_max]
     noise_schedule: str = "cosine"
     noise_timesteps: int = 1000
@@ -138,10 +127,10 @@ class TrainSection:
 
 @dataclass
 class SampleSection:
-    sampler: str = field(default="ddim", metadata=_choices("ddpm", "ddim", "dpmpp"))
+    sampler: str = field(default="ddim", metadata=_choices(*SAMPLERS))
     steps: int = 50  # 0: every training step
     eta: float = 0.0
-    variance: str = field(default="auto", metadata=_choices("auto", "learned", "fixed_small", "fixed_large"))
+    variance: str = field(default="auto", metadata=_choices(*SAMPLE_VARIANCES))
     guidance: float = 1.0  # 1.0 = plain conditional sampling
     clip_denoised: bool = True
 
@@ -151,7 +140,7 @@ class StageConfig:
     stage: StageSection = field(default_factory=StageSection)
     data: DataSection = field(default_factory=DataSection)
     diffusion: DiffusionSection = field(default_factory=DiffusionSection)
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelOptions = field(default_factory=ModelOptions)
     conditioning: ConditioningSection = field(default_factory=ConditioningSection)
     train: TrainSection = field(default_factory=TrainSection)
     sample: SampleSection = field(default_factory=SampleSection)
@@ -279,17 +268,18 @@ class StageConfig:
     def is_sr(self) -> bool:
         return self.stage.kind == "sr"
 
+    @property
+    def uses_aug_level(self) -> bool:
+        """The network takes the augmentation level s (an SR stage with noise augmentation)."""
+        return self.is_sr and self.conditioning.augmentation == "noise"
+
     def architecture(self) -> dict[str, Any]:
         """The keys that fix the network's shape: changing them makes old weights unusable."""
         return {
             "stage": {k: v for k, v in dataclasses.asdict(self.stage).items() if k != "name"},
-            "model": {
-                k: v
-                for k, v in dataclasses.asdict(self.model).items()
-                if k not in ("dropout", "label_dropout", "gradient_checkpointing")
-            },
+            "model": self.model.architecture(),
             "diffusion": {"learn_sigma": self.diffusion.learn_sigma},
-            "conditioning": {"use_aug_level": self.conditioning.augmentation == "noise"},
+            "conditioning": {"use_aug_level": self.uses_aug_level},
         }
 
 
@@ -413,7 +403,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> StageCo
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return StageConfig.from_dict(apply_overrides(raw, overrides or []), source=str(path))
-
-
-def config_from_json(text: str, source: str = "checkpoint") -> StageConfig:
-    return StageConfig.from_dict(json.loads(text), source=source)

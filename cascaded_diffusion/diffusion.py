@@ -183,8 +183,6 @@ class GaussianDiffusion:
         loss_weighting: ``"uniform"`` or ``"min_snr"``: the MSE term weighted so that, written as an error on
             x0, its weight is min(SNR_t, γ) (Hang et al. 2023, "Min-SNR-γ"). The VLB term is left alone.
         min_snr_gamma: γ of ``"min_snr"``.
-        original_num_timesteps / timestep_map: set by :meth:`respace`; index i of this diffusion is index
-            ``timestep_map[i]`` of a schedule of ``original_num_timesteps`` steps, which is what the network sees.
     """
 
     def __init__(
@@ -196,8 +194,6 @@ class GaussianDiffusion:
         vlb_weight: float = 0.001,
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
-        original_num_timesteps: int | None = None,
-        timestep_map: Sequence[int] | torch.Tensor | None = None,
     ):
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().flatten().cpu()
         if betas.numel() < 1 or not bool(((betas > 0) & (betas < 1)).all()):
@@ -222,15 +218,6 @@ class GaussianDiffusion:
         self.min_snr_gamma = float(min_snr_gamma)
         self.betas = betas
         self.num_timesteps = T = betas.numel()
-        self.original_num_timesteps = T if original_num_timesteps is None else int(original_num_timesteps)
-        if timestep_map is None:
-            self.timestep_map = torch.arange(T, dtype=torch.long)
-        else:
-            self.timestep_map = torch.as_tensor(timestep_map, dtype=torch.long).flatten().cpu()
-        if self.timestep_map.numel() != T:
-            raise ValueError(f"timestep_map has {self.timestep_map.numel()} entries, expected one per step ({T})")
-        if int(self.timestep_map.min()) < 0 or int(self.timestep_map.max()) >= self.original_num_timesteps:
-            raise ValueError(f"timestep_map entries must lie in [0, {self.original_num_timesteps})")
 
         alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(alphas, 0)
@@ -264,7 +251,7 @@ class GaussianDiffusion:
     def __repr__(self) -> str:
         return (
             f"GaussianDiffusion(T={self.num_timesteps}, prediction={self.prediction!r}, "
-            f"learn_sigma={self.learn_sigma}, loss={self.loss_type!r}, original_T={self.original_num_timesteps})"
+            f"learn_sigma={self.learn_sigma}, loss={self.loss_type!r})"
         )
 
     # --- coefficient gathering -------------------------------------------------------------------------
@@ -283,9 +270,8 @@ class GaussianDiffusion:
         return values.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
     def scale_timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        """The network's time input: ``timestep_map[t] · 1000 / original_T`` as float32 (ADM's rescaling)."""
-        mapped = self._on_device("timestep_map", t.device)[t]
-        return mapped.float() * (1000.0 / self.original_num_timesteps)
+        """The network's time input: ``t · 1000 / T`` as float32 (ADM's rescaling)."""
+        return t.float() * (1000.0 / self.num_timesteps)
 
     # --- forward process -------------------------------------------------------------------------------
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -419,62 +405,3 @@ class GaussianDiffusion:
         else:
             terms["loss"] = weighted
         return terms
-
-    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
-        """KL(q(x_{T-1}|x0) ‖ N(0, I)) per example in bits/dim: the bound's prior term (not trained)."""
-        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
-        mean, _, log_var = self.q_mean_variance(x0, t)
-        return mean_flat(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(log_var))) / math.log(2.0)
-
-    # --- respacing -------------------------------------------------------------------------------------
-    def respace(self, spec: int | str | Sequence[int]) -> "GaussianDiffusion":
-        """A diffusion over a subset of this one's timesteps (for sampling with K << T steps).
-
-        ``spec``: an int K (or its string) — K evenly spaced indices from 0 to T-1 inclusive (K=1: just T-1);
-        ``"ddimK"`` — stride T//K from 0 (DDIM's uniform skip); or an explicit list of indices. The β's are
-        recomputed from the kept ᾱ's, and ``timestep_map`` keeps feeding the network original-scale times, so
-        learned variances interpolate with the respaced β and β̃ exactly as Improved DDPM.
-        """
-        kept = respaced_indices(self.num_timesteps, spec)
-        abar = self.alphas_cumprod[kept]
-        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-        return GaussianDiffusion(
-            1.0 - abar / abar_prev,
-            prediction=self.prediction,
-            learn_sigma=self.learn_sigma,
-            loss=self.loss_type,
-            vlb_weight=self.vlb_weight,
-            original_num_timesteps=self.original_num_timesteps,
-            timestep_map=self.timestep_map[kept],
-        )
-
-
-def respaced_indices(num_timesteps: int, spec: int | str | Sequence[int]) -> torch.Tensor:
-    """Sorted indices of ``range(num_timesteps)`` kept by a respacing ``spec``
-    (see :meth:`GaussianDiffusion.respace`)."""
-    T = num_timesteps
-    usage = "use an int K, 'ddimK' or a list of indices"
-    if isinstance(spec, str) and spec.strip().isdigit():
-        spec = int(spec)
-    if isinstance(spec, bool):
-        raise ValueError(f"bad respacing {spec!r}: {usage}")
-    if isinstance(spec, str):
-        if not spec.startswith("ddim") or not spec[4:].isdigit():
-            raise ValueError(f"bad respacing {spec!r}: {usage}")
-        k = int(spec[4:])
-        if not 1 <= k <= T:
-            raise ValueError(f"cannot take {k} DDIM steps from {T} timesteps")
-        indices = list(range(0, T, T // k))[:k]
-    elif isinstance(spec, int):
-        if not 1 <= spec <= T:
-            raise ValueError(f"cannot respace {T} timesteps to {spec} (need 1 <= K <= {T})")
-        if spec == 1:
-            indices = [T - 1]
-        else:
-            # spacing (T-1)/(K-1) >= 1, so rounding never merges two indices
-            indices = [int(round(i)) for i in np.linspace(0, T - 1, spec)]
-    else:
-        indices = sorted({int(i) for i in spec})
-        if not indices or indices[0] < 0 or indices[-1] >= T:
-            raise ValueError(f"respaced indices must be a non-empty list in [0, {T}), got {list(spec)}")
-    return torch.tensor(indices, dtype=torch.long)

@@ -1,5 +1,6 @@
-"""A prefetching batch loader: reads the batches a :class:`~cascaded_diffusion.data.BatchStream` will ask for
-next in a background thread, while the current training step runs.
+"""The trainer's batches: which items each step takes (:class:`BatchStream`, deterministic and resumable) and a
+prefetching loader that reads the batches the stream will ask for next in a background thread, while the current
+training step runs (:class:`PrefetchLoader`).
 
 The trainer's stream stays the only source of truth for the data position: every :meth:`PrefetchLoader.next`
 advances it by exactly one batch, as a direct read would, and returns the images of exactly those indices. The
@@ -19,14 +20,118 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from .data import BatchStream
 
-__all__ = ["PrefetchLoader"]
+__all__ = ["BatchStream", "PrefetchLoader"]
+
+
+class BatchStream:
+    """Deterministic, resumable stream of batch indices over ``num_items`` items.
+
+    The stream is the concatenation of per-epoch orders: epoch ``e`` is a permutation of ``range(num_items)``
+    drawn from ``(seed, e)`` (or the identity order when ``shuffle=False``). Each step consumes one *global*
+    batch of ``batch_size * world_size`` consecutive entries; rank ``r`` gets the ``r``-th slice of
+    ``batch_size`` entries, so ranks are disjoint within a step and together cover the global batch.
+    ``batch_size`` is therefore **per rank**. A global batch that runs past the end of an epoch continues
+    into the next epoch's order rather than dropping the remainder, so every item is seen once per epoch
+    and tiny datasets (``num_items < batch_size``) still work; the price is that a batch straddling an
+    epoch boundary may repeat an item.
+
+    The state (epoch, position within the epoch) is global and identical on every rank, so it can be saved
+    from rank 0 and restored on all ranks, even with a different ``world_size`` or ``batch_size``.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True) -> None:
+        for name, value, minimum in (("num_items", num_items, 1), ("batch_size", batch_size, 1),
+                                     ("seed", seed, 0), ("world_size", world_size, 1), ("rank", rank, 0)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"BatchStream {name} must be an integer >= {minimum}, got {value!r}")
+        if rank >= world_size:
+            raise ValueError(f"BatchStream rank must be in [0, world_size={world_size}), got {rank}")
+        self.num_items = int(num_items)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.shuffle = bool(shuffle)
+        self.epoch = 0
+        self.position = 0
+        self._orders: dict[int, np.ndarray] = {}
+
+    @property
+    def global_batch_size(self) -> int:
+        """Items consumed per step across all ranks."""
+        return self.batch_size * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> float:
+        """Steps per pass over the data (fractional when the global batch does not divide num_items)."""
+        return self.num_items / self.global_batch_size
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The item order of ``epoch`` (int64, a permutation of ``range(num_items)``)."""
+        if epoch not in self._orders:
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+            else:
+                order = np.arange(self.num_items)
+            # Only the current and the next epoch are ever needed.
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = order.astype(np.int64)
+        return self._orders[epoch]
+
+    def next_indices(self) -> np.ndarray:
+        """Indices of this rank's next batch (int64, length ``batch_size``); advances the stream."""
+        global_batch = np.empty(self.global_batch_size, dtype=np.int64)
+        filled = 0
+        while filled < self.global_batch_size:
+            order = self.epoch_order(self.epoch)
+            take = min(self.global_batch_size - filled, self.num_items - self.position)
+            global_batch[filled : filled + take] = order[self.position : self.position + take]
+            filled += take
+            self.position += take
+            if self.position == self.num_items:
+                self.epoch += 1
+                self.position = 0
+        return global_batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            yield self.next_indices()
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable position of the stream (plus num_items/seed/shuffle to catch mismatches)."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_items": self.num_items,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`; later batches equal those of an uninterrupted stream."""
+        for key in ("epoch", "position"):
+            if key not in state:
+                raise ValueError(f"BatchStream state is missing {key!r}; got keys {sorted(state)}")
+        for key in ("num_items", "seed", "shuffle"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"BatchStream state was saved with {key}={state[key]!r} but this stream has "
+                    f"{key}={getattr(self, key)!r}; the saved position would not be meaningful"
+                )
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < self.num_items:
+            raise ValueError(
+                f"BatchStream state has epoch={epoch}, position={position}; expected epoch >= 0 and "
+                f"0 <= position < num_items={self.num_items}"
+            )
+        self.epoch, self.position = epoch, position
 
 
 class PrefetchLoader:

@@ -11,17 +11,20 @@ The manifest records the source (path and a fingerprint: file count, total bytes
 path, label, size and mtime), the preprocessing, the resolutions and channels, the counts, the class names,
 every array's file and shape, and the files that could not be decoded (skipped, with the reason).
 
-Preparation decodes every image once (ADM/BigGAN preprocessing, :func:`cascaded_diffusion.data._center_crop_resize`,
+Preparation decodes every image once (ADM/BigGAN preprocessing, :func:`cascaded_diffusion.readers.center_crop_resize`,
 the same pixels as the ``imagefolder:`` path) and resizes it to every requested resolution. Worker processes
 decode *chunks* of files straight into full-size memory-mapped arrays under ``DATA_DIR/.partial/``; each
 finished chunk is flushed and then recorded in ``.partial/done.jsonl``, so a killed preparation resumes with the
 chunks not yet recorded. At the end the rows of unreadable files are squeezed out in place, the arrays are
-renamed into ``DATA_DIR`` and the manifest is written atomically (``checkpoint.atomic_write_text``).
+renamed into ``DATA_DIR`` and the manifest is written atomically (``fileio.atomic_write_text``).
 
 Training reads it with ``data.source = "prepared:DATA_DIR"`` (:func:`load_prepared`); the ``imagefolder:PATH``
 source prepares the folder at the one resolution it needs into the cache directory
 (:func:`load_imagefolder_cached`), so there is one way to decode a folder, not two.
 """
+
+# Longer than ~400 lines: one crash-safe, resumable pipeline (plan, chunked decoding, journal, compaction, manifest
+# as the commit point) whose steps only make sense together; decoding itself lives in imagefolder.py.
 
 from __future__ import annotations
 
@@ -45,17 +48,10 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .checkpoint import atomic_write_bytes, atomic_write_text
-from .data import (
-    ImageArray,
-    _center_crop_resize,
-    _fingerprint,
-    _list_image_folder,
-    _to_8bit,
-    _warn_skipped,
-    default_cache_dir,
-)
+from .imagefolder import fingerprint, list_image_folder, to_8bit, warn_skipped
+from .readers import ImageArray, center_crop_resize
 from .errors import UserError, check_output_dir
+from .fileio import atomic_write_bytes, atomic_write_text, cache_dir as cache_root
 
 __all__ = [
     "PREPROCESSING",
@@ -109,11 +105,11 @@ class PrepareResult:
 
 
 def _open_converted(path: str, mode: str) -> Image.Image:
-    """Decode one file to a PIL image of ``mode`` exactly as ``data._decode_image`` does before resizing."""
+    """Decode one file to a PIL image of ``mode`` exactly as ``imagefolder.decode_image`` does before resizing."""
     with Image.open(path) as image:
         image.load()  # raises on truncated data instead of decoding a partly grey image
         if image.mode.startswith("I;16") or image.mode == "I":
-            image = _to_8bit(image)
+            image = to_8bit(image)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # palette + transparency -> RGB drops the alpha
             image = image.convert(mode)
@@ -145,7 +141,7 @@ def _decode_chunk(job: tuple) -> tuple[int, dict[int, str]]:
         try:
             image = _open_converted(os.path.join(folder, relpath), mode)
             for resolution, array in arrays:
-                pixels = _center_crop_resize(image, resolution)
+                pixels = center_crop_resize(image, resolution)
                 array[start + offset] = pixels.reshape(array.shape[1:])
         except Exception as exc:  # any decoder failure means "unreadable file"; never abort a long run
             failures[start + offset] = f"{relpath}: {type(exc).__name__}: {exc}"
@@ -351,14 +347,14 @@ def prepare_dataset(
     if int(workers) < 1 or int(chunk_size) < 1:
         raise UserError(f"workers and chunk_size must be >= 1, got {workers} and {chunk_size}")
     folder = _image_folder(source)
-    class_names, entries = _list_image_folder(folder)
+    class_names, entries = list_image_folder(folder)
     relpaths = [relpath for relpath, _ in entries]
     all_labels = np.array([label for _, label in entries], dtype=np.int64)
     plan = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "source": f"imagefolder:{folder}",
-        "fingerprint": _fingerprint(folder, entries),
+        "fingerprint": fingerprint(folder, entries),
         "preprocessing": PREPROCESSING,
         "resolutions": resolutions,
         "channels": channels,
@@ -669,7 +665,7 @@ def load_prepared(
 
 def cache_entry(folder: Path, resolution: int, channels: int, cache_dir: str | os.PathLike | None) -> Path:
     """The prepared directory that caches ``imagefolder:FOLDER`` at one resolution."""
-    root = Path(os.path.expanduser(os.fspath(cache_dir))) if cache_dir is not None else default_cache_dir()
+    root = Path(os.path.expanduser(os.fspath(cache_dir))) if cache_dir is not None else cache_root("data")
     key = hashlib.sha256(f"{folder}\0{resolution}\0{channels}\0{FORMAT_VERSION}".encode()).hexdigest()[:16]
     return root / f"{folder.name}-{resolution}px-{channels}ch-{key}"
 
@@ -695,50 +691,5 @@ def load_imagefolder_cached(
                              progress=progress, replace_stale=True, wait_for_lock=True)
     data = load_prepared(entry, resolution, channels=channels, on_corrupt=on_corrupt, source=f"imagefolder:{folder}")
     if result.skipped:
-        _warn_skipped(folder, [str(folder / s) for s in result.skipped], result.manifest["file_count"])
+        warn_skipped(folder, [str(folder / s) for s in result.skipped], result.manifest["file_count"])
     return data
-
-
-# --------------------------------------------------------------------------------------------------------
-# cdm prepare
-# --------------------------------------------------------------------------------------------------------
-
-
-def cmd_prepare(args) -> int:
-    result = prepare_dataset(
-        args.source, args.resolutions, args.out, channels=args.channels, workers=args.workers,
-        on_corrupt=args.on_corrupt, progress=not args.quiet, chunk_size=args.chunk_size,
-    )
-    m = result.manifest
-    res = ",".join(str(r) for r in m["resolutions"])
-    if result.already_prepared:
-        print(f"{result.out} is already prepared from {m['source']} ({m['num_images']} images at {res} px); nothing to do")
-        return 0
-    for line in m["skipped"][:20]:
-        print(f"skipped: {line}", file=sys.stderr)
-    if len(m["skipped"]) > 20:
-        print(f"skipped: ... {len(m['skipped']) - 20} more, listed in {result.out / MANIFEST}", file=sys.stderr)
-    rate = result.decoded / max(result.seconds, 1e-9)
-    print(
-        f"prepared {m['num_images']} images ({len(m['skipped'])} unreadable skipped) of {m['num_classes']} classes "
-        f"at {res} px, {m['channels']} channels, in {result.seconds:.1f} s ({rate:.1f} img/s decoded); "
-        f"train with data.source = \"prepared:{result.out}\""
-    )
-    return 0
-
-
-def add_prepare_command(sub) -> None:
-    """Register ``cdm prepare`` on the CLI's subparsers."""
-    from .cli import _int_list, positive_int
-
-    p = sub.add_parser("prepare", help="decode an image folder once into memory-mapped arrays (prepared:DIR)")
-    p.add_argument("source", help="imagefolder:PATH (one subfolder per class)")
-    p.add_argument("--resolutions", type=_int_list, required=True, help="comma-separated, e.g. 32,64,256")
-    p.add_argument("--out", required=True, help="the prepared dataset directory (DATA_DIR)")
-    p.add_argument("--channels", type=int, choices=[1, 3], default=3)
-    p.add_argument("--workers", type=positive_int, default=None, help="decoding processes (default: all CPUs)")
-    p.add_argument("--on-corrupt", choices=["skip", "error"], default="skip")
-    p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE,
-                   help="files per resumable unit of work")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_prepare)

@@ -20,6 +20,7 @@ import torch
 from .diffusion import VARIANCES, GaussianDiffusion, ModelFn, learned_log_variance, x0_eps_from_prediction
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
+SAMPLE_VARIANCES = ("auto", *VARIANCES)  # "auto": learned when the model learns it, else fixed_large
 NetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -60,21 +61,6 @@ def make_cfg_model_fn(
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cond, uncond = net_call(torch.cat([x, x]), torch.cat([t, t]), labels).chunk(2)
-        return _combine_guided(cond, uncond, scale, _check_outputs(cond, x, learn_sigma), learn_sigma)
-
-    return guided
-
-
-def guided_model_fn(
-    model_fn_cond: ModelFn, model_fn_uncond: ModelFn, scale: float | None, learn_sigma: bool
-) -> ModelFn:
-    """Classifier-free guidance from two closures (two forwards per step); same convention as
-    :func:`make_cfg_model_fn`, which batches both passes into one and should be preferred."""
-    if scale is None or scale == 1.0:
-        return model_fn_cond
-
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cond, uncond = model_fn_cond(x, t), model_fn_uncond(x, t)
         return _combine_guided(cond, uncond, scale, _check_outputs(cond, x, learn_sigma), learn_sigma)
 
     return guided
@@ -129,7 +115,7 @@ def sample(
         sampler: ``"ddpm"`` (ancestral), ``"ddim"`` (with ``eta``: 0 deterministic, 1 the same walk as
             ancestral sampling with fixed_small variances) or ``"dpmpp"`` (DPM-Solver++(2M), deterministic).
         steps: number of network evaluations, evenly spaced over the schedule (None: every index).
-        variance: DDPM only — ``"learned"``, ``"fixed_small"`` or ``"fixed_large"``; None picks learned when
+        variance: DDPM only — ``"learned"``, ``"fixed_small"`` or ``"fixed_large"``; None or "auto" picks learned when
             the model learns it, else fixed_large. Strided steps use the step's own β = 1 − ᾱ_t/ᾱ_s and
             posterior variance, as an Improved-DDPM respaced model.
         x_start: a sample at index ``start_t`` (default: N(0, I) at index T−1).
@@ -145,7 +131,7 @@ def sample(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (valid: {', '.join(SAMPLERS)})")
-    if variance is None:
+    if variance in (None, "auto"):
         variance = "learned" if diffusion.learn_sigma else "fixed_large"
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r} (valid: {', '.join(VARIANCES)})")

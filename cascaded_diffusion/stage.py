@@ -6,7 +6,6 @@ exported stage directory (``model.safetensors`` + ``stage.json``), so sampling c
 
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -18,32 +17,18 @@ from .augment import BlurAugmentation, NoAugmentation, NoiseAugmentation
 from .checkpoint import STAGE_FILE, CheckpointError, latest_valid_checkpoint, load_state, load_tensors, load_weights_into
 from .config import StageConfig
 from .diffusion import GaussianDiffusion, make_beta_schedule
+from .errors import UserError
+from .hardware import bf16_autocast
 from .samplers import make_cfg_model_fn, sample
 from .unet import UNet, UNetConfig
 
 
 def build_unet_config(config: StageConfig) -> UNetConfig:
-    s, m = config.stage, config.model
-    return UNetConfig(
-        resolution=s.resolution,
-        in_channels=s.channels,
-        out_channels=s.channels,
-        model_channels=m.channels,
-        channel_mult=tuple(m.channel_mult),
-        num_res_blocks=m.num_res_blocks,
-        attention_resolutions=tuple(m.attention_resolutions),
-        num_heads=m.num_heads,
-        num_head_channels=m.num_head_channels,
-        dropout=m.dropout,
-        num_classes=s.num_classes,
-        learn_sigma=config.diffusion.learn_sigma,
-        use_aug_level=config.is_sr and config.conditioning.augmentation == "noise",
-        low_res_channels=s.channels if config.is_sr else 0,
-        low_res_upsample=config.conditioning.upsample,
-        resblock_updown=m.resblock_updown,
-        use_scale_shift_norm=m.use_scale_shift_norm,
-        norm_groups=m.norm_groups,
-        gradient_checkpointing=m.gradient_checkpointing,
+    s = config.stage
+    return UNetConfig.from_options(
+        config.model, resolution=s.resolution, channels=s.channels, num_classes=s.num_classes,
+        learn_sigma=config.diffusion.learn_sigma, use_aug_level=config.uses_aug_level,
+        low_res_channels=s.channels if config.is_sr else 0, low_res_upsample=config.conditioning.upsample,
     )
 
 
@@ -78,12 +63,6 @@ def build_augmentation(config: StageConfig):
     if c.augmentation == "blur":
         return BlurAugmentation(c.blur_kernel, c.blur_sigma_min, c.blur_sigma_max, c.blur_prob)
     return NoAugmentation()
-
-
-def autocast_context(device: torch.device, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class Stage:
@@ -176,6 +155,16 @@ class Stage:
     def uses_noise_augmentation(self) -> bool:
         return isinstance(self.augmentation, NoiseAugmentation)
 
+    def check_guidance(self, guidance: float) -> None:
+        """Classifier-free guidance other than 1 mixes in the null-class prediction, which only a stage trained with
+        label dropout has learnt: refuse it for any other stage."""
+        if guidance != 1.0 and self.config.model.label_dropout <= 0:
+            raise UserError(
+                f"classifier-free guidance {guidance:g} needs a stage trained with label dropout (model.label_dropout "
+                f"> 0); stage {self.source or self.config.stage.name} was trained without it, so its null class is "
+                "untrained. Use guidance 1"
+            )
+
     # --- the closure the samplers call -----------------------------------------------------------------
     def model_fn(
         self,
@@ -189,6 +178,7 @@ class Stage:
         the integer augmentation level ``aug_level``). ``guidance`` 1.0 is plain conditional sampling."""
         if self.is_sr and low_res is None:
             raise ValueError(f"stage {self.source or self.config.stage.name} is an SR stage: it needs low_res")
+        self.check_guidance(guidance)
         scaled_aug = None
         if self.uses_noise_augmentation:
             if aug_level is None:
@@ -204,7 +194,7 @@ class Stage:
                 x = x.contiguous(memory_format=torch.channels_last)
             if self._cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            with autocast_context(self.device, autocast):
+            with bf16_autocast(self.device, autocast):
                 out = self._sampling_net(x, t, y=labels, aug_level=aug, low_res=lr)
             return out.float().clone() if self._cuda_graphs and out.dtype == torch.float32 else out.float()
 
@@ -233,9 +223,7 @@ class Stage:
         defaults = self.config.sample
         sampler = sampler or defaults.sampler
         steps = defaults.steps if steps is None else steps
-        variance = variance or defaults.variance
-        if variance == "auto":
-            variance = "learned" if self.config.diffusion.learn_sigma else "fixed_large"
+        variance = variance or defaults.variance  # "auto" is decided by the sampler
         labels = labels.to(self.device)
         if low_res is not None:
             low_res = low_res.to(self.device)

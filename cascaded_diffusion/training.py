@@ -10,6 +10,10 @@ are read only every ``log_every`` steps (that is also where a non-finite loss is
 never written from non-finite weights, so the last checkpoint on disk is always a good one).
 """
 
+# Longer than ~400 lines: the Trainer is one object whose setup, step, EMA, checkpoint and resume share the
+# invariants that make a resumed run bit-identical to an uninterrupted one; split, they would have to be re-checked
+# across modules. The batch stream and loader (loader.py), devices (hardware.py) and files (fileio.py) live apart.
+
 from __future__ import annotations
 
 import contextlib
@@ -29,11 +33,10 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
-from .augment import downsample, upsample
+from .augment import downsample
 from .checkpoint import (
     CheckpointError,
     RunLock,
-    atomic_write_text,
     clean_run_dir,
     latest_checkpoint,
     latest_valid_checkpoint,
@@ -45,11 +48,14 @@ from .checkpoint import (
     save_checkpoint,
     set_aside_checkpoint,
 )
-from .config import ConfigError, StageConfig, TrainSection
-from .data import BatchStream, ImageArray, images_to_tensor, load_images, save_grid, tensor_to_images
+from .config import ConfigError, StageConfig
+from .data import load_images
+from .fileio import atomic_write_text, grid_by_class, images_to_tensor, save_grid, tensor_to_images
 from .errors import UserError, check_output_dir
-from .loader import PrefetchLoader
-from .stage import Stage, autocast_context, build_augmentation, build_diffusion, build_network
+from .loader import BatchStream, PrefetchLoader
+from .readers import ImageArray
+from .hardware import bf16_autocast, configure_cuda_backends, resolve_device
+from .stage import Stage, build_augmentation, build_diffusion, build_network
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,40 +76,6 @@ class TrainSummary:
 def distributed_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
-    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps`` as a torch.device; a device that is unknown or not
-    present is a :class:`UserError` (before any work starts)."""
-    if requested in (None, "auto"):
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(requested)
-    except (RuntimeError, TypeError):
-        raise UserError(f"--device {requested!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(
-                f"--device {requested} was requested but no CUDA device is available (torch {torch.__version__}"
-                f"{'' if torch.version.cuda else ', a CPU-only build'}); use --device cpu"
-            )
-        index = local_rank if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            raise UserError(f"--device {requested}: there are only {torch.cuda.device_count()} CUDA device(s)")
-        return torch.device("cuda", index)
-    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise UserError(f"--device {requested} was requested but MPS is not available; use --device cpu")
-    if device.type not in ("cpu", "mps"):
-        raise UserError(f"--device {requested!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-def configure_cuda_backends(train: TrainSection) -> None:
-    """The global CUDA math settings of a training process: TF32 for fp32 matmuls and convolutions (the parts
-    that autocast leaves in fp32), and cuDNN autotuning unless ``train.cudnn_benchmark`` is off."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = train.cudnn_benchmark
 
 
 # --- EMA -------------------------------------------------------------------------------------------------
@@ -145,6 +117,13 @@ class Trainer:
     ):
         """``stop_after``: return after this many optimizer steps in this invocation (used to simulate an
         interruption in tests); the run's total length stays ``config.train.steps``."""
+        d = config.diffusion
+        if d.learn_sigma and d.loss == "simple":
+            raise ConfigError(
+                "diffusion.learn_sigma = true with diffusion.loss = \"simple\" would leave the variance head untrained "
+                "while sampling uses it: set diffusion.loss = \"hybrid\" (Improved DDPM's L_simple + VLB), or "
+                "learn_sigma = false"
+            )
         self.config = config
         self.run_dir = Path(run_dir)
         self.rank, self.world_size, self.local_rank = distributed_env()
@@ -156,7 +135,7 @@ class Trainer:
         self.device = resolve_device(device, self.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            configure_cuda_backends(config.train)
+            configure_cuda_backends(config.train.cudnn_benchmark)
         self._data = data
 
     # --- setup -----------------------------------------------------------------------------------------
@@ -389,7 +368,7 @@ class Trainer:
         def model_fn(x_t: torch.Tensor, t_scaled: torch.Tensor) -> torch.Tensor:
             if channels_last:
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
-            with autocast_context(self.device, cfg.train.bf16):
+            with bf16_autocast(self.device, cfg.train.bf16):
                 out = net(x_t, t_scaled, y=y, aug_level=aug_level, low_res=low_res)
             return out.float()
 
@@ -461,7 +440,7 @@ class Trainer:
         labels = torch.arange(rows, device=self.device).repeat_interleave(per_class)
         gen = torch.Generator(self.device).manual_seed(1234)
         low = None
-        columns = []
+        columns: list[np.ndarray] = []
         if cfg.is_sr:
             picks = []
             for c in range(rows):
@@ -469,17 +448,13 @@ class Trainer:
                 picks.append(np.resize(where, per_class) if len(where) else np.zeros(per_class, np.int64))
             real = images_to_tensor(np.asarray(self.data.images[np.concatenate(picks)]), device=self.device)
             low = downsample(real, cfg.stage.low_res)
-            columns.append(upsample(low, cfg.stage.resolution, "nearest"))
+            columns.append(tensor_to_images(low.clamp(-1, 1)))
         x = stage.sample(labels, low_res=low, steps=cfg.train.sample_steps, generator=gen, autocast=cfg.train.bf16)
-        columns.append(x)
+        columns.append(tensor_to_images(x))
         if cfg.is_sr:
-            columns.append(real)
-        # interleave columns per row: for SR each row shows low-res | sample | real
-        grid = torch.stack(columns, 1).reshape(-1, *x.shape[1:]) if len(columns) > 1 else x
-        if grid.shape[-1] < 32:  # keep tiny stages visible
-            r = grid.shape[-1]
-            grid = upsample(grid, r * -(-32 // r), "nearest")
-        save_grid(tensor_to_images(grid), path, nrow=per_class * len(columns))
+            columns.append(tensor_to_images(real))
+        # one row per class; for SR each sample shows low-res | sample | real
+        save_grid(grid_by_class(columns, labels.cpu().numpy(), per_class=per_class)[None], path, nrow=1, padding=0)
 
     # --- the loop --------------------------------------------------------------------------------------
     def train(self) -> TrainSummary:

@@ -9,436 +9,33 @@ Conventions (see ``docs/architecture.md``): images are NCHW in [-1, 1]; ``t`` an
 scaled to ``[0, 1000)`` by ``GaussianDiffusion.scale_timesteps``; class ``num_classes`` is the null class; with
 ``learn_sigma`` the output has ``2 * out_channels`` channels (prediction first, variance interpolation second).
 
-Speed notes:
-
-* Every op in the hot path keeps the memory format of its input, so ``model.to(memory_format=torch.channels_last)``
-  keeps activations channels-last end to end (on CPU this lets oneDNN convolutions skip layout reorders). The
-  exception is PyTorch's CUDA ``group_norm``, which makes its input NCHW-contiguous: in eager mode on a GPU,
-  channels_last then costs layout copies around every norm (torch.compile generates its own norm instead).
-* Upsampling blocks compute ``conv3x3(nearest_upsample(h))`` as one 2×2 convolution of the low-resolution map
-  (``_upsample_conv3x3``): the same function with 4/9 of that convolution's multiply-adds.
-* Group norms run in the activation dtype under autocast (statistics are still accumulated in fp32 by the
-  kernel), as ADM's ``GroupNorm32`` does, instead of being upcast to an fp32 copy of the whole activation.
-* SiLU after a norm is applied in place; scale-shift is a single ``addcmul`` (on CPU a multiply and an in-place
-  add, see ``_scale_shift``); on CPU without autograd, 2×2 average pooling is a depthwise convolution
-  (``_avg_pool2x2``) and nearest ×2 upsampling four strided copies (``_nearest_upsample2x``); the SiLU of the
-  embedding is computed once per forward instead of once per residual block; attention uses one fused qkv
-  projection on a token-major view and ``F.scaled_dot_product_attention`` (in fp32 on CPU for bf16/fp16 inputs
-  over short sequences, where the CPU kernel is faster in fp32; see ``_attention``).
-* ``benchmarks/unet_throughput.py`` measures all of this against diffusers' ``UNet2DModel`` at a matched
-  configuration; ``docs/performance.md`` has the numbers.
+How the blocks compute (memory formats, sub-pixel upsampling, norms, attention) is described in
+:mod:`cascaded_diffusion.unet_layers`; the measurements are in docs/performance.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = [
-    "LOW_RES_UPSAMPLE_MODES",
-    "UNetConfig",
-    "UNet",
-    "UPSAMPLE_ALGORITHMS",
-    "set_upsample_algorithm",
-    "ResBlock",
-    "AttentionBlock",
-    "timestep_embedding",
-    "count_parameters",
-]
-
-LOW_RES_UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class UNetConfig:
-    """Hyper-parameters of :class:`UNet`. Validated on construction (``ValueError`` naming the bad field).
-
-    ``attention_resolutions`` are feature-map sizes (e.g. ``(16, 8)``), not downsampling factors.
-    ``num_head_channels > 0`` fixes the channels per head and overrides ``num_heads``.
-    ``num_classes=None`` builds an unconditional network; otherwise the class table has ``num_classes + 1``
-    rows, the last one being the null class. ``low_res_channels > 0`` makes a super-resolution network that
-    takes an extra low-resolution image. ``gradient_checkpointing`` trades compute for activation memory
-    during training.
-    """
-
-    resolution: int = 32
-    in_channels: int = 3
-    out_channels: int = 3
-    model_channels: int = 128
-    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    attention_resolutions: tuple[int, ...] = (16, 8)
-    num_heads: int = 4
-    num_head_channels: int = -1
-    dropout: float = 0.0
-    num_classes: int | None = None
-    learn_sigma: bool = False
-    use_aug_level: bool = False
-    low_res_channels: int = 0
-    low_res_upsample: str = "bilinear"
-    resblock_updown: bool = True
-    use_scale_shift_norm: bool = True
-    norm_groups: int = 32
-    gradient_checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        # Accept lists (JSON/TOML) for the tuple fields so that configs round-trip.
-        self.channel_mult = _as_int_tuple("channel_mult", self.channel_mult)
-        self.attention_resolutions = _as_int_tuple("attention_resolutions", self.attention_resolutions)
-        self.validate()
-
-    # ----------------------------------------------------------------------------------------------------------
-    @property
-    def num_levels(self) -> int:
-        """Number of resolutions in the U (one per entry of ``channel_mult``)."""
-        return len(self.channel_mult)
-
-    @property
-    def level_resolutions(self) -> tuple[int, ...]:
-        """Feature-map resolution at each level, from the input resolution down."""
-        return tuple(self.resolution // 2**level for level in range(self.num_levels))
-
-    @property
-    def emb_channels(self) -> int:
-        """Width of the timestep/class/augmentation embedding (4 × model_channels, as ADM)."""
-        return 4 * self.model_channels
-
-    @property
-    def output_channels(self) -> int:
-        """Channels of the raw network output: ``2 * out_channels`` with learned variances."""
-        return 2 * self.out_channels if self.learn_sigma else self.out_channels
-
-    def head_layout(self, channels: int) -> tuple[int, int]:
-        """``(num_heads, head_dim)`` of an attention block over ``channels`` channels."""
-        if self.num_head_channels > 0:
-            if channels % self.num_head_channels:
-                raise ValueError(
-                    f"num_head_channels={self.num_head_channels} must divide the attention block width "
-                    f"{channels}"
-                )
-            return channels // self.num_head_channels, self.num_head_channels
-        if channels % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} must divide the attention block width {channels}")
-        return self.num_heads, channels // self.num_heads
-
-    # ----------------------------------------------------------------------------------------------------------
-    def validate(self) -> None:
-        """Raise ``ValueError`` if any field is out of range or the fields are inconsistent."""
-        for name in ("resolution", "in_channels", "out_channels", "model_channels", "num_res_blocks",
-                     "num_heads", "norm_groups"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
-        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
-            raise ValueError(f"UNetConfig.channel_mult must be a non-empty tuple of positive ints, "
-                             f"got {self.channel_mult!r}")
-        if self.num_head_channels != -1 and self.num_head_channels < 1:
-            raise ValueError(f"UNetConfig.num_head_channels must be -1 (use num_heads) or positive, "
-                             f"got {self.num_head_channels}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.num_classes is not None and (isinstance(self.num_classes, bool) or self.num_classes < 1):
-            raise ValueError(f"UNetConfig.num_classes must be None (unconditional) or >= 1, "
-                             f"got {self.num_classes!r}")
-        if self.low_res_channels < 0:
-            raise ValueError(f"UNetConfig.low_res_channels must be >= 0 (0 = base model), "
-                             f"got {self.low_res_channels}")
-        if self.low_res_upsample not in LOW_RES_UPSAMPLE_MODES:
-            raise ValueError(f"UNetConfig.low_res_upsample must be one of {LOW_RES_UPSAMPLE_MODES}, "
-                             f"got {self.low_res_upsample!r}")
-
-        downsample_factor = 2 ** (self.num_levels - 1)
-        if self.resolution % downsample_factor:
-            raise ValueError(
-                f"UNetConfig.resolution={self.resolution} must be divisible by 2**(len(channel_mult)-1)="
-                f"{downsample_factor} so that every level halves the feature map exactly"
-            )
-        unreachable = sorted(set(self.attention_resolutions) - set(self.level_resolutions))
-        if unreachable:
-            raise ValueError(
-                f"UNetConfig.attention_resolutions {unreachable} are not feature-map resolutions of this network; "
-                f"available: {self.level_resolutions}"
-            )
-        widths = {self.model_channels} | {self.model_channels * m for m in self.channel_mult}
-        bad = sorted(w for w in widths if w % self.norm_groups)
-        if bad:
-            raise ValueError(
-                f"UNetConfig.norm_groups={self.norm_groups} must divide every block width, but does not divide "
-                f"{bad} (model_channels={self.model_channels}, channel_mult={self.channel_mult})"
-            )
-        for level, mult in enumerate(self.channel_mult):
-            if self.level_resolutions[level] in self.attention_resolutions:
-                self.head_layout(self.model_channels * mult)
-
-    # ----------------------------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples become lists)."""
-        return {
-            key: list(value) if isinstance(value, tuple) else value
-            for key, value in dataclasses.asdict(self).items()
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "UNetConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` listing the valid ones."""
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys {unknown}; valid keys: {sorted(valid)}")
-        return cls(**dict(data))
-
-
-def _as_int_tuple(name: str, value: Iterable[int] | int) -> tuple[int, ...]:
-    if isinstance(value, int):
-        value = (value,)
-    try:
-        items = tuple(value)
-    except TypeError:
-        raise ValueError(f"UNetConfig.{name} must be a sequence of ints, got {value!r}") from None
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in items):
-        raise ValueError(f"UNetConfig.{name} must contain only ints, got {items!r}")
-    return items
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------------------
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding ``[cos(t·f_i), sin(t·f_i)]`` of scaled timesteps, shape ``(N, dim)``, fp32.
-
-    Frequencies ``f_i = max_period ** (-i / (dim // 2))`` as in ADM; an odd ``dim`` gets a zero last column.
-    """
-    half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(max_period) / half)
-    args = t.float()[:, None] * torch.exp(exponent)[None, :]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        embedding = F.pad(embedding, (0, 1))
-    return embedding
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of scalar parameters of ``model`` (works on the meta device)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def _zero_init(module: nn.Module) -> nn.Module:
-    """Zero the parameters of a module so that the branch it ends starts as the identity / zero."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
-
-
-def _group_norm(x: Tensor, norm: nn.GroupNorm) -> Tensor:
-    """Group norm whose output keeps the activation dtype.
-
-    CUDA autocast upcasts ``group_norm`` to fp32, which writes an fp32 copy of every activation and makes the
-    following SiLU/scale-shift run in fp32 too. The kernel accumulates its statistics in fp32 for bf16/fp16
-    inputs anyway, so running it in the activation dtype matches ADM's ``GroupNorm32`` (fp32 math, result cast
-    back) at a fraction of the memory traffic.
-    """
-    device_type = x.device.type
-    if x.dtype != norm.weight.dtype and torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return F.group_norm(x, norm.num_groups, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
-    return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-
-
-def _group_norm_silu(x: Tensor, norm: nn.GroupNorm) -> Tensor:
-    # In place is safe for autograd: group_norm's backward needs its input and statistics, not its output.
-    return F.silu(_group_norm(x, norm), inplace=True)
-
-
-def _needs_grad(x: Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    """A 4-D tensor laid out channels-last, and not also NCHW-contiguous (as one-channel or 1×1 maps are)."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
-def _interleave_phases(phase: Callable[[int, int], Tensor], shape: torch.Size | tuple[int, ...], like: Tensor,
-                       channels_last: bool) -> Tensor:
-    """The ``(N, C, 2H, 2W)`` tensor whose pixel ``(2i + a, 2j + b)`` is ``phase(a, b)[:, :, i, j]``, for ``shape``
-    ``(N, C, H, W)``: four strided copies into a new tensor with ``like``'s dtype and device."""
-    n, c, height, width = shape
-    out = torch.empty((n, c, 2 * height, 2 * width), dtype=like.dtype, device=like.device,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    phases = out.unflatten(3, (width, 2)).unflatten(2, (height, 2))  # (N, C, H, a, W, b), a view of out
-    for a in (0, 1):
-        for b in (0, 1):
-            phases[:, :, :, a, :, b].copy_(phase(a, b))
-    return out
-
-
-def _scale_shift(h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``h * (1 + scale) + shift`` for per-(N, C) ``scale``/``shift`` of shape ``(N, C, 1, 1)``.
-
-    One ``addcmul`` everywhere but on CPU. There, with two of its three operands broadcast over H×W, the CPU
-    TensorIterator leaves its vectorised loop for a scalar one: on a 2-core Zen 4 at (64, 32, 32, 32) addcmul took
-    3.7 ms in bf16 and 0.48 ms in fp32, a multiply followed by an in-place add (each with one broadcast operand,
-    which stays vectorised) 0.66 and 0.17 ms. The results differ by rounding: addcmul fuses the multiply-add
-    (fp32: one rounding instead of two), and in bf16 the product is now rounded to bf16 before the add.
-    """
-    if h.device.type == "cpu":  # also when compiling, so that a traced graph computes what eager mode does
-        return (h * (1.0 + scale)).add_(shift)
-    return torch.addcmul(shift, h, 1.0 + scale)
-
-
-def _avg_pool2x2(x: Tensor) -> Tensor:
-    """``F.avg_pool2d(x, 2)``; on CPU without autograd, the same average as a depthwise 2×2 stride-2 convolution.
-
-    PyTorch's CPU ``avg_pool2d`` kernel for NCHW tensors is not vectorised: on a 2-core Zen 4, (64, 64, 32, 32)
-    took 5.6 ms in bf16 and 4.0 ms in fp32, the oneDNN depthwise convolution 0.8 and 1.3 ms. The weights 1/4
-    are exact and oneDNN accumulates in fp32, so the results equal ``avg_pool2d``'s (tests check this). In bf16
-    its forward + backward is slower (25 against 11 ms), so training and any input that needs a gradient keep
-    ``avg_pool2d``; sampling is where this runs. Autocast is off around it: pooling is not an autocast op, so the
-    input keeps its dtype, as with ``avg_pool2d``.
-    """
-    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or _needs_grad(x)
-            or torch.compiler.is_compiling()):
-        return F.avg_pool2d(x, kernel_size=2)
-    channels = x.shape[1]
-    weight = torch.full((channels, 1, 2, 2), 0.25, dtype=x.dtype, device=x.device)
-    with torch.autocast("cpu", enabled=False):
-        return F.conv2d(x, weight, stride=2, groups=channels)
-
-
-def _nearest_upsample2x(x: Tensor) -> Tensor:
-    """``F.interpolate(x, scale_factor=2, mode="nearest")``; on CPU without autograd, four strided copies.
-
-    For NCHW tensors the CPU kernel converts its input to channels_last and its output back (two extra copies):
-    on a 2-core Zen 4 (bf16, batch 64) it took 6.3 ms at 64×16×16 and 1.5 ms at 128×8×8. Copying ``x`` into the
-    four phases of the output took 0.9 and 0.4 ms, with identical values (a broadcast ``expand`` + ``reshape``
-    was no faster than interpolate at 8×8: its inner loop is two elements long). Training keeps
-    ``F.interpolate``, whose backward is one kernel (the copies' backward would be four strided gathers).
-    """
-    if (x.device.type != "cpu" or x.dim() != 4 or _needs_grad(x) or torch.compiler.is_compiling()):
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
-    return _interleave_phases(lambda a, b: x, x.shape, x, _is_channels_last(x))
-
-
-def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Dropout that is ~3x cheaper than ``F.dropout`` on CPU in eager mode.
-
-    The CPU ``bernoulli_`` kernel is single-threaded and draws a fresh 32-bit random number per element, which
-    made dropout ~8% of a CPU training step. Here each element gets 16 random bits (four per 64-bit draw),
-    so the drop probability is quantised to a multiple of 2**-16. The mask is laid out like ``x`` (memory format
-    included) so the multiply stays a dense elementwise op. Elsewhere (CUDA's fused dropout, torch.compile's
-    own RNG) ``F.dropout`` is used.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return F.dropout(x, p=p, training=True)
-    numel = x.numel()
-    bits = torch.randint(-(2**63), 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64, device=x.device)
-    bits = bits.view(torch.int16)[:numel]
-    if _is_channels_last(x):
-        n, c, height, width = x.shape
-        bits = bits.view(n, height, width, c).permute(0, 3, 1, 2)
-    else:
-        bits = bits.view(x.shape)
-    # int16 is uniform on [-2**15, 2**15); keep an element when its bits clear the threshold.
-    keep = bits >= round(p * 65536) - 32768
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
-
-
-_CPU_FP32_ATTENTION_MAX_TOKENS = 256
-
-
-def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """``F.scaled_dot_product_attention``; on CPU, bf16/fp16 inputs over <= 256 tokens are attended in fp32.
-
-    PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32 for short sequences (its backward most of
-    all). Measured forward+backward on a shared 2-core AMD EPYC (Zen 4, AVX512-BF16), one thread: fp32 was 1.15x
-    faster at 256 tokens (batch 64, 4 heads x 32), 1.2x at 256 tokens (12 x 64) and 2.3-2.8x at 64 tokens, but
-    0.84x at 1024 tokens (6 x 64), hence the cut at 16x16 feature maps. On the cpu-32 benchmark model this made a
-    bf16-autocast training step ~4% faster. Only the rounding changes: the network's bf16-vs-fp32 error stays of
-    the same size (the bf16 convolutions dominate it). Autocast has to be off around the call, or it would cast
-    the fp32 inputs straight back to bf16. fp32 inputs, longer sequences and every non-CPU device take the plain
-    call unchanged (bit-identical results).
-    """
-    if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-            and q.shape[-2] <= _CPU_FP32_ATTENTION_MAX_TOKENS):
-        with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v)
-
-
-def _phase_kernels(weight: Tensor) -> Tensor:
-    """The four 2×2 kernels that make a 3×3 convolution of a ×2 nearest-upsampled map one of the low-res map.
-
-    Output row ``2i + a`` of ``conv3x3(upsample(h))`` reads upsampled rows ``2i + a - 1 .. 2i + a + 1``, which are
-    source rows ``i - 1, i, i`` for ``a = 0`` and ``i, i, i + 1`` for ``a = 1``: two source rows, whose kernel
-    rows are ``(w0, w1 + w2)`` and ``(w0 + w1, w2)``. The same holds for columns. Returns ``(4·C_out, C_in, 2, 2)``
-    with the output channels ordered (a, b, c_out).
-    """
-    def by_parity(w: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-        w0, w1, w2 = w.unbind(dim)
-        return torch.stack((w0, w1 + w2), dim), torch.stack((w0 + w1, w2), dim)
-
-    return torch.cat([kernel for rows in by_parity(weight, 2) for kernel in by_parity(rows, 3)], 0)
-
-
-def _upsample_conv3x3(h: Tensor, conv: nn.Conv2d, interleave: str = "auto") -> Tensor:
-    """``conv(F.interpolate(h, scale_factor=2, mode="nearest"))`` for a 3×3, padding-1 ``conv``, at 4/9 the FLOPs.
-
-    Each of the four output phases (row parity a, column parity b) is a 2×2 convolution of the zero-padded
-    low-res map (:func:`_phase_kernels`), so all four are one convolution with 4·C_out channels over the
-    ``(H+1)×(W+1)`` window positions; phase (a, b) of output pixel (i, j) sits at window (i + a, j + b). The
-    same function of the same weights as the direct form, with the products summed in another order (fp32
-    differences are rounding-sized); it skips the 4× larger upsampled input and 5/9 of the multiply-adds,
-    forward and backward. The output keeps the input's memory format.
-
-    Interleaving the phases: window k holds output rows 2k − 1 (phase a = 1 of row k − 1) and 2k (phase a = 0
-    of row k), and likewise for columns. With the phases ordered (c, 1 − a, 1 − b), ``pixel_shuffle`` puts every
-    phase in place, one row and column down, and a crop removes the first and last rows and columns. That is
-    fastest for CPU training (PyTorch has a native pixel-shuffle kernel there, in either memory format). On other
-    devices a channels_last input takes four slice copies instead, each writing contiguous runs of channels,
-    because pixel_shuffle is a reshape-permute composite there. So does CPU work without autograd (sampling):
-    there the copies beat pixel_shuffle + crop + copy (bf16, batch 64: 4.9 against 7.2 ms for 64 → 32 channels
-    at 16×16), while in training their backward (strided scatters, CopySlices' gradient clones) loses. Neither
-    uses ``as_strided``/``storage_offset``, which break a ``torch.compile`` graph. ``interleave="shuffle"`` or
-    ``"copies"`` forces one way (for tests).
-    """
-    n, _, height, width = h.shape
-    c = conv.out_channels
-    channels_last = _is_channels_last(h)
-    kernels = _phase_kernels(conv.weight)  # output channels (a, b, c)
-    if interleave == "auto":
-        if h.device.type == "cpu":
-            interleave = "shuffle" if _needs_grad(h) or _needs_grad(conv.weight) else "copies"
-        else:
-            interleave = "copies" if channels_last else "shuffle"
-    elif interleave not in ("shuffle", "copies"):
-        raise ValueError(f"interleave must be 'auto', 'shuffle' or 'copies', got {interleave!r}")
-    if interleave == "shuffle":
-        kernels = kernels.unflatten(0, (2, 2, c)).flip(0, 1).permute(2, 0, 1, 3, 4, 5).flatten(0, 2)
-        bias = None if conv.bias is None else conv.bias.repeat_interleave(4)
-        windows = F.conv2d(h, kernels, bias, padding=1)  # (N, 4·C, H+1, W+1), channels (c, 1 - a, 1 - b)
-        out = F.pixel_shuffle(windows, 2)[:, :, 1 : 2 * height + 1, 1 : 2 * width + 1]
-        return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    bias = None if conv.bias is None else conv.bias.repeat(4)
-    windows = F.conv2d(h, kernels, bias, padding=1).unflatten(1, (2, 2, c))  # (N, a, b, C, H+1, W+1)
-    return _interleave_phases(lambda a, b: windows[:, a, b, :, a : a + height, b : b + width],
-                              (n, c, height, width), windows, channels_last)
+from .unet_config import LOW_RES_UPSAMPLE_MODES, ModelOptions, UNetConfig
+from .unet_layers import (
+    _attention,
+    _group_norm,
+    _group_norm_silu,
+    _scale_shift,
+    _upsample_conv3x3,
+    _zero_init,
+    count_parameters,
+    timestep_embedding,
+)
+
+__all__ = ["LOW_RES_UPSAMPLE_MODES", "ModelOptions", "UNetConfig", "UNet", "UPSAMPLE_ALGORITHMS", "set_upsample_algorithm",
+           "ResBlock", "AttentionBlock", "timestep_embedding", "count_parameters"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -483,9 +80,9 @@ class ResBlock(nn.Module):
 
     def _resample(self, x: Tensor) -> Tensor:
         if self.resample == "down":
-            return _avg_pool2x2(x)
+            return F.avg_pool2d(x, kernel_size=2)
         if self.resample == "up":
-            return _nearest_upsample2x(x)
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
         return x
 
     def forward(self, x: Tensor, emb_act: Tensor) -> Tensor:
@@ -503,7 +100,7 @@ class ResBlock(nn.Module):
             h = F.silu(h, inplace=True)
         else:
             h = _group_norm_silu(h + emb_out, self.out_norm)
-        h = _dropout(h, self.dropout, self.training)
+        h = F.dropout(h, p=self.dropout, training=self.training)
         h = self.out_conv(h)
         # In place on the conv output: conv's backward needs its input and weight, not its output.
         return h.add_(self.skip(x))
@@ -567,7 +164,7 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor, emb_act: Tensor | None = None) -> Tensor:
         if self.upsample_algorithm == "subpixel":
             return _upsample_conv3x3(x, self.conv)
-        return self.conv(_nearest_upsample2x(x))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class EmbedSequential(nn.ModuleList):

@@ -62,8 +62,7 @@ def main() -> None:
     args = p.parse_args()
 
     device = torch.device(args.device)
-    cascade = (Cascade.from_pretrained(args.pretrained, device=device) if args.pretrained
-               else Cascade.from_run_dirs(args.run_dirs, device=device))
+    cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device)
     n_stages = len(cascade.stages)
     extractor = get_feature_extractor(args.features, device=device)
     reference = reference_stats(args.ref, extractor, resolution=cascade.resolutions[-1],

@@ -15,7 +15,6 @@ from cascaded_diffusion.augment import (
     NoiseAugmentation,
     downsample,
     gaussian_kernels,
-    make_augmentation,
     upsample,
 )
 
@@ -214,16 +213,7 @@ def test_blur_validation() -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_no_augmentation_and_factory() -> None:
+def test_no_augmentation() -> None:
     z = torch.randn(2, 3, 4, 4)
     out, levels = NoAugmentation()(z, torch.Generator())
     assert out is z and levels is None
-    assert isinstance(make_augmentation("none"), NoAugmentation)
-    blur = make_augmentation("blur", prob=0.25)
-    assert isinstance(blur, BlurAugmentation) and blur.prob == 0.25
-    noise = make_augmentation("noise", alphas_cumprod_prev=ABAR, s_min=0, s_max=500)
-    assert isinstance(noise, NoiseAugmentation) and noise.s_max == 500
-    with pytest.raises(ValueError, match="blur"):
-        make_augmentation("jpeg")
-    with pytest.raises(ValueError, match="bad arguments"):
-        make_augmentation("blur", sigma=0.5)

@@ -149,9 +149,9 @@ def test_compiled_sampling_matches_eager(mode):
     torch._dynamo.reset()
     labels = torch.arange(6) % 10
     kwargs = dict(sampler="dpmpp", steps=[3, 2])
-    eager = Cascade.from_pretrained("fashion-mnist")
+    eager = Cascade.load(pretrained="fashion-mnist")
     ref = eager.sample(labels, generator=torch.Generator().manual_seed(3), **kwargs)
-    compiled = Cascade.from_pretrained("fashion-mnist").compile(mode=mode, backend="aot_eager")
+    compiled = Cascade.load(pretrained="fashion-mnist").compile(mode=mode, backend="aot_eager")
     out = compiled.sample(labels, generator=torch.Generator().manual_seed(3), **kwargs)
     for a, b in zip(ref.stages, out.stages):
         assert a.shape == b.shape

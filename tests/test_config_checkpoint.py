@@ -178,7 +178,7 @@ def test_corrupt_safetensors_is_a_clear_error(tmp_path):
 def test_cudnn_benchmark_switch(tmp_path):
     """train.cudnn_benchmark (default on, as the GPU benchmark runs) sets cuDNN's autotuning for a CUDA training
     process; a config stored before the key existed loads with the default."""
-    from cascaded_diffusion.training import configure_cuda_backends
+    from cascaded_diffusion.hardware import configure_cuda_backends
 
     assert load_config(write(tmp_path, "[train]\nsteps = 3\n")).train.cudnn_benchmark is True
     with pytest.raises(ConfigError, match=r"train\.cudnn_benchmark must be bool"):
@@ -187,7 +187,7 @@ def test_cudnn_benchmark_switch(tmp_path):
     try:
         for enabled in (False, True):
             config = load_config(write(tmp_path, f"[train]\ncudnn_benchmark = {str(enabled).lower()}\n"))
-            configure_cuda_backends(config.train)
+            configure_cuda_backends(config.train.cudnn_benchmark)
             assert torch.backends.cudnn.benchmark is enabled
             assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:

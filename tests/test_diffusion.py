@@ -17,7 +17,6 @@ from cascaded_diffusion.diffusion import (
     make_beta_schedule,
     normal_kl,
     prediction_target,
-    respaced_indices,
     v_from_x0_eps,
     x0_eps_from_prediction,
 )
@@ -86,7 +85,6 @@ def test_bad_schedules_raise(name, T, message):
         (dict(prediction="score"), "unknown prediction"),
         (dict(loss="kl"), "unknown loss"),
         (dict(loss="hybrid"), "learn_sigma=True"),
-        (dict(timestep_map=[0, 1]), "timestep_map"),
     ],
 )
 def test_bad_construction_raises(kwargs, message):
@@ -297,16 +295,6 @@ def test_vb_term_at_t0_is_decoder_nll():
     assert torch.allclose(d.vb_terms_bpd(out, x0, x_t, t), nll.mean(dim=(1, 2, 3)) / math.log(2))
 
 
-def test_prior_bpd():
-    x0 = torch.rand(4, 3, 8, 8, dtype=torch.float64) * 2 - 1
-    assert cosine_diffusion(1000).prior_bpd(x0).max().item() < 1e-8  # ᾱ_{T-1} ≈ 2e-9
-    # a short schedule leaves signal: KL(N(√ᾱ x0, 1−ᾱ) ‖ N(0, 1)) = ½(ᾱx0² − ᾱ − log(1−ᾱ)) per dimension
-    d = GaussianDiffusion(make_beta_schedule("linear:0.01,0.05", 5))
-    abar = d.alphas_cumprod[-1].item()
-    expected = 0.5 * (abar * x0**2 - abar - math.log(1 - abar)).mean(dim=(1, 2, 3)) / math.log(2)
-    assert torch.allclose(d.prior_bpd(x0), expected, rtol=1e-10)
-
-
 # --- training losses -------------------------------------------------------------------------------------
 
 
@@ -394,61 +382,6 @@ def test_training_losses_make_no_host_reads():
     t = torch.zeros(2, dtype=torch.long, device="meta")
     terms = d.training_losses(lambda x, t_: torch.cat([x, x], 1), x0, t)
     assert terms["loss"].device.type == "meta" and terms["loss"].shape == (2,)
-
-
-# --- respacing -------------------------------------------------------------------------------------------
-
-
-def test_respacing_int_keeps_alpha_bar_and_maps_timesteps():
-    d = cosine_diffusion(1000, learn_sigma=True)
-    r = d.respace(50)
-    kept = r.timestep_map
-    assert r.num_timesteps == 50 and kept[0].item() == 0 and kept[-1].item() == 999
-    assert torch.all(kept.diff() > 0)
-    assert torch.allclose(r.alphas_cumprod, d.alphas_cumprod[kept], rtol=1e-12)
-    # the network still sees original-scale times
-    assert torch.allclose(r.scale_timesteps(torch.arange(50)), kept.float())
-    assert r.learn_sigma and r.prediction == d.prediction
-    # the respaced β is the β of the strided step
-    assert r.betas[1].item() == pytest.approx(1 - d.alphas_cumprod[kept[1]].item() / d.alphas_cumprod[kept[0]].item())
-
-
-def test_respacing_ddim_and_explicit_lists():
-    d = cosine_diffusion(1000)
-    assert d.respace("ddim10").timestep_map.tolist() == list(range(0, 1000, 100))
-    assert d.respace("25").num_timesteps == 25
-    assert d.respace(1).timestep_map.tolist() == [999]
-    r = d.respace([999, 10, 500, 10])
-    assert r.timestep_map.tolist() == [10, 500, 999]
-    assert r.alphas_cumprod[0].item() == pytest.approx(d.alphas_cumprod[10].item(), rel=1e-12)
-    # respacing a respaced diffusion composes the maps
-    rr = r.respace([0, 2])
-    assert rr.timestep_map.tolist() == [10, 999] and rr.original_num_timesteps == 1000
-    assert torch.allclose(rr.scale_timesteps(torch.tensor([1])), torch.tensor([999.0]))
-
-
-@pytest.mark.parametrize(
-    "spec, message",
-    [
-        (0, "cannot respace"),
-        (2000, "cannot respace"),
-        ("ddimx", "bad respacing"),
-        ("ddim0", "DDIM steps"),
-        ([5, 1000], r"in \[0, 1000\)"),
-        (True, "bad respacing"),
-    ],
-)
-def test_bad_respacing_raises(spec, message):
-    with pytest.raises(ValueError, match=message):
-        respaced_indices(1000, spec)
-
-
-def test_respaced_posterior_matches_strided_step():
-    d = cosine_diffusion(100)
-    r = d.respace([9, 49, 99])
-    a = d.alphas_cumprod
-    beta = 1 - a[99] / a[49]
-    assert r.posterior_variance[2].item() == pytest.approx((beta * (1 - a[49]) / (1 - a[99])).item(), rel=1e-12)
 
 
 def test_device_cache_is_reused():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cascaded_diffusion.data import BatchStream
+from cascaded_diffusion.loader import BatchStream
 from cascaded_diffusion.loader import PrefetchLoader
 
 

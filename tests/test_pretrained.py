@@ -31,6 +31,6 @@ def test_readme_command_from_another_directory(tmp_path, monkeypatch):
 
 
 def test_bundle_is_a_valid_cascade():
-    cascade = Cascade.from_pretrained("fashion-mnist")
+    cascade = Cascade.load(pretrained="fashion-mnist")
     assert cascade.resolutions == [8, 32]
     assert [s.config.diffusion.prediction for s in cascade.stages] == ["eps", "v"]

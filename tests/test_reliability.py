@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 
 from cascaded_diffusion import checkpoint as checkpoint_module
+from cascaded_diffusion import fileio
+from cascaded_diffusion.fileio import atomic_write_bytes
 from cascaded_diffusion.checkpoint import (
     RunLock,
-    atomic_write_bytes,
     clean_run_dir,
     latest_valid_checkpoint,
     list_checkpoints,
@@ -182,7 +183,7 @@ def test_stats_write_is_atomic_and_a_corrupt_stats_file_is_a_one_line_error(stat
     def full_disk(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(checkpoint_module, "write_bytes_durably", full_disk)
+    monkeypatch.setattr(fileio, "write_bytes_durably", full_disk)
     assert main(stats_cmd) == 2
     err = capsys.readouterr().err
     assert f"{out}: could not write it (No space left on device)" in err and "Traceback" not in err
@@ -294,7 +295,7 @@ def no_compute(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("compute started before the output paths were checked")
 
-    import cascaded_diffusion.cascade as cascade_module
+    import cascaded_diffusion.cli.sample as cascade_module  # where cdm sample looks it up
     import cascaded_diffusion.evaluation.evaluate as evaluate_module
     import cascaded_diffusion.evaluation.features as features_module
 
@@ -360,7 +361,7 @@ def test_atomic_write_failure_names_the_target_and_keeps_the_old_file(tmp_path, 
         Path(path).write_bytes(data[:1])
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(checkpoint_module, "write_bytes_durably", full_disk)
+    monkeypatch.setattr(fileio, "write_bytes_durably", full_disk)
     with pytest.raises(OSError) as info:
         atomic_write_bytes(target, b"new contents")
     assert info.value.filename == str(target) and info.value.errno == errno.ENOSPC
@@ -370,19 +371,19 @@ def test_atomic_write_failure_names_the_target_and_keeps_the_old_file(tmp_path, 
 def test_samples_are_rescued_when_the_disk_fills_during_sampling(tmp_path, capsys, monkeypatch):
     import tempfile
 
-    import cascaded_diffusion.cli as cli_module
+    import cascaded_diffusion.cli.common as cli_module
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     out = tmp_path / "out" / "s.npz"
-    real_save = cli_module.save_npz
+    real_save = cli_module.save_samples_npz
 
     def save_npz(path, images, labels):
         if Path(path) == out:
             raise OSError(errno.ENOSPC, "could not write it (No space left on device)", str(path))
         real_save(path, images, labels)
 
-    monkeypatch.setattr(cli_module, "save_npz", save_npz)
+    monkeypatch.setattr(cli_module, "save_samples_npz", save_npz)
     assert main(["sample", "--pretrained", "fashion-mnist", "--num", "2", "--steps", "2", "--out", str(out),
                  "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -562,7 +563,7 @@ def test_16_bit_grayscale_pngs_are_scaled_not_clipped(tmp_path):
     MemoryError(),
 ])
 def test_out_of_memory_names_what_to_lower(error, tmp_path, capsys, monkeypatch, tiny):
-    import cascaded_diffusion.cascade as cascade_module
+    import cascaded_diffusion.cli.sample as cascade_module  # where cdm sample looks it up
 
     def oom(*args, **kwargs):
         raise error
@@ -579,7 +580,7 @@ def test_out_of_memory_names_what_to_lower(error, tmp_path, capsys, monkeypatch,
 
 
 def test_a_genuine_bug_keeps_its_traceback(tmp_path, monkeypatch):
-    import cascaded_diffusion.cascade as cascade_module
+    import cascaded_diffusion.cli.sample as cascade_module  # where cdm sample looks it up
 
     def bug(*args, **kwargs):
         raise RuntimeError("an internal invariant broke")

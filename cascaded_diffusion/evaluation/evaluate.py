@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..fileio import cache_dir, read_samples_npz
 from .features import FeatureExtractor, extract
 from .metrics import (
     FeatureStats,
@@ -35,8 +36,6 @@ METRICS = ("fid", "kid", "is", "pr")
 
 def load_samples(path: str | os.PathLike, num: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Read ``arr_0`` (uint8 N×H×W×C) and optional ``arr_1`` labels from a samples ``.npz``."""
-    from ..data import read_samples_npz
-
     images, labels = read_samples_npz(path)
     if images.shape[-1] not in (1, 3):
         raise ValueError(f"{path}: arr_0 must have 1 or 3 channels (N×H×W×C), got shape {images.shape}")
@@ -51,8 +50,7 @@ def load_samples(path: str | os.PathLike, num: int | None = None) -> tuple[np.nd
 
 
 def default_stats_cache() -> Path:
-    root = os.environ.get("CDM_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "cascaded_diffusion") / "stats"
+    return cache_dir("stats")
 
 
 def reference_stats(

@@ -20,18 +20,22 @@ FIDs differ from TF-FID by a small amount (typically well below 1%, larger at ti
 like the TF graph (both steps are linear, so the order only matters at round-off level).
 """
 
+# Longer than ~400 lines: a layer-by-layer port of the TF-FID Inception graph; its module names must match the
+# converted weights file, so the graph stays in one place.
+
 from __future__ import annotations
 
 import hashlib
 import os
 import re
-import tempfile
 import urllib.request
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..fileio import atomic_replace, cache_dir
 
 INCEPTION_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
@@ -45,7 +49,7 @@ INCEPTION_NUM_LOGITS = 1008
 
 def default_inception_cache_path() -> Path:
     """Where :func:`load_inception` looks for (and downloads) the weights when no path is given."""
-    return Path.home() / ".cache" / "cascaded_diffusion" / INCEPTION_WEIGHTS_FILENAME
+    return cache_dir() / INCEPTION_WEIGHTS_FILENAME
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,26 +340,21 @@ def _download(url: str, destination: Path, timeout_s: float) -> None:
     a corrupt or substituted download is deleted and refused."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     expected = expected_sha256_prefix(destination.name)
-    digest = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:
-        with tempfile.NamedTemporaryFile(dir=destination.parent, delete=False, suffix=".part") as tmp:
-            tmp_path = Path(tmp.name)
-            try:
-                for chunk in iter(lambda: response.read(1 << 20), b""):
-                    digest.update(chunk)
-                    tmp.write(chunk)
-            except BaseException:
-                tmp.close()
-                tmp_path.unlink(missing_ok=True)
-                raise
-    if expected is not None and not digest.hexdigest().startswith(expected):
-        tmp_path.unlink(missing_ok=True)
-        raise WeightsHashError(
-            f"the file downloaded from {url} has SHA-256 {digest.hexdigest()[:16]}..., but its name says it starts "
-            f"with {expected}: the download is corrupt or not the expected file, so it was discarded. Retry, or "
-            f"download it yourself and check it (sha256sum), then pass its path"
-        )
-    os.replace(tmp_path, destination)
+
+    def fetch(tmp: Path) -> None:
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(tmp, "wb") as out:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+        if expected is not None and not digest.hexdigest().startswith(expected):
+            raise WeightsHashError(
+                f"the file downloaded from {url} has SHA-256 {digest.hexdigest()[:16]}..., but its name says it "
+                f"starts with {expected}: the download is corrupt or not the expected file, so it was discarded. "
+                f"Retry, or download it yourself and check it (sha256sum), then pass its path"
+            )
+
+    atomic_replace(destination, fetch)  # a partial or refused download never lands at the final path
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -5,6 +5,9 @@ features (see ``features.py``). A :class:`FeatureStats` records which network pr
 so that statistics from different networks can never be compared by accident.
 """
 
+# Longer than ~400 lines: four metrics (FID, KID, precision/recall, IS) and the statistics file they share, each
+# short; kept together so that every metric reads the same FeatureStats checks.
+
 from __future__ import annotations
 
 import io
@@ -137,7 +140,7 @@ class FeatureStats:
     def save(self, path: str | os.PathLike) -> None:
         """Write the statistics to an uncompressed ``.npz`` (strings stored as numpy unicode, no pickling),
         atomically: a full disk or a kill leaves any previous file at ``path`` intact."""
-        from ..checkpoint import atomic_write_bytes
+        from ..fileio import atomic_write_bytes
 
         arrays: dict[str, np.ndarray] = {
             "mu": self.mu,

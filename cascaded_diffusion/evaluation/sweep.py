@@ -17,7 +17,8 @@ import torch
 
 from ..augment import downsample
 from ..cascade import Cascade, balanced_labels, sample_in_batches
-from ..data import images_to_tensor, load_images, tensor_to_images
+from ..data import load_images
+from ..fileio import images_to_tensor, tensor_to_images
 from .evaluate import evaluate_images
 from .features import FeatureExtractor
 from .metrics import FeatureStats

@@ -9,28 +9,29 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cascade import Cascade
+from ..data import load_images
+from ..errors import check_output_file
+from ..evaluation.cas import classification_accuracy_score
+from ..evaluation.classifier import evaluate_classifier, save_classifier, train_classifier
+from ..evaluation.evaluate import evaluate_images, load_samples, reference_stats
+from ..evaluation.features import get_feature_extractor
+from ..evaluation.sweep import augmentation_sweep, plot_sweep
+from ..fileio import atomic_write_text
+from ..hardware import resolve_device
+from .common import add_sampling_args, check_image_path, nonneg_int_list, positive_int
+
 
 def _write_json(path: str | Path, payload: dict) -> None:
-    from ..checkpoint import atomic_write_text
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(payload, indent=2))
 
 
-def _device(name: str):
-    from ..training import resolve_device
-
-    return resolve_device(name)
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
-    from ..errors import check_output_file
-    from .evaluate import reference_stats
-    from .features import get_feature_extractor
 
     out = check_output_file(args.out, "--out")
-    extractor = get_feature_extractor(args.features, _device(args.device))
+    extractor = get_feature_extractor(args.features, resolve_device(args.device))
     start = time.time()
     stats = reference_stats(args.ref, extractor, resolution=args.resolution, channels=args.channels, num=args.num)
     stats.save(out)  # atomic: a full disk or a kill leaves the previous file intact
@@ -39,13 +40,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..errors import check_output_file
-    from .evaluate import evaluate_images, load_samples, reference_stats
-    from .features import get_feature_extractor
 
     check_output_file(args.out, "--out")
     images, _ = load_samples(args.samples, args.num)
-    extractor = get_feature_extractor(args.features, _device(args.device))
+    extractor = get_feature_extractor(args.features, resolve_device(args.device))
     reference = reference_stats(args.ref, extractor, resolution=images.shape[1], channels=images.shape[-1])
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     result = evaluate_images(images, reference, extractor, metrics, source=str(args.samples))
@@ -57,16 +55,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_classifier_train(args: argparse.Namespace) -> int:
-    from ..data import load_images
-    from ..errors import check_output_file
-    from .classifier import evaluate_classifier, save_classifier, train_classifier
 
     check_output_file(args.out, "--out")
     train = load_images(args.data, args.resolution)
     test_spec = args.test or (args.data.split(":")[0] + ":test" if args.data.startswith("fashion-mnist") else None)
     test = load_images(test_spec, args.resolution) if test_spec else None
     start = time.time()
-    kwargs = dict(seed=args.seed, device=_device(args.device), progress=True)
+    kwargs = dict(seed=args.seed, device=resolve_device(args.device), progress=True)
     if args.epochs is not None:
         kwargs["epochs"] = args.epochs
     model, history = train_classifier(train.images, train.labels, train.num_classes, **kwargs)
@@ -86,10 +81,6 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
 
 
 def cmd_cas(args: argparse.Namespace) -> int:
-    from ..data import load_images
-    from ..errors import check_output_file
-    from .cas import classification_accuracy_score
-    from .evaluate import load_samples
 
     if args.out:
         check_output_file(args.out, "--out")
@@ -98,7 +89,7 @@ def cmd_cas(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.samples} has no arr_1 labels: CAS needs the class each sample was generated for")
     test = load_images(args.test, images.shape[1], channels=images.shape[-1])
     num_classes = test.num_classes
-    recipe = dict(seed=args.seed, device=_device(args.device))
+    recipe = dict(seed=args.seed, device=resolve_device(args.device))
     if args.epochs is not None:
         recipe["epochs"] = args.epochs
     start = time.time()
@@ -122,17 +113,12 @@ def cmd_cas(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ..cli import check_image_path, load_cascade
-    from ..errors import check_output_file
-    from .evaluate import reference_stats
-    from .features import get_feature_extractor
-    from .sweep import augmentation_sweep, plot_sweep
 
     check_output_file(args.out, "--out")
     if args.plot:
         check_image_path(args.plot, "--plot")
-    device = _device(args.device)
-    cascade = load_cascade(args.run_dirs, args.pretrained, device, weights=args.weights)
+    device = resolve_device(args.device)
+    cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
     extractor = get_feature_extractor(args.features, device)
     final = cascade.stages[-1]
     reference = reference_stats(args.ref, extractor, resolution=final.resolution, channels=final.channels)
@@ -152,9 +138,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_evaluation_commands(sub, add_sampling_args) -> None:
-    from ..cli import nonneg_int_list, positive_int
-
+def add_commands(sub) -> None:
     p = sub.add_parser("stats", help="reference feature statistics of a dataset")
     p.add_argument("ref", help="fashion-mnist | fashion-mnist:test | imagefolder:PATH | npz:PATH")
     p.add_argument("--out", required=True)

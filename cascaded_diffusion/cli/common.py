@@ -1,0 +1,120 @@
+"""What the commands share: list and number parsers (a bad value is refused while parsing, before anything is
+loaded or computed), the sampling options, image output paths, and writing samples without losing them."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import UserError, check_output_file, describe_os_error
+from ..fileio import save_samples_npz
+from ..samplers import SAMPLERS
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+# Checked while parsing, so a bad size or number is refused before anything is loaded or computed.
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+positive_int = _int_at_least(1)
+
+
+def nonneg_int_list(text: str) -> list[int]:
+    values = int_list(text)
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
+    return values
+
+
+def nonneg_float_list(text: str) -> list[float]:
+    values = float_list(text)
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers >= 0, got {text!r}")
+    return values
+
+
+def sampler_list(text: str) -> list[str]:
+    values = str_list(text)
+    bad = [v for v in values if v not in SAMPLERS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown sampler {bad[0]!r} (valid: {', '.join(SAMPLERS)})")
+    return values
+
+
+def check_image_path(path: str, option: str) -> None:
+    """An image output path: writable, with an extension PIL can write."""
+    if Path(path).suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"{option} {path}: unknown image extension {Path(path).suffix!r}; use .png")
+    check_output_file(path, option)
+
+
+def save_samples_or_rescue(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write the samples to ``path``; if that fails after all the sampling (the disk filled up meanwhile), save
+    them to the temporary directory instead and say where, rather than throwing the work away."""
+    try:
+        save_samples_npz(path, images, labels)
+    except OSError as e:
+        rescue = Path(tempfile.gettempdir()) / f"cdm-samples-{os.getpid()}.npz"
+        try:
+            save_samples_npz(rescue, images, labels)
+        except OSError:
+            raise e from None
+        raise UserError(f"{describe_os_error(e)}; the {len(images)} samples were saved to {rescue} instead") from None
+
+
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=nonneg_int_list, default=None,
+                   help="sampling steps, one value or one per stage (0 = all)")
+    p.add_argument("--sampler", type=sampler_list, default=None, help="ddpm | ddim | dpmpp, one or one per stage")
+    p.add_argument("--guidance", type=nonneg_float_list, default=None, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--eta", type=nonneg_float_list, default=None, help="DDIM eta")
+    p.add_argument("--truncated", action="store_true", help="truncated conditioning augmentation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="network precision (autocast)")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile every stage's network (mode; reduce-overhead = CUDA graphs on GPUs); "
+                        "pays off for thousands of samples, not for a few")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema")
+
+

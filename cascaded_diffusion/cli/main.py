@@ -1,0 +1,77 @@
+"""``cdm``: the parser (one module per group of commands registers its own) and the one-line error report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import zipfile
+
+from ..checkpoint import CheckpointError
+from ..errors import describe_os_error
+from ..training import NonFiniteLossError
+from . import evaluate, prepare, sample, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cdm", description="Cascaded Diffusion Models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for commands in (train, sample, prepare, evaluate):  # train, export | sample | prepare | stats, eval, ...
+        commands.add_commands(sub)
+    return parser
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    if isinstance(error, MemoryError) or (torch is not None and isinstance(error, torch.OutOfMemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower() or "failed to allocate" in text
+    )
+
+
+def _out_of_memory_hint(args: argparse.Namespace) -> str:
+    if args.command == "train":
+        return ("lower train.batch_size (raise train.grad_accum to keep the same global batch), or set "
+                "model.gradient_checkpointing = true")
+    if getattr(args, "batch_size", None) is not None:
+        return f"lower --batch-size (it is {args.batch_size})"
+    return "use fewer images (--num) or free memory"
+
+
+def user_error_message(error: BaseException, args: argparse.Namespace) -> str | None:
+    """The one line to print for an error the user can act on; None for anything else (a bug: traceback)."""
+    if _is_out_of_memory(error):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"out of memory ({first[:200]}); {_out_of_memory_hint(args)}"
+    if isinstance(error, OSError):
+        return describe_os_error(error)
+    if isinstance(error, zipfile.BadZipFile):
+        return f"not a readable zip/.npz file ({error}); it is truncated or corrupt"
+    if isinstance(error, (ValueError, CheckpointError, NonFiniteLossError)):  # ConfigError, UserError included
+        return str(error)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. Errors the user can act on (bad config or option, unusable path, corrupt file, busy
+    run directory, out of memory) are one line, ``cdm COMMAND: error: ...``, exit status 2; ``CDM_DEBUG=1``
+    shows their traceback. Anything else is a bug and keeps its traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"cdm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        message = user_error_message(e, args)
+        if message is None or os.environ.get("CDM_DEBUG"):
+            raise
+        print(f"cdm {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

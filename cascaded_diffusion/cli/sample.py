@@ -1,0 +1,91 @@
+"""``cdm sample``: a cascade (run directories or a bundled one) to a samples ``.npz``, per-stage files and a grid."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ..cascade import Cascade, balanced_labels, sample_in_batches
+from ..data import load_images
+from ..errors import UserError, check_output_dir, check_output_file
+from ..fileio import grid_by_class, save_grid, save_samples_npz
+from ..hardware import resolve_device
+from .common import add_sampling_args, check_image_path, nonneg_int_list, positive_int, save_samples_or_rescue
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    # every output is checked before anything is loaded or sampled
+    check_output_file(args.out, "--out")
+    if args.grid:
+        check_image_path(args.grid, "--grid")
+    if args.save_stages:
+        check_output_dir(args.save_stages, "--save-stages")
+    if args.low_res_samples and not Path(args.low_res_samples).is_file():
+        raise UserError(f"--low-res-samples {args.low_res_samples}: no such file")
+    device = resolve_device(args.device)
+    cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
+    if args.compile:
+        cascade.compile(mode=None if args.compile == "default" else args.compile)
+    labels = balanced_labels(args.num, cascade.num_classes, args.class_label)
+    low_res = None
+    start_stage = 0
+    if args.low_res_samples:
+        if len(cascade.stages) < 2:
+            raise UserError("--low-res-samples needs at least one SR stage")
+        first = cascade.stages[1]
+        data = load_images(f"npz:{args.low_res_samples}", first.low_res, channels=first.channels)
+        if len(data.images) < args.num:
+            raise UserError(f"--low-res-samples has {len(data.images)} images, fewer than --num {args.num}")
+        low_res, labels, start_stage = data.images[: args.num], torch.from_numpy(data.labels[: args.num]), 1
+    kwargs = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta, truncated=args.truncated,
+                  aug_levels=args.aug_level, autocast=args.precision == "bf16")
+    start = time.time()
+    stage_images, label_array = sample_in_batches(
+        cascade, labels, batch_size=args.batch_size, seed=args.seed, low_res=low_res, start_stage=start_stage,
+        progress=not args.quiet, **kwargs
+    )
+    seconds = time.time() - start
+    save_samples_or_rescue(args.out, stage_images[-1], label_array)
+    notes = []
+    if args.save_stages:
+        noisy = cascade.noisy_outputs(args.aug_level, args.truncated)[start_stage:]
+        out_dir = Path(args.save_stages)
+        for i, imgs in enumerate(stage_images):
+            if noisy[i]:  # truncated: this stage stopped at level s and handed its noisy z_s on; not an image
+                notes.append(f"stage {i + 1 + start_stage} handed its noisy z_s on (truncated) and is not saved")
+                continue
+            save_samples_npz(out_dir / f"stage{i + 1 + start_stage}_{imgs.shape[1]}px.npz", imgs, label_array)
+    if args.grid:
+        grid = grid_by_class(stage_images, label_array, per_class=args.grid_per_class)
+        save_grid(grid[None], args.grid, nrow=1, padding=0)
+    res = "→".join(str(s.resolution) for s in cascade.stages[start_stage:])
+    print(
+        f"wrote {len(label_array)} samples ({res}px) to {args.out} in {seconds:.1f} s "
+        f"({len(label_array) / max(seconds, 1e-9):.1f} img/s)"
+        + (f"; grid {args.grid}" if args.grid else "")
+        + "".join(f"; {note}" for note in notes)
+    )
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("sample", help="sample from one stage or a cascade (base first)")
+    p.add_argument("run_dirs", nargs="*", help="run or exported stage directories, base first")
+    p.add_argument("--pretrained", default=None, help="a bundled cascade, e.g. fashion-mnist")
+    p.add_argument("--num", type=positive_int, default=64)
+    p.add_argument("--out", required=True, help="output .npz (arr_0 uint8 NHWC, arr_1 labels)")
+    p.add_argument("--grid", default=None, help="PNG grid: one row per class, every stage side by side")
+    p.add_argument("--grid-per-class", type=positive_int, default=8)
+    p.add_argument("--class-label", type=int, action="append", default=None, help="sample these classes (repeatable)")
+    p.add_argument("--aug-level", type=nonneg_int_list, default=None,
+                   help="level s per SR stage (default: its sample_s, or the level a fixed-s stage was trained at)")
+    p.add_argument("--save-stages", default=None,
+                   help="directory for every stage's output (.npz); with --truncated the stages that hand a noisy "
+                        "z_s on are skipped")
+    p.add_argument("--low-res-samples", default=None, help="npz of stage-1 outputs: run only the SR stages on them")
+    p.add_argument("--quiet", action="store_true")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_sample)

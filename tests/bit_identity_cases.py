@@ -1,0 +1,62 @@
+"""The sampling calls whose exact outputs tests/fixtures/bit_identity.npz records (see
+tests/fixtures/make_bit_identity.py): a run directory made by the code before issue 16 and the shipped bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = [FIXTURES / "tiny_run" / "base8", FIXTURES / "tiny_run" / "sr8to16"]
+
+# name -> (cascade, sampling keyword arguments); labels and seed fixed per case
+CASES = {
+    "tiny_ddpm_fp32": ("tiny", dict(steps=5, sampler="ddpm", autocast=False)),
+    "tiny_ddim_truncated_fp32": ("tiny", dict(steps=[4, 3], sampler="ddim", truncated=True, aug_levels=[10],
+                                              autocast=False)),
+    "tiny_dpmpp_bf16_guided": ("tiny", dict(steps=4, sampler="dpmpp", guidance=[2.0, 1.5], autocast=True)),
+    "tiny_default_levels": ("tiny", dict(steps=3, autocast=False)),
+    "pretrained_ddpm_fp32": ("pretrained", dict(steps=3, sampler="ddpm", autocast=False)),
+    "pretrained_ddim_bf16": ("pretrained", dict(steps=3, sampler="ddim", autocast=True)),
+}
+
+
+def load_cascade(kind: str):
+    from cascaded_diffusion.cascade import Cascade
+
+    if kind == "tiny":
+        return Cascade.load(TINY)
+    return Cascade.load(pretrained="fashion-mnist")
+
+
+def sample_case(name: str) -> np.ndarray:
+    """Every stage's output, float32, concatenated flat (stage 1 first)."""
+    kind, kwargs = CASES[name]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cascade = load_cascade(kind)
+        labels = torch.tensor([0, 3, 7, 9] if kind == "tiny" else [1, 8])
+        out = cascade.sample(labels, generator=torch.Generator().manual_seed(1234), **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    return np.concatenate([x.float().numpy().ravel() for x in out.stages])
+
+
+CLI_ARGS = ["--num", "6", "--steps", "3", "--seed", "5", "--sampler", "ddim", "--quiet"]
+
+
+def cli_sample(out_dir: Path) -> np.ndarray:
+    """The uint8 images `cdm sample` writes for the tiny run (its default precision, bf16 autocast)."""
+    from cascaded_diffusion.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["sample", *map(str, TINY), "--out", str(out_dir / "s.npz"), *CLI_ARGS]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with np.load(out_dir / "s.npz") as f:
+        return f["arr_0"]
