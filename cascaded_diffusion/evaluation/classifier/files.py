@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from ...checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, load_tensors, load_weights_into
+from ...checkpoint import CheckpointError, load_tensors, load_weights_into
+from ...fileio import atomic_write_bytes, atomic_write_text
 from ...pretrained import PRETRAINED_ROOT
 from .model import ClassifierConfig, ResNetClassifier
 

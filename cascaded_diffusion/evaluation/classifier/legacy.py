@@ -16,7 +16,8 @@ import json
 import os
 import sys
 
-from ...checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, load_tensors, load_weights_into
+from ...checkpoint import CheckpointError, load_tensors, load_weights_into
+from ...fileio import atomic_write_bytes, atomic_write_text
 from ..inception import file_sha256
 from .files import (
     LEGACY_FORMAT,

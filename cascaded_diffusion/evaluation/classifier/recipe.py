@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...hardware import bf16_autocast
 from .model import (
     ClassifierConfig,
     ResNetClassifier,
@@ -57,10 +58,6 @@ class TrainingHistory:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _learning_rate_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -177,7 +174,7 @@ def train_classifier(
                 pixels = random_crop_and_flip(pixels, crop_padding, generator)
             x = pixels_to_model_input(pixels).contiguous(memory_format=torch.channels_last)
             y = targets[index].to(device)
-            with _autocast(device, bf16):
+            with bf16_autocast(device, bf16):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
