@@ -22,6 +22,7 @@ import torch
 
 from .data import images_to_tensor, make_grid, save_grid, tensor_to_images
 from .augment import upsample
+from .rng import Generator, PerSampleGenerator
 from .stage import Stage
 
 
@@ -144,7 +145,7 @@ class Cascade:
         truncated: bool = False,
         guidance=None,
         eta=None,
-        generator: torch.Generator | None = None,
+        generator: Generator = None,
         low_res: torch.Tensor | None = None,
         start_stage: int = 0,
         autocast: bool = True,
@@ -154,6 +155,8 @@ class Cascade:
 
         ``steps``/``sampler``/``guidance``/``eta``: one value for all stages or one per stage.
         ``aug_levels``: one level s per SR stage (default: each stage's ``conditioning.sample_s``).
+        ``generator``: a :class:`~cascaded_diffusion.rng.PerSampleGenerator` makes every sample depend on
+        (seed, its index) only; a plain ``torch.Generator`` draws the whole batch from one stream.
         ``low_res`` with ``start_stage=k``: skip stages before k and feed these clean images (the output of
         stage k-1, or ground-truth low-resolution images) to stage k — used by the augmentation sweep.
         """
@@ -227,12 +230,19 @@ class Cascade:
 
 def sample_in_batches(cascade: Cascade, labels: torch.Tensor, *, batch_size: int, seed: int,
                       low_res: np.ndarray | None = None, start_stage: int = 0, progress: bool = False,
+                      indices: Sequence[int] | None = None, noise_device: str | torch.device | None = None,
                       **kwargs) -> tuple[list[np.ndarray], np.ndarray]:
-    """Sample ``labels`` through ``cascade`` ``batch_size`` at a time from one generator seeded with ``seed``;
-    ``low_res`` (uint8 NHWC) with ``start_stage`` feeds given images to that stage. Other keyword arguments go
-    to :meth:`Cascade.sample`. Returns (one uint8 NHWC array per stage run, labels as numpy)."""
+    """Sample ``labels`` through ``cascade`` ``batch_size`` at a time; sample k's noise depends only on
+    ``seed`` and its index ``indices[k]`` (default k), so the result does not depend on ``batch_size`` (see
+    :mod:`cascaded_diffusion.rng`). ``low_res`` (uint8 NHWC, one per label) with ``start_stage`` feeds given
+    images to that stage. ``noise_device``: where the per-sample generators draw (default: the cascade's
+    device). Other keyword arguments go to :meth:`Cascade.sample`. Returns (one uint8 NHWC array per stage
+    run, labels as numpy)."""
     device = cascade.stages[0].device
-    generator = torch.Generator(device).manual_seed(seed)
+    noise_device = device if noise_device is None else torch.device(noise_device)
+    indices = list(range(len(labels))) if indices is None else [int(i) for i in indices]
+    if len(indices) != len(labels):
+        raise ValueError(f"got {len(indices)} sample indices for {len(labels)} labels")
     per_stage: list[list[np.ndarray]] = []
     bar = None
     if progress:
@@ -244,6 +254,7 @@ def sample_in_batches(cascade: Cascade, labels: torch.Tensor, *, batch_size: int
         cond = None
         if low_res is not None:
             cond = images_to_tensor(low_res[lo : lo + batch_size], device=device)
+        generator = PerSampleGenerator(seed, indices[lo : lo + batch_size], noise_device)
         out = cascade.sample(y, low_res=cond, start_stage=start_stage, generator=generator, **kwargs)
         arrays = [tensor_to_images(x.clamp(-1, 1)) for x in out.stages]
         if not per_stage:

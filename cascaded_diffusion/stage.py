@@ -18,6 +18,7 @@ from .augment import BlurAugmentation, NoAugmentation, NoiseAugmentation
 from .checkpoint import STAGE_FILE, CheckpointError, latest_valid_checkpoint, load_state, load_tensors, load_weights_into
 from .config import StageConfig
 from .diffusion import GaussianDiffusion, make_beta_schedule
+from .rng import Generator
 from .samplers import make_cfg_model_fn, sample
 from .unet import UNet, UNetConfig
 
@@ -222,7 +223,7 @@ class Stage:
         eta: float | None = None,
         variance: str | None = None,
         guidance: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generator = None,
         stop_t: int = -1,
         start_t: int | None = None,
         x_start: torch.Tensor | None = None,

@@ -17,6 +17,7 @@ import torch
 
 from ..augment import downsample
 from ..cascade import Cascade, balanced_labels, sample_in_batches
+from ..rng import PerSampleGenerator
 from ..data import images_to_tensor, load_images, tensor_to_images
 from .evaluate import evaluate_images
 from .features import FeatureExtractor
@@ -75,11 +76,11 @@ def augmentation_sweep(
     base_images = None
     if not truncated:
         start = time.time()
-        gen = torch.Generator(device).manual_seed(seed)
         chunks = []
         base_kw = {k: (v[0] if isinstance(v, (list, tuple)) else v) for k, v in sampling.items()
                    if k in ("steps", "sampler", "guidance", "eta")}
         for lo in range(0, num, batch_size):
+            gen = PerSampleGenerator(seed, range(lo, min(lo + batch_size, num)), device)
             x = cascade.stages[0].sample(labels[lo : lo + batch_size], generator=gen, **base_kw)
             chunks.append(tensor_to_images(x.clamp(-1, 1)))
         base_images = np.concatenate(chunks)
