@@ -309,6 +309,15 @@ def grid_by_class(
     return make_grid(np.stack(tiles), nrow=per_class * len(shown))
 
 
+def grid_indices(labels: np.ndarray, per_class: int = 8, max_classes: int = 10) -> np.ndarray:
+    """The sample indices :func:`grid_by_class` shows (sorted): ``grid_by_class`` of just these samples is the
+    grid of all of them, so a long sampling job keeps only these in memory for its grid."""
+    labels = np.asarray(labels)
+    classes = [c for c in np.unique(labels)][:max_classes]
+    per_class = min(per_class, min(int((labels == c).sum()) for c in classes))
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes]))
+
+
 def save_cascade_grid(output: CascadeOutput, path: str | Path, per_class: int = 8) -> None:
     images = [tensor_to_images(x) for x in output.stages]
     labels = output.labels.cpu().numpy()

@@ -133,30 +133,14 @@ def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _save_samples_or_rescue(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """Write the samples to ``path``; if that fails after all the sampling (the disk filled up meanwhile), save
-    them to the temporary directory instead and say where, rather than throwing the work away."""
-    import tempfile
-
-    from .errors import UserError, describe_os_error
-
-    try:
-        save_npz(path, images, labels)
-    except OSError as e:
-        rescue = Path(tempfile.gettempdir()) / f"cdm-samples-{os.getpid()}.npz"
-        try:
-            save_npz(rescue, images, labels)
-        except OSError:
-            raise e from None
-        raise UserError(f"{describe_os_error(e)}; the {len(images)} samples were saved to {rescue} instead") from None
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
+    """Under ``torchrun`` the samples are split over the processes (see docs/sampling.md)."""
     import torch
 
-    from .cascade import balanced_labels, grid_by_class, sample_in_batches
+    from .cascade import balanced_labels, grid_by_class, grid_indices
     from .data import load_images, save_grid
     from .errors import UserError, check_output_dir, check_output_file
+    from .sharded_sampling import distributed_from_env, sample_sharded
     from .training import resolve_device
 
     # every output is checked before anything is loaded or sampled
@@ -167,48 +151,54 @@ def cmd_sample(args: argparse.Namespace) -> int:
         check_output_dir(args.save_stages, "--save-stages")
     if args.low_res_samples and not Path(args.low_res_samples).is_file():
         raise UserError(f"--low-res-samples {args.low_res_samples}: no such file")
-    device = resolve_device(args.device)
-    cascade = load_cascade(args.run_dirs, args.pretrained, device, weights=args.weights)
-    if args.compile:
-        cascade.compile(mode=None if args.compile == "default" else args.compile)
-    labels = balanced_labels(args.num, cascade.num_classes, args.class_label)
-    low_res = None
-    start_stage = 0
-    if args.low_res_samples:
-        if len(cascade.stages) < 2:
-            raise UserError("--low-res-samples needs at least one SR stage")
-        first = cascade.stages[1]
-        data = load_images(f"npz:{args.low_res_samples}", first.low_res, channels=first.channels)
-        if len(data.images) < args.num:
-            raise UserError(f"--low-res-samples has {len(data.images)} images, fewer than --num {args.num}")
-        low_res, labels, start_stage = data.images[: args.num], torch.from_numpy(data.labels[: args.num]), 1
-    kwargs = dict(
-        steps=args.steps,
-        sampler=args.sampler,
-        guidance=args.guidance,
-        eta=args.eta,
-        truncated=args.truncated,
-        aug_levels=args.aug_level,
-        autocast=args.precision == "bf16",
-    )
-    start = time.time()
-    stage_images, label_array = sample_in_batches(
-        cascade, labels, batch_size=args.batch_size, seed=args.seed, low_res=low_res, start_stage=start_stage,
-        progress=not args.quiet, **kwargs
-    )
-    seconds = time.time() - start
-    _save_samples_or_rescue(args.out, stage_images[-1], label_array)
-    if args.save_stages:
-        out_dir = Path(args.save_stages)
-        for i, imgs in enumerate(stage_images):
-            save_npz(out_dir / f"stage{i + 1 + start_stage}_{imgs.shape[1]}px.npz", imgs, label_array)
+    with distributed_from_env(args.device) as (rank, world_size, local_rank):
+        device = resolve_device(args.device, local_rank)
+        cascade = load_cascade(args.run_dirs, args.pretrained, device, weights=args.weights)
+        if args.compile:
+            cascade.compile(mode=None if args.compile == "default" else args.compile)
+        labels = balanced_labels(args.num, cascade.num_classes, args.class_label)
+        low_res = None
+        start_stage = 0
+        if args.low_res_samples:
+            if len(cascade.stages) < 2:
+                raise UserError("--low-res-samples needs at least one SR stage")
+            first = cascade.stages[1]
+            data = load_images(f"npz:{args.low_res_samples}", first.low_res, channels=first.channels)
+            if len(data.images) < args.num:
+                raise UserError(f"--low-res-samples has {len(data.images)} images, fewer than --num {args.num}")
+            low_res, labels, start_stage = data.images[: args.num], torch.from_numpy(data.labels[: args.num]), 1
+        kwargs = dict(
+            steps=args.steps,
+            sampler=args.sampler,
+            guidance=args.guidance,
+            eta=args.eta,
+            truncated=args.truncated,
+            aug_levels=args.aug_level,
+            autocast=args.precision == "bf16",
+        )
+        stages_run = cascade.stages[start_stage:]
+        stage_paths = None
+        if args.save_stages:
+            stage_paths = [Path(args.save_stages) / f"stage{i + 1 + start_stage}_{s.resolution}px.npz"
+                           for i, s in enumerate(stages_run)]
+        label_array = labels.numpy().astype(np.int64)
+        select = grid_indices(label_array, per_class=args.grid_per_class) if args.grid else None
+        result = sample_sharded(
+            cascade, labels, args.out, seed=args.seed, batch_size=args.batch_size, low_res=low_res,
+            start_stage=start_stage, stage_paths=stage_paths, select=select, settings={"weights": args.weights},
+            progress=not args.quiet, **kwargs
+        )
+    if rank != 0:
+        return 0
     if args.grid:
-        grid = grid_by_class(stage_images, label_array, per_class=args.grid_per_class)
+        grid = grid_by_class(result.selected, label_array[select], per_class=args.grid_per_class)
         save_grid(grid[None], args.grid, nrow=1, padding=0)
-    res = "→".join(str(s.resolution) for s in cascade.stages[start_stage:])
+    res = "→".join(str(s.resolution) for s in stages_run)
+    resumed = f"; {result.resumed} resumed from {args.out}.shards" if result.resumed else ""
+    processes = f" on {world_size} processes" if world_size > 1 else ""
     print(
-        f"wrote {len(label_array)} samples ({res}px) to {args.out} in {seconds:.1f} s "
-        f"({len(label_array) / max(seconds, 1e-9):.1f} img/s)"
+        f"wrote {result.num} samples ({res}px) to {args.out} in {result.seconds:.1f} s: "
+        f"{result.new} sampled at {result.rate:.1f} samples/s{processes}{resumed}"
         + (f"; grid {args.grid}" if args.grid else "")
     )
     return 0
@@ -355,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     run directory, out of memory) are one line, ``cdm COMMAND: error: ...``, exit status 2; ``CDM_DEBUG=1``
     shows their traceback. Anything else is a bug and keeps its traceback."""
     parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--"]:  # `torchrun ... -m cascaded_diffusion.cli -- sample ...` (see docs/sampling.md)
+        argv = argv[1:]
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -70,7 +70,7 @@ class PerSampleGenerator:
         row = self._rows(shape)
         out = torch.empty((len(self.generators), *row), device=self.device, dtype=dtype)
         for k, g in enumerate(self.generators):
-            torch.randn(row, generator=g, device=self.device, dtype=dtype, out=out[k])
+            torch.randn(row, generator=g, out=out[k])
         return out.to(device if device is not None else self.device, non_blocking=True)
 
     def rand(self, shape, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -78,7 +78,7 @@ class PerSampleGenerator:
         row = self._rows(shape)
         out = torch.empty((len(self.generators), *row), device=self.device, dtype=dtype)
         for k, g in enumerate(self.generators):
-            torch.rand(row, generator=g, device=self.device, dtype=dtype, out=out[k])
+            torch.rand(row, generator=g, out=out[k])
         return out.to(device if device is not None else self.device, non_blocking=True)
 
     def __repr__(self) -> str:

@@ -17,6 +17,7 @@ to a temporary file that is renamed into place, and removes the shards.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -30,12 +31,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .cascade import Cascade, sample_in_batches
+from . import cascade as _cascade
+from .cascade import Cascade
 from .checkpoint import _fsync_dir, atomic_write_bytes, atomic_write_text
 from .errors import UserError
 
 __all__ = [
     "ShardManifestError",
+    "distributed_from_env",
     "ShardedSamplingResult",
     "distributed_context",
     "shard_dir_for",
@@ -76,6 +79,28 @@ def distributed_context() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+@contextlib.contextmanager
+def distributed_from_env(device: str | None = "auto"):
+    """Join the process group ``torchrun`` describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT) if it is not joined yet: NCCL for CUDA devices, gloo otherwise. Yields
+    (rank, world size, local rank); a group created here is destroyed on exit. Without torchrun: (0, 1, 0)."""
+    rank, world_size = distributed_context()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    created = False
+    if world_size == 1 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        use_nccl = (device or "auto") != "cpu" and not str(device).startswith("mps") and torch.cuda.is_available()
+        if use_nccl:
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group("nccl" if use_nccl else "gloo")
+        created = True
+        rank, world_size = distributed_context()
+    try:
+        yield rank, world_size, local_rank
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
 
 
 def shard_dir_for(out: str | os.PathLike) -> Path:
@@ -132,11 +157,14 @@ def write_npz_streaming(path: str | os.PathLike, arrays: dict[str, tuple[tuple[i
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"could not write it ({e.strerror or e}); any previous version is untouched",
+                          str(path)) from e
         raise
 
 
@@ -337,10 +365,11 @@ def sample_sharded(
             bar.update(count - bar.n)
 
     labels_t = torch.from_numpy(labels_np)
+    wrote_any = False
     try:
         for lo in range(0, len(mine), chunk_size):
             idx = mine[lo : lo + chunk_size]
-            stages, _ = sample_in_batches(
+            stages, _ = _cascade.sample_in_batches(  # looked up at call time (tests replace it)
                 cascade, labels_t[idx], batch_size=batch_size, seed=seed, indices=idx.tolist(),
                 low_res=None if low_res is None else np.asarray(low_res[idx]), start_stage=start_stage,
                 noise_device=noise_device, **sample_kwargs,
@@ -349,6 +378,7 @@ def sample_sharded(
             np.savez(buf, indices=idx, labels=labels_np[idx], **{f"stage_{k}": a for k, a in enumerate(stages)})
             path = shard_dir / _chunk_name(idx)
             atomic_write_bytes(path, buf.getvalue())
+            wrote_any = True
             if on_chunk is not None:
                 on_chunk(path, idx)
             if bar is not None:
@@ -359,6 +389,10 @@ def sample_sharded(
             time.sleep(poll_seconds)
             count = finished()
             show(count)
+    except BaseException:
+        if world_size == 1 and not wrote_any and resumed == 0:  # nothing to resume: leave no directory behind
+            _remove_shards(shard_dir)
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -461,11 +495,24 @@ def _merge(shard_dir: Path, out: Path, labels: np.ndarray, num_stages: int, stag
             for lo, hi in blocks:
                 member.write(gather(lo, hi)[k])
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_npz_streaming(path, {
-            "arr_0": ((num, *shapes[k]), np.uint8, fill),
-            "arr_1": ((num,), np.int64, lambda member: member.write(labels)),
-        })
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_npz_streaming(path, {
+                "arr_0": ((num, *shapes[k]), np.uint8, fill),
+                "arr_1": ((num,), np.int64, lambda member: member.write(labels)),
+            })
+        except OSError as e:
+            from .errors import describe_os_error
+
+            raise UserError(
+                f"{describe_os_error(e)}; the {num} samples are kept in {shard_dir}: "
+                "rerun the same command to write the file without sampling again"
+            ) from None
+    _remove_shards(shard_dir)
+    return selected if select is not None else None
+
+
+def _remove_shards(shard_dir: Path) -> None:
     for name in _list_chunks(shard_dir):
         (shard_dir / name).unlink(missing_ok=True)
     (shard_dir / MANIFEST).unlink(missing_ok=True)
@@ -473,4 +520,3 @@ def _merge(shard_dir: Path, out: Path, labels: np.ndarray, num_stages: int, stag
         shard_dir.rmdir()
     except OSError:
         pass
-    return selected if select is not None else None
