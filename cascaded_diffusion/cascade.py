@@ -231,13 +231,29 @@ class Cascade:
 def sample_in_batches(cascade: Cascade, labels: torch.Tensor, *, batch_size: int, seed: int,
                       low_res: np.ndarray | None = None, start_stage: int = 0, progress: bool = False,
                       indices: Sequence[int] | None = None, noise_device: str | torch.device | None = None,
-                      **kwargs) -> tuple[list[np.ndarray], np.ndarray]:
+                      distributed: bool = False, **kwargs) -> tuple[list[np.ndarray], np.ndarray]:
     """Sample ``labels`` through ``cascade`` ``batch_size`` at a time; sample k's noise depends only on
     ``seed`` and its index ``indices[k]`` (default k), so the result does not depend on ``batch_size`` (see
     :mod:`cascaded_diffusion.rng`). ``low_res`` (uint8 NHWC, one per label) with ``start_stage`` feeds given
     images to that stage. ``noise_device``: where the per-sample generators draw (default: the cascade's
-    device). Other keyword arguments go to :meth:`Cascade.sample`. Returns (one uint8 NHWC array per stage
-    run, labels as numpy)."""
+    device). ``distributed``: every rank of the initialised process group calls this with the same arguments,
+    samples every world-size-th sample and gets all of them back (the same arrays as one process). Other
+    keyword arguments go to :meth:`Cascade.sample`. Returns (one uint8 NHWC array per stage run, labels as
+    numpy)."""
+    if distributed:
+        from .distributed import all_gather_rows, distributed_context, my_positions
+
+        if 1 < distributed_context()[1] <= len(labels):  # (fewer samples than ranks: every rank samples all)
+            n = len(labels)
+            mine = my_positions(n)
+            all_indices = np.arange(n) if indices is None else np.asarray(list(indices), dtype=np.int64)
+            stages, _ = sample_in_batches(
+                cascade, labels[torch.from_numpy(mine)], batch_size=batch_size, seed=seed,
+                low_res=None if low_res is None else np.asarray(low_res)[mine], start_stage=start_stage,
+                progress=progress and distributed_context()[0] == 0, indices=all_indices[mine].tolist(),
+                noise_device=noise_device, **kwargs,
+            )
+            return all_gather_rows(stages, n), labels.numpy()
     device = cascade.stages[0].device
     noise_device = device if noise_device is None else torch.device(noise_device)
     indices = list(range(len(labels))) if indices is None else [int(i) for i in indices]

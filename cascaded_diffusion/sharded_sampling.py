@@ -17,7 +17,6 @@ to a temporary file that is renamed into place, and removes the shards.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -34,6 +33,7 @@ import torch
 from . import cascade as _cascade
 from .cascade import Cascade
 from .checkpoint import _fsync_dir, atomic_write_bytes, atomic_write_text
+from .distributed import distributed_context, distributed_from_env  # noqa: F401 (re-exported)
 from .errors import UserError
 
 __all__ = [
@@ -72,35 +72,6 @@ class ShardedSamplingResult:
     def rate(self) -> float:
         """Samples per second of this run (all processes together, the merge excluded)."""
         return self.new / max(self.sampling_seconds, 1e-9)
-
-
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size) of the initialised default process group, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-@contextlib.contextmanager
-def distributed_from_env(device: str | None = "auto"):
-    """Join the process group ``torchrun`` describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR/PORT) if it is not joined yet: NCCL for CUDA devices, gloo otherwise. Yields
-    (rank, world size, local rank); a group created here is destroyed on exit. Without torchrun: (0, 1, 0)."""
-    rank, world_size = distributed_context()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    created = False
-    if world_size == 1 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        use_nccl = (device or "auto") != "cpu" and not str(device).startswith("mps") and torch.cuda.is_available()
-        if use_nccl:
-            torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group("nccl" if use_nccl else "gloo")
-        created = True
-        rank, world_size = distributed_context()
-    try:
-        yield rank, world_size, local_rank
-    finally:
-        if created:
-            torch.distributed.destroy_process_group()
 
 
 def shard_dir_for(out: str | os.PathLike) -> Path:
@@ -182,6 +153,11 @@ def _sha256(array: np.ndarray | None) -> str | None:
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _absolute(source: str) -> str:
+    """A stage's directory as an absolute path (a resume from another working directory is the same job)."""
+    return str(Path(source).resolve()) if source and Path(source).exists() else source
 
 
 def _chunk_name(indices: np.ndarray) -> str:
@@ -326,8 +302,8 @@ def sample_sharded(
         "labels_sha256": _sha256(labels_np),
         "low_res_sha256": _sha256(low_res),
         "start_stage": start_stage,
-        "stages": [{"source": s.source, "step": s.step, "resolution": s.resolution, "channels": s.channels}
-                   for s in cascade.stages],
+        "stages": [{"source": _absolute(s.source), "step": s.step, "resolution": s.resolution,
+                    "channels": s.channels} for s in cascade.stages],
         "sampling": {k: v for k, v in sorted(sample_kwargs.items())},
         "noise_device": str(torch.device(noise_device).type if noise_device is not None
                             else cascade.stages[0].device.type),

@@ -38,6 +38,10 @@ def _worker(rank: int, world: int, rendezvous: str, out: str, batch_size: int) -
         result = sample_sharded(tiny_cascade(), balanced_labels(NUM, 3), out, seed=7, batch_size=batch_size,
                                 poll_seconds=0.05, **KWARGS)
         assert result.world_size == world and result.new == NUM and Path(out).is_file()
+        # the in-memory path (cdm sweep): every rank samples its share and gets all the images
+        stages, _ = sample_in_batches(tiny_cascade(), balanced_labels(NUM, 3), batch_size=2, seed=7, truncated=True,
+                                      distributed=True, **KWARGS)
+        np.save(f"{out}.truncated-rank{rank}.npy", stages[-1])
     finally:
         torch.distributed.destroy_process_group()
 
@@ -64,6 +68,9 @@ def test_one_npz_byte_identical_for_batch_sizes_and_two_gloo_processes(cascade, 
     two = tmp_path / "two.npz"
     mp.spawn(_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(two), 2), nprocs=2, join=True)
     assert two.read_bytes() == one.read_bytes()
+    truncated = sample_in_batches(cascade, labels, batch_size=5, seed=7, truncated=True, **KWARGS)[0][-1]
+    for rank in range(2):
+        assert np.array_equal(np.load(f"{two}.truncated-rank{rank}.npy"), truncated)
 
 
 class Interrupt(Exception):

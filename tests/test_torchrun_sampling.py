@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def documented_torchrun_commands() -> list[str]:
-    text = (ROOT / "docs" / "sampling.md").read_text()
+    text = "\n".join((ROOT / "docs" / name).read_text() for name in ("sampling.md", "evaluation.md"))
     return [line.strip() for line in text.splitlines() if re.match(r"\s*torchrun ", line)]
 
 
@@ -34,14 +34,18 @@ def parse_like_torchrun(command: str):
 
 def test_documented_commands_parse_in_torchrun_and_in_cdm():
     commands = documented_torchrun_commands()
-    assert len(commands) >= 2
+    assert len(commands) >= 6
+    seen = set()
     for command in commands:
         parsed, argv = parse_like_torchrun(command)
         assert parsed.nproc_per_node
         if argv[:1] == ["--"]:  # kept by some Python versions; cdm's main() drops it
             argv = argv[1:]
         args = build_parser().parse_args(argv)
-        assert args.command == "sample" and args.num in (1000, 50000) and args.out.endswith(".npz")
+        seen.add(args.command)
+        if args.command == "sample":
+            assert args.num in (1000, 50000) and args.out.endswith(".npz")
+    assert seen == {"sample", "stats", "eval", "sweep"}
 
 
 def test_without_the_separator_torchrun_takes_num_for_its_own_option(capsys):

@@ -64,6 +64,7 @@ def reference_stats(
     num: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 250,
+    distributed: bool = False,
 ) -> FeatureStats:
     """Statistics of a reference: a stats ``.npz`` file as is, or a dataset spec computed and cached."""
     path = Path(ref)
@@ -94,12 +95,17 @@ def reference_stats(
         except (ValueError, OSError):
             cached.unlink(missing_ok=True)
     stats = FeatureStats.from_features(
-        extract(np.asarray(images), extractor, batch_size=batch_size)[0],
+        extract(np.asarray(images), extractor, batch_size=batch_size, distributed=distributed)[0],
         network=extractor.name,
         source=f"{ref} @ {resolution}px, n={len(images)}",
     )
     stats.resolution, stats.channels = resolution, int(images.shape[-1])
     try:
+        if distributed:
+            from ..distributed import distributed_context
+
+            if distributed_context()[0] != 0:  # rank 0 writes the cache
+                return _check_precomputed(stats, precomputed, extractor, ref)
         cache.mkdir(parents=True, exist_ok=True)
         stats.save(cached)  # atomic
     except OSError as e:  # a cache that cannot be written costs a recomputation next time, not this result
@@ -172,14 +178,17 @@ def evaluate_images(
     kid_subset_size: int = 1000,
     pr_k: int = 3,
     source: str = "",
+    distributed: bool = False,
 ) -> dict[str, Any]:
-    """Score uint8 NHWC ``images`` against ``reference``; returns a JSON-ready dict."""
+    """Score uint8 NHWC ``images`` against ``reference``; returns a JSON-ready dict. ``distributed``: every
+    rank of the process group calls this alike and extracts a share of the features (see :func:`extract`)."""
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)} (valid: {', '.join(METRICS)})")
     check_images_match(np.shape(images), reference, f"the samples {source}".rstrip())
     need_probs = "is" in metrics
-    features, probs = extract(images, extractor, batch_size=batch_size, with_probs=need_probs)
+    features, probs = extract(images, extractor, batch_size=batch_size, with_probs=need_probs,
+                              distributed=distributed)
     stats = FeatureStats.from_features(features, network=extractor.name, source=source, keep_features=False)
     check_compatible(stats, reference)
     result: dict[str, Any] = {
