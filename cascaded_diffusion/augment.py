@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .unet_config import LOW_RES_UPSAMPLE_MODES
+from . import rng
 
 __all__ = [
     "downsample",
@@ -92,15 +93,12 @@ def upsample(x: torch.Tensor, size: int | tuple[int, int], mode: str = "bilinear
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Uniform [0, 1) numbers drawn on the generator's device, then moved to ``device``."""
-    source = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=source).to(device, non_blocking=True)
+    return rng.rand(shape, generator, device)
 
 
-def _randn(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    source = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device, non_blocking=True)
+def _randn(shape: tuple[int, ...], generator: rng.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Normal numbers drawn on the generator's device (a per-sample generator: each row its own stream)."""
+    return rng.randn(shape, generator, device, dtype)
 
 
 class NoiseAugmentation:
@@ -183,7 +181,7 @@ class NoiseAugmentation:
         z0: torch.Tensor,
         s: int | torch.Tensor,
         noise: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: rng.Generator = None,
     ) -> torch.Tensor:
         """Corrupt ``z0`` to level ``s``: ``sqrt(abar(s)) z0 + sqrt(1 - abar(s)) noise``.
 

@@ -23,6 +23,7 @@ import torch
 from .fileio import images_to_tensor, tensor_to_images
 from .errors import UserError
 from .pretrained import pretrained_stage_dirs
+from .rng import Generator, PerSampleGenerator
 from .stage import Stage
 
 
@@ -172,7 +173,7 @@ class Cascade:
         truncated: bool = False,
         guidance=None,
         eta=None,
-        generator: torch.Generator | None = None,
+        generator: Generator = None,
         low_res: torch.Tensor | None = None,
         start_stage: int = 0,
         autocast: bool = True,
@@ -182,6 +183,8 @@ class Cascade:
 
         ``steps``/``sampler``/``guidance``/``eta``: one value for all stages or one per stage.
         ``aug_levels``: one level s per SR stage (default: each stage's ``conditioning.sample_s``).
+        ``generator``: a :class:`~cascaded_diffusion.rng.PerSampleGenerator` makes every sample depend on
+        (seed, its index) only; a plain ``torch.Generator`` draws the whole batch from one stream.
         ``low_res`` with ``start_stage=k``: skip stages before k and feed these clean images (the output of
         stage k-1, or ground-truth low-resolution images) to stage k — used by the augmentation sweep.
         """
@@ -254,12 +257,35 @@ class Cascade:
 
 def sample_in_batches(cascade: Cascade, labels: torch.Tensor, *, batch_size: int, seed: int,
                       low_res: np.ndarray | None = None, start_stage: int = 0, progress: bool = False,
-                      **kwargs) -> tuple[list[np.ndarray], np.ndarray]:
-    """Sample ``labels`` through ``cascade`` ``batch_size`` at a time from one generator seeded with ``seed``;
-    ``low_res`` (uint8 NHWC) with ``start_stage`` feeds given images to that stage. Other keyword arguments go
-    to :meth:`Cascade.sample`. Returns (one uint8 NHWC array per stage run, labels as numpy)."""
+                      indices: Sequence[int] | None = None, noise_device: str | torch.device | None = None,
+                      distributed: bool = False, **kwargs) -> tuple[list[np.ndarray], np.ndarray]:
+    """Sample ``labels`` through ``cascade`` ``batch_size`` at a time; sample k's noise depends only on
+    ``seed`` and its index ``indices[k]`` (default k), so the result does not depend on ``batch_size`` (see
+    :mod:`cascaded_diffusion.rng`). ``low_res`` (uint8 NHWC, one per label) with ``start_stage`` feeds given
+    images to that stage. ``noise_device``: where the per-sample generators draw (default: the cascade's
+    device). ``distributed``: every rank of the initialised process group calls this with the same arguments,
+    samples every world-size-th sample and gets all of them back (the same arrays as one process). Other
+    keyword arguments go to :meth:`Cascade.sample`. Returns (one uint8 NHWC array per stage run, labels as
+    numpy)."""
+    if distributed:
+        from .distributed import all_gather_rows, distributed_context, my_positions
+
+        if 1 < distributed_context()[1] <= len(labels):  # (fewer samples than ranks: every rank samples all)
+            n = len(labels)
+            mine = my_positions(n)
+            all_indices = np.arange(n) if indices is None else np.asarray(list(indices), dtype=np.int64)
+            stages, _ = sample_in_batches(
+                cascade, labels[torch.from_numpy(mine)], batch_size=batch_size, seed=seed,
+                low_res=None if low_res is None else np.asarray(low_res)[mine], start_stage=start_stage,
+                progress=progress and distributed_context()[0] == 0, indices=all_indices[mine].tolist(),
+                noise_device=noise_device, **kwargs,
+            )
+            return all_gather_rows(stages, n), labels.numpy()
     device = cascade.stages[0].device
-    generator = torch.Generator(device).manual_seed(seed)
+    noise_device = device if noise_device is None else torch.device(noise_device)
+    indices = list(range(len(labels))) if indices is None else [int(i) for i in indices]
+    if len(indices) != len(labels):
+        raise ValueError(f"got {len(indices)} sample indices for {len(labels)} labels")
     per_stage: list[list[np.ndarray]] = []
     bar = None
     if progress:
@@ -271,6 +297,7 @@ def sample_in_batches(cascade: Cascade, labels: torch.Tensor, *, batch_size: int
         cond = None
         if low_res is not None:
             cond = images_to_tensor(low_res[lo : lo + batch_size], device=device)
+        generator = PerSampleGenerator(seed, indices[lo : lo + batch_size], noise_device)
         out = cascade.sample(y, low_res=cond, start_stage=start_stage, generator=generator, **kwargs)
         arrays = [tensor_to_images(x.clamp(-1, 1)) for x in out.stages]
         if not per_stage:
@@ -295,3 +322,12 @@ def balanced_labels(num: int, num_classes: int, class_labels: Sequence[int] | No
         pool = torch.arange(num_classes, dtype=torch.long)
     labels = pool.repeat((num + len(pool) - 1) // len(pool))[:num]
     return labels.sort(stable=True).values
+
+
+def grid_indices(labels: np.ndarray, per_class: int = 8, max_classes: int = 10) -> np.ndarray:
+    """The sample indices :func:`grid_by_class` shows (sorted): ``grid_by_class`` of just these samples is the
+    grid of all of them, so a long sampling job keeps only these in memory for its grid."""
+    labels = np.asarray(labels)
+    classes = [c for c in np.unique(labels)][:max_classes]
+    per_class = min(per_class, min(int((labels == c).sum()) for c in classes))
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes]))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .diffusion import VARIANCES, GaussianDiffusion, ModelFn, learned_log_variance, x0_eps_from_prediction
+from .rng import Generator, randn
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 SAMPLE_VARIANCES = ("auto", *VARIANCES)  # "auto": learned when the model learns it, else fixed_large
@@ -103,7 +104,7 @@ def sample(
     start_t: int | None = None,
     stop_t: int = -1,
     clip_denoised: bool = True,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     device: str | torch.device | None = None,
     progress: bool = False,
     return_pred_x0: bool = False,
@@ -122,7 +123,9 @@ def sample(
         start_t: the index to start from (default T−1).
         stop_t: −1 returns clean data; k >= 0 returns a noisy sample distributed as x_k.
         clip_denoised: clamp x̂0 to [−1, 1] at every step.
-        generator: seeds the initial noise and every stochastic step (must live on ``device``).
+        generator: seeds the initial noise and every stochastic step: a ``torch.Generator`` (numbers are
+            drawn on its device) or a :class:`~cascaded_diffusion.rng.PerSampleGenerator` (row k of the
+            batch from its own stream, so each sample is independent of the batch it is in).
         device: where to sample (default: x_start's device, else the CPU).
         return_pred_x0: also return the last step's x̂0.
 
@@ -154,7 +157,7 @@ def sample(
         device = x_start.device if x_start is not None else torch.device("cpu")
     device = torch.device(device)
     if x_start is None:
-        x = torch.randn(tuple(shape), generator=generator, device=device)
+        x = randn(tuple(shape), generator, device)
     else:
         if tuple(x_start.shape) != tuple(shape):
             raise ValueError(f"x_start has shape {tuple(x_start.shape)}, expected {tuple(shape)}")
@@ -192,8 +195,8 @@ def sample(
     return (x, x0) if return_pred_x0 else x
 
 
-def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def _noise_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:
+    return randn(x.shape, generator, x.device, x.dtype)
 
 
 def _ddpm_step(
@@ -203,7 +206,7 @@ def _ddpm_step(
     a_s: float,
     v: torch.Tensor | None,
     variance: str,
-    generator: torch.Generator | None,
+    generator: Generator,
 ) -> torch.Tensor:
     """Draw x_s ~ q(x_s | x_t, x̂0), the posterior of the (possibly strided) step t → s."""
     beta = 1.0 - a_t / a_s
@@ -221,7 +224,7 @@ def _ddpm_step(
 
 
 def _ddim_step(
-    x0: torch.Tensor, eps: torch.Tensor, a_t: float, a_s: float, eta: float, generator: torch.Generator | None
+    x0: torch.Tensor, eps: torch.Tensor, a_t: float, a_s: float, eta: float, generator: Generator
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12): x_s = sqrt(ᾱ_s)x̂0 + sqrt(1−ᾱ_s−σ²)ε̂ + σz,
     σ = η·sqrt((1−ᾱ_s)/(1−ᾱ_t))·sqrt(1−ᾱ_t/ᾱ_s); onto clean data (ᾱ_s = 1) this is x̂0."""

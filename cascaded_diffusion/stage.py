@@ -19,6 +19,7 @@ from .config import StageConfig
 from .diffusion import GaussianDiffusion, make_beta_schedule
 from .errors import UserError
 from .hardware import bf16_autocast
+from .rng import Generator
 from .samplers import make_cfg_model_fn, sample
 from .unet import UNet, UNetConfig
 
@@ -212,7 +213,7 @@ class Stage:
         eta: float | None = None,
         variance: str | None = None,
         guidance: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generator = None,
         stop_t: int = -1,
         start_t: int | None = None,
         x_start: torch.Tensor | None = None,

@@ -1,6 +1,10 @@
 """Issue 16's acceptance: a run directory made by the code before the redesign (tests/fixtures/tiny_run) and the
 shipped pretrained bundle load and sample bit-identically to what that code produced
-(tests/fixtures/bit_identity.npz, written by tests/fixtures/make_bit_identity.py)."""
+(tests/fixtures/bit_identity.npz, written by tests/fixtures/make_bit_identity.py).
+
+One deliberate change since: issue 17 seeds every sample of ``cdm sample`` from (seed, sample index), so its
+samples are the same for any batch size and number of processes; ``cli_sample_uint8`` was re-recorded once then
+(the library-level cases, which pass a plain torch.Generator, are still the pre-redesign bytes)."""
 
 from __future__ import annotations
 

@@ -295,7 +295,7 @@ def no_compute(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("compute started before the output paths were checked")
 
-    import cascaded_diffusion.cli.sample as cascade_module  # where cdm sample looks it up
+    import cascaded_diffusion.cascade as cascade_module  # sharded_sampling looks it up there at call time
     import cascaded_diffusion.evaluation.evaluate as evaluate_module
     import cascaded_diffusion.evaluation.features as features_module
 
@@ -368,29 +368,34 @@ def test_atomic_write_failure_names_the_target_and_keeps_the_old_file(tmp_path, 
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 
 
-def test_samples_are_rescued_when_the_disk_fills_during_sampling(tmp_path, capsys, monkeypatch):
-    import tempfile
+def test_samples_are_kept_when_the_disk_fills_during_sampling(tmp_path, capsys, monkeypatch):
+    """The finished samples stay in OUT.shards/ when the final npz cannot be written; the rerun only merges."""
+    import cascaded_diffusion.cascade as cascade_module
+    import cascaded_diffusion.sharded_sampling as sharded_module
 
-    import cascaded_diffusion.cli.common as cli_module
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
     out = tmp_path / "out" / "s.npz"
-    real_save = cli_module.save_samples_npz
+    real_write = sharded_module.write_npz_streaming
 
-    def save_npz(path, images, labels):
-        if Path(path) == out:
-            raise OSError(errno.ENOSPC, "could not write it (No space left on device)", str(path))
-        real_save(path, images, labels)
+    def full_disk(path, arrays):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(cli_module, "save_samples_npz", save_npz)
-    assert main(["sample", "--pretrained", "fashion-mnist", "--num", "2", "--steps", "2", "--out", str(out),
-                 "--device", "cpu", "--quiet"]) == 2
+    monkeypatch.setattr(sharded_module, "write_npz_streaming", full_disk)
+    args = ["sample", "--pretrained", "fashion-mnist", "--num", "2", "--steps", "2", "--out", str(out),
+            "--device", "cpu", "--quiet"]
+    assert main(args) == 2
     err = capsys.readouterr().err
-    rescued = tmp_path / "tmp" / f"cdm-samples-{os.getpid()}.npz"
-    assert f"{out}: could not write it (No space left on device)" in err and str(rescued) in err
-    with np.load(rescued) as f:
+    assert f"{out}: No space left on device; the 2 samples are kept in {out}.shards" in err
+    assert err.strip().count("\n") == 0 and not out.exists()
+
+    def forbidden(*a, **k):
+        raise AssertionError("the kept samples were sampled again")
+
+    monkeypatch.setattr(sharded_module, "write_npz_streaming", real_write)
+    monkeypatch.setattr(cascade_module, "sample_in_batches", forbidden)
+    assert main(args) == 0
+    with np.load(out) as f:
         assert f["arr_0"].shape == (2, 32, 32, 1)
+    assert not (tmp_path / "out" / "s.npz.shards").exists()
 
 
 # --- 8. sizes, counts, numbers, devices, packages and input files are checked before any compute -----------
@@ -563,7 +568,7 @@ def test_16_bit_grayscale_pngs_are_scaled_not_clipped(tmp_path):
     MemoryError(),
 ])
 def test_out_of_memory_names_what_to_lower(error, tmp_path, capsys, monkeypatch, tiny):
-    import cascaded_diffusion.cli.sample as cascade_module  # where cdm sample looks it up
+    import cascaded_diffusion.cascade as cascade_module  # sharded_sampling looks it up there at call time
 
     def oom(*args, **kwargs):
         raise error
@@ -580,7 +585,7 @@ def test_out_of_memory_names_what_to_lower(error, tmp_path, capsys, monkeypatch,
 
 
 def test_a_genuine_bug_keeps_its_traceback(tmp_path, monkeypatch):
-    import cascaded_diffusion.cli.sample as cascade_module  # where cdm sample looks it up
+    import cascaded_diffusion.cascade as cascade_module  # sharded_sampling looks it up there at call time
 
     def bug(*args, **kwargs):
         raise RuntimeError("an internal invariant broke")

@@ -1,19 +1,15 @@
 """What the commands share: list and number parsers (a bad value is refused while parsing, before anything is
-loaded or computed), the sampling options, image output paths, and writing samples without losing them."""
+loaded or computed), the sampling options, image output paths."""
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
-import tempfile
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
-from ..errors import UserError, check_output_file, describe_os_error
-from ..fileio import save_samples_npz
+from ..errors import UserError, check_output_file
 from ..samplers import SAMPLERS
 
 
@@ -82,22 +78,6 @@ def check_image_path(path: str, option: str) -> None:
     if Path(path).suffix.lower() not in Image.registered_extensions():
         raise UserError(f"{option} {path}: unknown image extension {Path(path).suffix!r}; use .png")
     check_output_file(path, option)
-
-
-def save_samples_or_rescue(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """Write the samples to ``path``; if that fails after all the sampling (the disk filled up meanwhile), save
-    them to the temporary directory instead and say where, rather than throwing the work away."""
-    try:
-        save_samples_npz(path, images, labels)
-    except OSError as e:
-        rescue = Path(tempfile.gettempdir()) / f"cdm-samples-{os.getpid()}.npz"
-        try:
-            save_samples_npz(rescue, images, labels)
-        except OSError:
-            raise e from None
-        raise UserError(f"{describe_os_error(e)}; the {len(images)} samples were saved to {rescue} instead") from None
-
-
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

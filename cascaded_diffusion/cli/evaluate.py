@@ -11,6 +11,7 @@ import numpy as np
 
 from ..cascade import Cascade
 from ..data import load_images
+from ..distributed import distributed_from_env
 from ..errors import check_output_file
 from ..evaluation.cas import classification_accuracy_score
 from ..evaluation.classifier import evaluate_classifier, save_classifier, train_classifier
@@ -31,9 +32,13 @@ def _write_json(path: str | Path, payload: dict) -> None:
 def cmd_stats(args: argparse.Namespace) -> int:
 
     out = check_output_file(args.out, "--out")
-    extractor = get_feature_extractor(args.features, resolve_device(args.device))
-    start = time.time()
-    stats = reference_stats(args.ref, extractor, resolution=args.resolution, channels=args.channels, num=args.num)
+    with distributed_from_env(args.device) as (rank, world_size, local_rank):  # split over torchrun's processes
+        extractor = get_feature_extractor(args.features, resolve_device(args.device, local_rank))
+        start = time.time()
+        stats = reference_stats(args.ref, extractor, resolution=args.resolution, channels=args.channels,
+                                num=args.num, distributed=world_size > 1)
+    if rank != 0:
+        return 0
     stats.save(out)  # atomic: a full disk or a kill leaves the previous file intact
     print(f"wrote {out}: {stats.num} images, {stats.dim}-d {extractor.name} features ({time.time() - start:.0f} s)")
     return 0
@@ -43,10 +48,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, "--out")
     images, _ = load_samples(args.samples, args.num)
-    extractor = get_feature_extractor(args.features, resolve_device(args.device))
-    reference = reference_stats(args.ref, extractor, resolution=images.shape[1], channels=images.shape[-1])
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    result = evaluate_images(images, reference, extractor, metrics, source=str(args.samples))
+    with distributed_from_env(args.device) as (rank, world_size, local_rank):  # split over torchrun's processes
+        extractor = get_feature_extractor(args.features, resolve_device(args.device, local_rank))
+        reference = reference_stats(args.ref, extractor, resolution=images.shape[1], channels=images.shape[-1],
+                                    distributed=world_size > 1)
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        result = evaluate_images(images, reference, extractor, metrics, source=str(args.samples),
+                                 distributed=world_size > 1)
+    if rank != 0:
+        return 0
     result["reference"]["spec"] = args.ref
     _write_json(args.out, result)
     shown = {k: result[k] for k in ("fid", "kid", "is", "precision", "recall") if k in result}
@@ -117,19 +127,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out")
     if args.plot:
         check_image_path(args.plot, "--plot")
-    device = resolve_device(args.device)
-    cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
-    extractor = get_feature_extractor(args.features, device)
-    final = cascade.stages[-1]
-    reference = reference_stats(args.ref, extractor, resolution=final.resolution, channels=final.channels)
-    ground_truth = None if args.no_ground_truth else (args.ground_truth or (args.ref if ":" in args.ref or not args.ref.endswith(".npz") else None))
-    sampling = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
-                    autocast=args.precision == "bf16")
-    result = augmentation_sweep(
-        cascade, args.aug_levels, num=args.num, reference=reference, extractor=extractor,
-        ground_truth=ground_truth, truncated=args.truncated, seed=args.seed, batch_size=args.batch_size,
-        sampling={k: v for k, v in sampling.items() if v is not None},
-    )
+    with distributed_from_env(args.device) as (rank, world_size, local_rank):  # split over torchrun's processes
+        device = resolve_device(args.device, local_rank)
+        cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
+        extractor = get_feature_extractor(args.features, device)
+        final = cascade.stages[-1]
+        reference = reference_stats(args.ref, extractor, resolution=final.resolution, channels=final.channels,
+                                    distributed=world_size > 1)
+        ground_truth = None if args.no_ground_truth else (args.ground_truth or (args.ref if ":" in args.ref or not args.ref.endswith(".npz") else None))
+        sampling = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
+                        autocast=args.precision == "bf16")
+        result = augmentation_sweep(
+            cascade, args.aug_levels, num=args.num, reference=reference, extractor=extractor,
+            ground_truth=ground_truth, truncated=args.truncated, seed=args.seed, batch_size=args.batch_size,
+            sampling={k: v for k, v in sampling.items() if v is not None}, distributed=world_size > 1,
+        )
+    if rank != 0:
+        return 0
     result["sampling"] = {k: v for k, v in sampling.items() if v is not None}
     _write_json(args.out, result)
     if args.plot:

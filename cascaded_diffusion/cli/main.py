@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     run directory, out of memory) are one line, ``cdm COMMAND: error: ...``, exit status 2; ``CDM_DEBUG=1``
     shows their traceback. Anything else is a bug and keeps its traceback."""
     parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--"]:  # `torchrun ... -m cascaded_diffusion.cli -- sample ...` (see docs/sampling.md)
+        argv = argv[1:]
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..cascade import Cascade, balanced_labels, sample_in_batches
+from ..cascade import Cascade, balanced_labels, grid_indices
 from ..data import load_images
+from ..distributed import distributed_from_env
 from ..errors import UserError, check_output_dir, check_output_file
-from ..fileio import grid_by_class, save_grid, save_samples_npz
+from ..fileio import grid_by_class, save_grid
 from ..hardware import resolve_device
-from .common import add_sampling_args, check_image_path, nonneg_int_list, positive_int, save_samples_or_rescue
+from ..sharded_sampling import sample_sharded
+from .common import add_sampling_args, check_image_path, nonneg_int_list, positive_int
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    """Under ``torchrun`` the samples are split over the processes (docs/sampling.md); a killed job resumes from
+    ``OUT.shards``."""
     # every output is checked before anything is loaded or sampled
     check_output_file(args.out, "--out")
     if args.grid:
@@ -25,46 +29,54 @@ def cmd_sample(args: argparse.Namespace) -> int:
         check_output_dir(args.save_stages, "--save-stages")
     if args.low_res_samples and not Path(args.low_res_samples).is_file():
         raise UserError(f"--low-res-samples {args.low_res_samples}: no such file")
-    device = resolve_device(args.device)
-    cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
-    if args.compile:
-        cascade.compile(mode=None if args.compile == "default" else args.compile)
-    labels = balanced_labels(args.num, cascade.num_classes, args.class_label)
-    low_res = None
-    start_stage = 0
-    if args.low_res_samples:
-        if len(cascade.stages) < 2:
-            raise UserError("--low-res-samples needs at least one SR stage")
-        first = cascade.stages[1]
-        data = load_images(f"npz:{args.low_res_samples}", first.low_res, channels=first.channels)
-        if len(data.images) < args.num:
-            raise UserError(f"--low-res-samples has {len(data.images)} images, fewer than --num {args.num}")
-        low_res, labels, start_stage = data.images[: args.num], torch.from_numpy(data.labels[: args.num]), 1
-    kwargs = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta, truncated=args.truncated,
-                  aug_levels=args.aug_level, autocast=args.precision == "bf16")
-    start = time.time()
-    stage_images, label_array = sample_in_batches(
-        cascade, labels, batch_size=args.batch_size, seed=args.seed, low_res=low_res, start_stage=start_stage,
-        progress=not args.quiet, **kwargs
-    )
-    seconds = time.time() - start
-    save_samples_or_rescue(args.out, stage_images[-1], label_array)
+    with distributed_from_env(args.device) as (rank, world_size, local_rank):
+        device = resolve_device(args.device, local_rank)
+        cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
+        if args.compile:
+            cascade.compile(mode=None if args.compile == "default" else args.compile)
+        labels = balanced_labels(args.num, cascade.num_classes, args.class_label)
+        low_res = None
+        start_stage = 0
+        if args.low_res_samples:
+            if len(cascade.stages) < 2:
+                raise UserError("--low-res-samples needs at least one SR stage")
+            first = cascade.stages[1]
+            data = load_images(f"npz:{args.low_res_samples}", first.low_res, channels=first.channels)
+            if len(data.images) < args.num:
+                raise UserError(f"--low-res-samples has {len(data.images)} images, fewer than --num {args.num}")
+            low_res, labels, start_stage = data.images[: args.num], torch.from_numpy(data.labels[: args.num]), 1
+        kwargs = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
+                      truncated=args.truncated, aug_levels=args.aug_level, autocast=args.precision == "bf16")
+        stages_run = cascade.stages[start_stage:]
+        stage_paths = None
+        if args.save_stages:
+            stage_paths = [Path(args.save_stages) / f"stage{i + 1 + start_stage}_{s.resolution}px.npz"
+                           for i, s in enumerate(stages_run)]
+        label_array = labels.numpy().astype(np.int64)
+        select = grid_indices(label_array, per_class=args.grid_per_class) if args.grid else None
+        result = sample_sharded(
+            cascade, labels, args.out, seed=args.seed, batch_size=args.batch_size, low_res=low_res,
+            start_stage=start_stage, stage_paths=stage_paths, select=select, settings={"weights": args.weights},
+            progress=not args.quiet, **kwargs
+        )
+    if rank != 0:
+        return 0
     notes = []
-    if args.save_stages:
+    if stage_paths:
         noisy = cascade.noisy_outputs(args.aug_level, args.truncated)[start_stage:]
-        out_dir = Path(args.save_stages)
-        for i, imgs in enumerate(stage_images):
+        for i, path in enumerate(stage_paths):
             if noisy[i]:  # truncated: this stage stopped at level s and handed its noisy z_s on; not an image
+                path.unlink(missing_ok=True)
                 notes.append(f"stage {i + 1 + start_stage} handed its noisy z_s on (truncated) and is not saved")
-                continue
-            save_samples_npz(out_dir / f"stage{i + 1 + start_stage}_{imgs.shape[1]}px.npz", imgs, label_array)
     if args.grid:
-        grid = grid_by_class(stage_images, label_array, per_class=args.grid_per_class)
+        grid = grid_by_class(result.selected, label_array[select], per_class=args.grid_per_class)
         save_grid(grid[None], args.grid, nrow=1, padding=0)
-    res = "→".join(str(s.resolution) for s in cascade.stages[start_stage:])
+    res = "→".join(str(s.resolution) for s in stages_run)
+    resumed = f"; {result.resumed} resumed from {args.out}.shards" if result.resumed else ""
+    processes = f" on {world_size} processes" if world_size > 1 else ""
     print(
-        f"wrote {len(label_array)} samples ({res}px) to {args.out} in {seconds:.1f} s "
-        f"({len(label_array) / max(seconds, 1e-9):.1f} img/s)"
+        f"wrote {result.num} samples ({res}px) to {args.out} in {result.seconds:.1f} s: "
+        f"{result.new} sampled at {result.rate:.1f} samples/s{processes}{resumed}"
         + (f"; grid {args.grid}" if args.grid else "")
         + "".join(f"; {note}" for note in notes)
     )

@@ -62,15 +62,20 @@ def reference_stats(
     num: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 250,
+    distributed: bool = False,
 ) -> FeatureStats:
     """Statistics of a reference: a stats ``.npz`` file as is, or a dataset spec computed and cached."""
     path = Path(ref)
+    precomputed = None
     if ref.endswith(".npz") and path.is_file() and not ref.startswith("npz:"):
         try:
             return FeatureStats.load(path)
         except NotAStatsFile:
             pass  # not a stats file: treat it as an image npz below (a corrupt file is an error, named)
+        precomputed = adm_precomputed_stats(path)
         ref = f"npz:{ref}"
+    elif ref.startswith("npz:") and Path(ref[4:]).is_file():
+        precomputed = adm_precomputed_stats(Path(ref[4:]))
     from ..data import load_images
 
     data = load_images(ref, resolution or 32, channels=channels)
@@ -84,20 +89,79 @@ def reference_stats(
         try:
             stats = FeatureStats.load(cached)
             stats.resolution, stats.channels = resolution, int(images.shape[-1])
-            return stats
+            return _check_precomputed(stats, precomputed, extractor, ref)
         except (ValueError, OSError):
             cached.unlink(missing_ok=True)
     stats = FeatureStats.from_features(
-        extract(np.asarray(images), extractor, batch_size=batch_size)[0],
+        extract(np.asarray(images), extractor, batch_size=batch_size, distributed=distributed)[0],
         network=extractor.name,
         source=f"{ref} @ {resolution}px, n={len(images)}",
     )
     stats.resolution, stats.channels = resolution, int(images.shape[-1])
     try:
+        if distributed:
+            from ..distributed import distributed_context
+
+            if distributed_context()[0] != 0:  # rank 0 writes the cache
+                return _check_precomputed(stats, precomputed, extractor, ref)
         cache.mkdir(parents=True, exist_ok=True)
         stats.save(cached)  # atomic
     except OSError as e:  # a cache that cannot be written costs a recomputation next time, not this result
         warnings.warn(f"could not cache the reference statistics at {cached}: {e}", stacklevel=2)
+    return _check_precomputed(stats, precomputed, extractor, ref)
+
+
+# guided-diffusion (ADM) reference batches, e.g. VIRTUAL_imagenet64_labeled.npz: arr_0 (uint8 NHWC images) and
+# the Inception pool3 statistics of those images precomputed by ADM's TensorFlow evaluator (mu, sigma; also
+# mu_s, sigma_s of its spatial features, unused here)
+ADM_FID_TOLERANCE = 0.5
+
+
+def adm_precomputed_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(mu, sigma)`` of a guided-diffusion reference batch (an images ``.npz`` that also holds ``mu`` and
+    ``sigma``), else None. A file with ``mu``/``sigma`` but no ``arr_0`` is an error: the features of the
+    images are what the samples are compared with."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            files = set(getattr(data, "files", ()))
+            if not {"mu", "sigma"} <= files:
+                return None
+            if "arr_0" not in files:
+                raise ValueError(
+                    f"{path} holds precomputed mu/sigma but no arr_0 images; a reference needs the images "
+                    "(a guided-diffusion reference batch has both) or a statistics file from `cdm stats`"
+                )
+            mu, sigma = np.asarray(data["mu"], dtype=np.float64), np.asarray(data["sigma"], dtype=np.float64)
+    except ValueError:
+        raise
+    except Exception:  # noqa: BLE001 - unreadable: the image loader names the problem
+        return None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{path}: precomputed mu {mu.shape} and sigma {sigma.shape} do not fit together")
+    return mu, sigma
+
+
+def _check_precomputed(stats: FeatureStats, precomputed, extractor: FeatureExtractor, ref: str) -> FeatureStats:
+    """For an ADM reference batch: FID is always computed from the features of its images with our network
+    (the same network as the samples'); with Inception features, the batch's precomputed statistics (from
+    ADM's TensorFlow Inception) cross-check our port, and a disagreement is a warning."""
+    if precomputed is None:
+        return stats
+    mu, sigma = precomputed
+    if extractor.name != "inception" or mu.shape[0] != stats.dim:
+        stats.source += (f" (guided-diffusion reference batch; its precomputed {mu.shape[0]}-d Inception mu/sigma "
+                         f"are not used with {extractor.name} features)")
+        return stats
+    theirs = FeatureStats(mu=mu, sigma=sigma, num=stats.num, network=extractor.name, source=f"{ref} mu/sigma")
+    distance = fid_from_stats(stats, theirs)
+    stats.source += f" (guided-diffusion reference batch; FID {distance:.4f} to its precomputed mu/sigma)"
+    if distance > ADM_FID_TOLERANCE:
+        warnings.warn(
+            f"{ref}: the Inception features of its images are at FID {distance:.3f} from its precomputed mu/sigma "
+            f"(more than {ADM_FID_TOLERANCE}): the Inception weights or the resize differ from the ones that "
+            "computed them, so FIDs here are not comparable with numbers computed from those statistics",
+            stacklevel=3,
+        )
     return stats
 
 
@@ -112,14 +176,17 @@ def evaluate_images(
     kid_subset_size: int = 1000,
     pr_k: int = 3,
     source: str = "",
+    distributed: bool = False,
 ) -> dict[str, Any]:
-    """Score uint8 NHWC ``images`` against ``reference``; returns a JSON-ready dict."""
+    """Score uint8 NHWC ``images`` against ``reference``; returns a JSON-ready dict. ``distributed``: every
+    rank of the process group calls this alike and extracts a share of the features (see :func:`extract`)."""
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)} (valid: {', '.join(METRICS)})")
     check_images_match(np.shape(images), reference, f"the samples {source}".rstrip())
     need_probs = "is" in metrics
-    features, probs = extract(images, extractor, batch_size=batch_size, with_probs=need_probs)
+    features, probs = extract(images, extractor, batch_size=batch_size, with_probs=need_probs,
+                              distributed=distributed)
     stats = FeatureStats.from_features(features, network=extractor.name, source=source, keep_features=False)
     check_compatible(stats, reference)
     result: dict[str, Any] = {

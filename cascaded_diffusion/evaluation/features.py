@@ -134,11 +134,23 @@ def extract(
     extractor: FeatureExtractor,
     batch_size: int = 200,
     with_probs: bool = False,
+    distributed: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Run ``extractor`` over an image array (or an iterable of uint8 NHWC batches).
 
+    ``distributed`` (an array only): every rank of the initialised process group calls this with the same
+    images, extracts every world-size-th one and gets all the features back.
+
     Returns ``(features (N, dim), probs (N, C) or None)``, both float64.
     """
+    if distributed and isinstance(images_uint8, np.ndarray):
+        from ..distributed import all_gather_rows, distributed_context, my_positions
+
+        if 1 < distributed_context()[1] <= len(images_uint8):
+            n = len(images_uint8)
+            features, probs = extract(images_uint8[my_positions(n)], extractor, batch_size, with_probs)
+            gathered = all_gather_rows([features] + ([probs] if with_probs else []), n)
+            return gathered[0], (gathered[1] if with_probs else None)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     features, probs = [], []

@@ -18,20 +18,23 @@ import torch
 from ..augment import downsample
 from ..cascade import Cascade, balanced_labels, sample_in_batches
 from ..data import load_images
+from ..distributed import all_gather_rows, distributed_context, my_positions
 from ..fileio import images_to_tensor, tensor_to_images
+from ..rng import PerSampleGenerator
 from .evaluate import evaluate_images
 from .features import FeatureExtractor
 from .metrics import FeatureStats
 
 
 def _final_images(cascade: Cascade, labels: torch.Tensor, level: int, *, seed: int, batch_size: int,
-                  sampling: dict, low: np.ndarray | None = None, truncated: bool = False) -> np.ndarray:
+                  sampling: dict, low: np.ndarray | None = None, truncated: bool = False,
+                  distributed: bool = False) -> np.ndarray:
     """Final-stage images with the first SR stage at ``level``: from the given clean low-resolution
     images ``low`` (SR stages only), or through the whole cascade (``truncated`` or not)."""
     levels = [level] + cascade.default_aug_levels()[1:]
     stages, _ = sample_in_batches(cascade, labels, batch_size=batch_size, seed=seed, low_res=low,
                                   start_stage=0 if low is None else 1, aug_levels=levels, truncated=truncated,
-                                  **sampling)
+                                  distributed=distributed, **sampling)
     return stages[-1]
 
 
@@ -49,8 +52,16 @@ def augmentation_sweep(
     metrics: Sequence[str] = ("fid",),
     sampling: dict | None = None,
     log=print,
+    distributed: bool = False,
 ) -> dict[str, Any]:
-    """FID per level s for generated (and, with ``ground_truth``, real) low-resolution inputs."""
+    """FID per level s for generated (and, with ``ground_truth``, real) low-resolution inputs.
+
+    ``distributed``: every rank of the initialised process group calls this alike; the sampling and the
+    feature extraction are split over the ranks (each sample depends on its seed and index only, so the
+    images are those of one process), every rank returns the result and only rank 0 logs."""
+    if distributed:
+        if distributed_context()[0] != 0:
+            log = lambda *a, **k: None  # noqa: E731
     if len(cascade.stages) < 2:
         raise ValueError("the sweep needs a base stage and at least one SR stage")
     sr = cascade.stages[1]
@@ -76,14 +87,19 @@ def augmentation_sweep(
     base_images = None
     if not truncated:
         start = time.time()
-        gen = torch.Generator(device).manual_seed(seed)
         chunks = []
         base_kw = {k: (v[0] if isinstance(v, (list, tuple)) else v) for k, v in sampling.items()
                    if k in ("steps", "sampler", "guidance", "eta")}
-        for lo in range(0, num, batch_size):
-            x = cascade.stages[0].sample(labels[lo : lo + batch_size], generator=gen, **base_kw)
+        distributed = distributed and 1 < distributed_context()[1] <= num
+        mine = my_positions(num) if distributed else np.arange(num)
+        for lo in range(0, len(mine), batch_size):
+            idx = mine[lo : lo + batch_size]
+            gen = PerSampleGenerator(seed, idx.tolist(), device)
+            x = cascade.stages[0].sample(labels[torch.from_numpy(idx)], generator=gen, **base_kw)
             chunks.append(tensor_to_images(x.clamp(-1, 1)))
         base_images = np.concatenate(chunks)
+        if distributed:
+            base_images = all_gather_rows([base_images], num)[0]
         log(f"base samples: {num} in {time.time() - start:.0f} s (reused for every level)")
     real_low = real_labels = None
     if ground_truth:
@@ -98,17 +114,19 @@ def augmentation_sweep(
         start = time.time()
         if truncated:
             images = _final_images(cascade, labels, s, seed=seed, batch_size=batch_size, sampling=sampling,
-                                   truncated=True)
+                                   truncated=True, distributed=distributed)
         else:
             images = _final_images(cascade, labels, s, seed=seed + 1, batch_size=batch_size, sampling=sampling,
-                                   low=base_images)
-        scores = evaluate_images(images, reference, extractor, metrics, source=f"generated low-res, s={s}")
+                                   low=base_images, distributed=distributed)
+        scores = evaluate_images(images, reference, extractor, metrics, source=f"generated low-res, s={s}",
+                                 distributed=distributed)
         result["generated"].append({"level": s, **_compact(scores)})
         line = f"s={s:5d}  generated-input FID {scores['fid']:.3f}"
         if real_low is not None:
             images = _final_images(cascade, real_labels, s, seed=seed + 2, batch_size=batch_size,
-                                   sampling=sampling, low=real_low)
-            scores = evaluate_images(images, reference, extractor, metrics, source=f"ground-truth low-res, s={s}")
+                                   sampling=sampling, low=real_low, distributed=distributed)
+            scores = evaluate_images(images, reference, extractor, metrics, source=f"ground-truth low-res, s={s}",
+                                     distributed=distributed)
             result["ground_truth"].append({"level": s, **_compact(scores)})
             line += f"  ground-truth-input FID {scores['fid']:.3f}"
         log(f"{line}  ({time.time() - start:.0f} s)")
