@@ -277,3 +277,16 @@ def test_inductor_traffic_counts_the_bytes_of_a_compiled_step():
     # per node inductor keeps bytes // 4, so the sum may round down by under 4 bytes a node
     assert 0 <= r["bytes_total"] - (r["bytes_generated_kernels"] + r["bytes_extern_kernels"]) < 4 * r["scheduled_nodes"]
     assert any("convolution" in name for name in r["extern_by_kernel"])
+
+
+def test_data_pipeline_benchmark_prepares_the_generated_folder_and_reads_it(tmp_path, monkeypatch):
+    bench = _load("benchmarks/data_pipeline.py", "data_pipeline_bench")
+    out = tmp_path / "bench"
+    monkeypatch.setattr(sys, "argv", ["data_pipeline.py", "--images", "12", "--out", str(out), "--resolutions",
+                                      "32,64", "--workers", "1", "--batches", "3", "--json", str(tmp_path / "r.json")])
+    bench.main()
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert [r["images"] for r in results["prepare"]] == [12]
+    assert results["prepare"][0]["imagenet_hours"] > 0
+    assert [(r["resolution"], r["prefetch_depth"]) for r in results["loader"]] == [(64, 0), (64, 2)]
+    assert sorted(p.name for p in (out / "jpegs").iterdir()) == [f"class_{i:02d}" for i in range(10)]
