@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def documented_torchrun_commands() -> list[str]:
-    text = "\n".join((ROOT / "docs" / name).read_text() for name in ("sampling.md", "evaluation.md"))
+    text = "\n".join((ROOT / "docs" / name).read_text() for name in ("sampling.md", "evaluation.md", "training.md"))
+    text = re.sub(r"\\\n\s*", " ", text)  # shell line continuations
     return [line.strip() for line in text.splitlines() if re.match(r"\s*torchrun ", line)]
 
 
@@ -45,7 +46,7 @@ def test_documented_commands_parse_in_torchrun_and_in_cdm():
         seen.add(args.command)
         if args.command == "sample":
             assert args.num in (1000, 50000) and args.out.endswith(".npz")
-    assert seen == {"sample", "stats", "eval", "sweep"}
+    assert seen == {"sample", "stats", "eval", "sweep", "train"}
 
 
 def test_without_the_separator_torchrun_takes_num_for_its_own_option(capsys):
