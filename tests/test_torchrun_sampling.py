@@ -26,7 +26,7 @@ def documented_torchrun_commands() -> list[str]:
 
 def parse_like_torchrun(command: str):
     """(torchrun's arguments, the argv our module receives) for a documented command line."""
-    words = shlex.split(command)
+    words = shlex.split(command, comments=True)  # as bash: a trailing "# ..." is not an argument
     assert words[0] == "torchrun"
     parsed = get_args_parser().parse_args(words[1:])
     assert parsed.module and parsed.training_script == "cascaded_diffusion.cli"
