@@ -9,6 +9,26 @@ import numpy as np
 import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+# Float results are bit-reproducible on one kind of machine only: oneDNN and the ATen kernels pick their code
+# path (AMX, AVX-512 bf16, AVX2 ...) from the CPU, and the summation order and bf16 rounding follow it. The
+# fixture therefore holds one recording per machine signature ("CASE@SIGNATURE"); the unsuffixed keys are the
+# first recording, made on a machine whose signature was not written down.
+_ISA_FLAGS = ("amx_tile", "amx_bf16", "avx512_fp16", "avx512_bf16", "avx512_vnni", "avx512f", "avx2", "fma")
+
+
+def machine_signature() -> str:
+    """torch version, ATen's CPU capability and the ISA flags oneDNN dispatches on (Linux /proc/cpuinfo)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = "+".join(f for f in _ISA_FLAGS if f in flags) or "unknown"
+    return f"torch{torch.__version__.split('+')[0]}-{torch.backends.cpu.get_cpu_capability()}-{isa}"
 TINY = [FIXTURES / "tiny_run" / "base8", FIXTURES / "tiny_run" / "sr8to16"]
 
 # name -> (cascade, sampling keyword arguments); labels and seed fixed per case

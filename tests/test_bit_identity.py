@@ -4,14 +4,23 @@ shipped pretrained bundle load and sample bit-identically to what that code prod
 
 One deliberate change since: issue 17 seeds every sample of ``cdm sample`` from (seed, sample index), so its
 samples are the same for any batch size and number of processes; ``cli_sample_uint8`` was re-recorded once then
-(the library-level cases, which pass a plain torch.Generator, are still the pre-redesign bytes)."""
+(the library-level cases, which pass a plain torch.Generator, are still the pre-redesign bytes).
+
+Bits are compared on a machine whose signature the fixture holds a recording for (tests/fixtures/record_machine.py
+adds one, made by the old commits in git worktrees). On another machine the kernels differ (AMX against AVX-512
+bf16, another summation order), and the test compares within round-off instead: fp32 to 1e-3, bf16 to a mean
+difference of 0.01, uint8 to 2 levels — still far below any change of the samplers' math."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bit_identity_cases import CASES, FIXTURES, cli_sample, sample_case
+import warnings
+
+from bit_identity_cases import CASES, FIXTURES, cli_sample, machine_signature, sample_case
+
+SIGNATURE = machine_signature()
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +29,41 @@ def recorded():
         return {k: f[k] for k in f.files}
 
 
+def check(name: str, got: np.ndarray, recorded: dict) -> None:
+    own = f"{name}@{SIGNATURE}"
+    want = recorded.get(own, recorded[name])
+    assert got.dtype == want.dtype and got.shape == want.shape
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    if own in recorded:
+        assert np.array_equal(got, want), f"{name} on {SIGNATURE}: max |diff| {diff.max()}"
+        return
+    warnings.warn(f"no bit-identity recording for {SIGNATURE}: {name} compared within round-off "
+                  "(add one with python tests/fixtures/record_machine.py)")
+    if got.dtype == np.uint8:
+        assert diff.max() <= 2, f"{name}: max |diff| {diff.max()} levels"
+    elif "bf16" in name:
+        assert diff.mean() < 0.01, f"{name}: mean |diff| {diff.mean()}"
+    else:
+        assert diff.max() < 1e-3, f"{name}: max |diff| {diff.max()}"
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_samples_are_bit_identical(name, recorded):
-    got = sample_case(name)
-    assert got.dtype == recorded[name].dtype and got.shape == recorded[name].shape
-    assert np.array_equal(got, recorded[name]), f"{name}: max |diff| {np.abs(got - recorded[name]).max()}"
+    check(name, sample_case(name), recorded)
 
 
 def test_cdm_sample_is_bit_identical(tmp_path, recorded):
-    assert np.array_equal(cli_sample(tmp_path), recorded["cli_sample_uint8"])
+    check("cli_sample_uint8", cli_sample(tmp_path), recorded)
+
+
+def test_the_round_off_fallback_would_catch_a_real_change(recorded):
+    """The tolerance used on unrecorded machines is far tighter than what a change of the math does: one
+    sampler step fewer moves the samples by much more."""
+    name = "tiny_ddpm_fp32"
+    kind, kwargs = CASES[name]
+    CASES["_fewer_steps"] = (kind, {**kwargs, "steps": kwargs["steps"] - 1})
+    try:
+        changed = sample_case("_fewer_steps")
+    finally:
+        del CASES["_fewer_steps"]
+    assert np.abs(changed - recorded[name]).max() > 1e-2
