@@ -22,7 +22,7 @@ import torch
 
 from .fileio import images_to_tensor, tensor_to_images
 from .errors import UserError
-from .pretrained import pretrained_stage_dirs
+from .pretrained import pretrained_manifest, pretrained_stage_dirs
 from .rng import Generator, PerSampleGenerator
 from .stage import Stage
 
@@ -50,8 +50,10 @@ def _per_stage(value, n: int, name: str) -> list:
 
 
 class Cascade:
-    def __init__(self, stages: Sequence[Stage]):
+    def __init__(self, stages: Sequence[Stage], *, truncated: bool = False):
         self.stages = list(stages)
+        # the mode :meth:`sample` uses when not told: a bundle records the one its study measured best
+        self.default_truncated = bool(truncated)
         self.validate()
 
     # --- construction ----------------------------------------------------------------------------------
@@ -68,11 +70,13 @@ class Cascade:
         ``pretrained`` (EMA weights); one or the other."""
         if pretrained and run_dirs:
             raise UserError("give either run directories or --pretrained, not both")
+        truncated = False
         if pretrained:
             run_dirs, weights = pretrained_stage_dirs(pretrained), "ema"
+            truncated = bool(pretrained_manifest(pretrained).get("sampling", {}).get("truncated", False))
         if not run_dirs:
             raise UserError("give one or more run directories (base first), or --pretrained NAME")
-        return cls([Stage.load(p, device=device, weights=weights) for p in run_dirs])
+        return cls([Stage.load(p, device=device, weights=weights) for p in run_dirs], truncated=truncated)
 
     def compile(self, mode: str | None = None, backend: str = "inductor") -> "Cascade":
         """Sample every stage through ``torch.compile`` (see :meth:`Stage.compile`)."""
@@ -140,9 +144,10 @@ class Cascade:
             raise CascadeError(f"aug_levels: got {len(levels)} values for {n - 1} SR stages")
         return levels
 
-    def noisy_outputs(self, aug_levels: Sequence[int] | None = None, truncated: bool = False) -> list[bool]:
+    def noisy_outputs(self, aug_levels: Sequence[int] | None = None, truncated: bool | None = None) -> list[bool]:
         """Per stage: whether :meth:`sample` returns a noisy z_s for it rather than an image (truncated sampling
         stops a stage at the next stage's level s and hands z_s on)."""
+        truncated = self.default_truncated if truncated is None else truncated
         levels = self.aug_levels(aug_levels)
         return [truncated and i < len(levels) and levels[i] > 0 for i in range(len(self.stages))]
 
@@ -170,7 +175,7 @@ class Cascade:
         steps=None,
         sampler=None,
         aug_levels: Sequence[int] | None = None,
-        truncated: bool = False,
+        truncated: bool | None = None,
         guidance=None,
         eta=None,
         generator: Generator = None,
@@ -183,12 +188,14 @@ class Cascade:
 
         ``steps``/``sampler``/``guidance``/``eta``: one value for all stages or one per stage.
         ``aug_levels``: one level s per SR stage (default: each stage's ``conditioning.sample_s``).
+        ``truncated``: None takes :attr:`default_truncated` (a bundle's recorded mode; False for run dirs).
         ``generator``: a :class:`~cascaded_diffusion.rng.PerSampleGenerator` makes every sample depend on
         (seed, its index) only; a plain ``torch.Generator`` draws the whole batch from one stream.
         ``low_res`` with ``start_stage=k``: skip stages before k and feed these clean images (the output of
         stage k-1, or ground-truth low-resolution images) to stage k — used by the augmentation sweep.
         """
         n = len(self.stages)
+        truncated = self.default_truncated if truncated is None else truncated
         steps_l = _per_stage(steps, n, "steps")
         sampler_l = _per_stage(sampler, n, "sampler")
         guidance_l = _per_stage(guidance, n, "guidance")

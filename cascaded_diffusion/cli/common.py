@@ -86,7 +86,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", type=sampler_list, default=None, help="ddpm | ddim | dpmpp, one or one per stage")
     p.add_argument("--guidance", type=nonneg_float_list, default=None, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--eta", type=nonneg_float_list, default=None, help="DDIM eta")
-    p.add_argument("--truncated", action="store_true", help="truncated conditioning augmentation")
+    p.add_argument("--truncated", action=argparse.BooleanOptionalAction, default=None,
+                   help="truncated conditioning augmentation (default: a bundle's recorded mode, else off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")

@@ -139,7 +139,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                         autocast=args.precision == "bf16")
         result = augmentation_sweep(
             cascade, args.aug_levels, num=args.num, reference=reference, extractor=extractor,
-            ground_truth=ground_truth, truncated=args.truncated, seed=args.seed, batch_size=args.batch_size,
+            ground_truth=ground_truth, truncated=bool(args.truncated), seed=args.seed, batch_size=args.batch_size,
             sampling={k: v for k, v in sampling.items() if v is not None}, distributed=world_size > 1,
         )
     if rank != 0:

@@ -45,8 +45,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
             if len(data.images) < args.num:
                 raise UserError(f"--low-res-samples has {len(data.images)} images, fewer than --num {args.num}")
             low_res, labels, start_stage = data.images[: args.num], torch.from_numpy(data.labels[: args.num]), 1
+        truncated = cascade.default_truncated if args.truncated is None else args.truncated
         kwargs = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
-                      truncated=args.truncated, aug_levels=args.aug_level, autocast=args.precision == "bf16")
+                      truncated=truncated, aug_levels=args.aug_level, autocast=args.precision == "bf16")
         stages_run = cascade.stages[start_stage:]
         stage_paths = None
         if args.save_stages:
@@ -63,7 +64,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return 0
     notes = []
     if stage_paths:
-        noisy = cascade.noisy_outputs(args.aug_level, args.truncated)[start_stage:]
+        noisy = cascade.noisy_outputs(args.aug_level, truncated)[start_stage:]
         for i, path in enumerate(stage_paths):
             if noisy[i]:  # truncated: this stage stopped at level s and handed its noisy z_s on; not an image
                 path.unlink(missing_ok=True)
