@@ -101,3 +101,45 @@ def test_convergence_table_marks_the_best_level_per_budget(tmp_path, capsys):
     assert rows[0].split(" | ")[4:] == ["9.00 ± 0.10", "**8.50 ± 0.10**", "9.50 ± 0.10 |"]
     assert rows[1].split(" | ")[4:] == ["", "**7.00 ± 0.10**", " |"]
     assert "| 290 | 0.3 | 1.00 | 0.10 | 20.00 ± 0.10 |" in out
+
+
+def test_ship_exports_the_best_setting_with_its_sampling_defaults(tmp_path, monkeypatch):
+    """The shipping script picks the lowest-FID cascade, exports both stages as fp16 with the study's sampler,
+    steps and s, keeps the classifier files, and the result loads as a bundle that samples those defaults."""
+    import shutil
+
+    import torch
+
+    import cascaded_diffusion.pretrained as pretrained
+    from cascaded_diffusion.cascade import Cascade
+
+    ship = pytest.importorskip("ship_fashion_mnist")
+    tiny = ROOT / "tests" / "fixtures" / "tiny_run"
+    runs = tmp_path / "study"
+    runs.mkdir()
+    shutil.copytree(tiny / "base8", runs / "base8")
+    shutil.copytree(tiny / "sr8to16", runs / "sr8to32")         # the augmented SR run (noise augmentation)
+    shutil.copytree(tiny / "sr8to16", runs / "sr8to32_noaug")
+    for name, fid in (("cascade_noise", 5.0), ("cascade_noise_s0", 7.0), ("cascade_noaug", 6.0)):
+        (runs / f"{name}.metrics.json").write_text(json.dumps({"fid": fid, "num_samples": 10000}))
+    (runs / "cascade_noise.cas.json").write_text(json.dumps({"generated": {"top1": 0.9, "top5": 0.99}}))
+    (runs / "sweep_nontruncated.json").write_text(json.dumps({"best_level": 30}))
+    bundle = tmp_path / "pretrained" / "fashion-mnist"
+    bundle.mkdir(parents=True)
+    for name in ship.KEEP:
+        (bundle / name).write_text(name)
+    monkeypatch.setattr(sys, "argv", ["ship", str(runs), "--bundle", str(bundle), "--steps", "3,2"])
+    ship.main()
+
+    manifest = json.loads((bundle / "cascade.json").read_text())
+    assert manifest["stages"] == ["base8", "sr8to32"] and manifest["sampling"] == {"truncated": False}
+    assert manifest["study"]["setting"] == "cascade_noise" and manifest["study"]["aug_level"] == 30
+    assert all((bundle / name).read_text() == name for name in ship.KEEP)
+    monkeypatch.setattr(pretrained, "PRETRAINED_ROOT", bundle.parent)
+    cascade = Cascade.load(pretrained="fashion-mnist")
+    assert cascade.aug_levels() == [30]
+    assert [s.config.sample.sampler for s in cascade.stages] == ["dpmpp", "dpmpp"]
+    assert [s.config.sample.steps for s in cascade.stages] == [3, 2]
+    weights = (bundle / "sr8to32" / "model.safetensors")
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(weights).values()} == {torch.float16}
