@@ -31,7 +31,11 @@ def recorded():
 
 def check(name: str, got: np.ndarray, recorded: dict) -> None:
     own = f"{name}@{SIGNATURE}"
-    want = recorded.get(own, recorded[name])
+    if own not in recorded and name not in recorded:
+        # the pretrained cases are recorded per shipped bundle; after a new bundle only machines that ran
+        # record_machine.py since hold them
+        pytest.skip(f"no recording of {name} for this bundle; add one with python tests/fixtures/record_machine.py")
+    want = recorded.get(own, recorded.get(name))
     assert got.dtype == want.dtype and got.shape == want.shape
     diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
     if own in recorded:
