@@ -48,8 +48,10 @@ def test_stats_eval_and_sweep_on_two_processes_match_one(tmp_path, monkeypatch):
 
     with np.load(tmp_path / "stats-one.npz") as a, np.load(tmp_path / "stats-two.npz") as b:
         assert int(a["num"]) == int(b["num"]) == 20
-        assert np.allclose(a["mu"], b["mu"], rtol=1e-6, atol=1e-9)
-        assert np.allclose(a["features"], b["features"], rtol=1e-6, atol=1e-9)
+        # Ranks extract features in other batch shapes, so conv kernels may block (and round) differently: float32
+        # round-off (~1e-7 on features of order 1), not a different image set, which would move them by ~0.1.
+        np.testing.assert_allclose(a["mu"], b["mu"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a["features"], b["features"], rtol=1e-5, atol=1e-6)
     one, two = (json.loads((tmp_path / f"eval-{t}.json").read_text()) for t in ("one", "two"))
     assert one["num_samples"] == two["num_samples"] == 12
     for key in ("fid", "precision", "recall"):
