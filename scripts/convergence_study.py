@@ -103,6 +103,10 @@ def main() -> None:
                    help="which runs to score (two lanes can score different models side by side)")
     p.add_argument("--kept-only", action="store_true",
                    help="score only kept checkpoints, not the newest one (while the trainings still run)")
+    p.add_argument("--only-steps", help="score only these checkpoint steps (e.g. the ones a longer run added)")
+    p.add_argument("--base-step", type=int,
+                   help="base checkpoint whose samples every cascade point uses (default: the newest); keep it fixed "
+                        "when the base trains on, so that new points stay comparable with the scored ones")
     p.add_argument("--bootstrap", type=int, default=20)
     p.add_argument("--plot", type=Path)
     p.add_argument("--only-plot", action="store_true")
@@ -123,13 +127,18 @@ def main() -> None:
         if not ref.exists():
             cdm("stats", "fashion-mnist", "--resolution", "32", "--features", "classifier", "--out", str(ref))
         base_run = runs / "base8"
-        base_samples = out / f"base_samples_step{checkpoints(base_run)[-1].name[5:]}.npz"
+        base_ckpt = checkpoints(base_run)[-1]
+        if args.base_step is not None:
+            base_ckpt = base_run / "checkpoints" / f"step_{args.base_step:08d}"
+            if not base_ckpt.is_dir():
+                raise SystemExit(f"--base-step {args.base_step}: no checkpoint {base_ckpt}")
+        base_step = int(base_ckpt.name[5:])
+        base_samples = out / f"base_samples_step{base_ckpt.name[5:]}.npz"
         if not base_samples.exists():
-            cdm("sample", str(base_run), "--num", str(args.num), "--sampler", SAMPLER[0], "--steps",
+            cdm("sample", str(base_ckpt), "--num", str(args.num), "--sampler", SAMPLER[0], "--steps",
                 SAMPLER[1].split(",")[0], "--seed", "0", "--out", str(base_samples), "--quiet")
         base_flops = forward_flops_per_image(run_config(base_run)) * 3
         base_cfg = run_config(base_run)
-        base_step = int(checkpoints(base_run)[-1].name[5:])
         base_total = base_flops * base_step * base_cfg.train.batch_size * base_cfg.train.grad_accum
         base_hours = cpu_hours_at(base_run, base_step)
         plan = []
@@ -144,6 +153,9 @@ def main() -> None:
             ckpts = [c for c in checkpoints(run) if int(c.name[5:]) in kept]
             if not args.kept_only:
                 ckpts += checkpoints(run)[-1:]
+            if args.only_steps:
+                wanted = {int(x) for x in args.only_steps.split(",")}
+                ckpts = [c for c in ckpts if int(c.name[5:]) in wanted]
             for ckpt in dict.fromkeys(ckpts):
                 step = int(ckpt.name[5:])
                 levels = [None]
@@ -154,6 +166,10 @@ def main() -> None:
                     plan.append((model, run, config, flops, ckpt, step, s))
         for model, run, config, flops, ckpt, step, s in plan:
             if (model, step, s) in done:
+                if model != "single32" and done[(model, step, s)].get("base_step", base_step) != base_step:
+                    raise SystemExit(f"{model} step {step} was scored on base step "
+                                     f"{done[(model, step, s)]['base_step']} samples, this run uses {base_step}: "
+                                     "pass --base-step, or move convergence.jsonl aside to rescore everything")
                 continue
             name = f"{model}_step{step}" + (f"_s{s}" if s is not None else "")
             samples = out / f"{name}.npz"
@@ -170,6 +186,7 @@ def main() -> None:
             cascade = model != "single32"
             rec = {
                 "model": model, "step": step, "s": s, "images_seen": images,
+                "base_step": base_step if cascade else None,
                 "epochs": images / 60000,
                 "train_flops": flops * images + (base_total if cascade else 0.0),
                 "stage_flops": flops * images,
