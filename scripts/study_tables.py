@@ -81,10 +81,12 @@ def convergence_table(path: Path) -> None:
         return
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     levels = sorted({r["s"] for r in records if r["model"] == "sr8to32" and r["s"] is not None})
+    base_steps = sorted({r["base_step"] for r in records if r.get("base_step") is not None})
+    on_base = f"; every cascade point super-resolves the same base samples, base step {', '.join(map(str, base_steps))}"
     print(f"Quality against training compute (N = {records[0]['num']} per point, classifier features, "
-          "± bootstrap std):\n")
+          f"± bootstrap std{on_base if base_steps else ''}):\n")
     head = ["SR steps", "SR epochs", "cascade training (PFLOP)", "CPU-hours"]
-    head += [f"augmented, s = {s}" for s in levels] + ["without augmentation"]
+    head += [f"augmented, s = {s}" for s in levels] + ["without augmentation", "augmented (best s) − without"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     by_step: dict[int, dict] = {}
@@ -105,7 +107,9 @@ def convergence_table(path: Path) -> None:
 
         cells = [str(step), f"{any_rec['epochs']:.1f}", f"{any_rec['train_flops'] / 1e15:.2f}",
                  f"{any_rec['cpu_hours']:.2f}"]
-        cells += [cell(row.get(("sr8to32", s))) for s in levels] + [cell(row.get(("sr8to32_noaug", None)))]
+        noaug = row.get(("sr8to32_noaug", None))
+        cells += [cell(row.get(("sr8to32", s))) for s in levels] + [cell(noaug)]
+        cells.append(f"{best['fid'] - noaug['fid']:+.2f}" if best and noaug else "")
         print("| " + " | ".join(cells) + " |")
     single = sorted((r for r in records if r["model"] == "single32"), key=lambda r: r["step"])
     if single:
