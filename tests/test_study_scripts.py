@@ -98,8 +98,8 @@ def test_convergence_table_marks_the_best_level_per_budget(tmp_path, capsys):
     study_tables.main(str(tmp_path))
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| 470 ") or line.startswith("| 940 ")]
-    assert rows[0].split(" | ")[4:] == ["9.00 ± 0.10", "**8.50 ± 0.10**", "9.50 ± 0.10 |"]
-    assert rows[1].split(" | ")[4:] == ["", "**7.00 ± 0.10**", " |"]
+    assert rows[0].split(" | ")[4:] == ["9.00 ± 0.10", "**8.50 ± 0.10**", "9.50 ± 0.10", "-1.00 |"]  # best s − noaug
+    assert rows[1].split(" | ")[4:] == ["", "**7.00 ± 0.10**", "", " |"]  # no unaugmented point: no gap
     assert "| 290 | 0.3 | 1.00 | 0.10 | 20.00 ± 0.10 |" in out
 
 
