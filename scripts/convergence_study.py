@@ -72,6 +72,35 @@ def cpu_hours_at(run: Path, step: int) -> float:
     return seconds / 3600
 
 
+def classifier_features(samples: Path):
+    from cascaded_diffusion.evaluation.evaluate import load_samples
+    from cascaded_diffusion.evaluation.features import extract, get_feature_extractor
+
+    images, _ = load_samples(samples)
+    extractor = get_feature_extractor("classifier")
+    return extract(images, extractor)[0], extractor.name
+
+
+def paired_gap(a: Path, b: Path, ref: Path, rounds: int, seed: int = 0) -> dict:
+    """FID(a) − FID(b) with a *paired* bootstrap: both sample sets super-resolve the same base samples in the
+    same order, so one resampling of indices applies to both, and the base samples' own spread cancels."""
+    from cascaded_diffusion.evaluation.metrics import FeatureStats, fid_from_stats
+
+    fa, name = classifier_features(a)
+    fb, _ = classifier_features(b)
+    if len(fa) != len(fb):
+        raise SystemExit(f"{a} and {b} hold {len(fa)} and {len(fb)} samples: not a paired comparison")
+    reference = FeatureStats.load(ref)
+
+    def gap(pick):
+        return (fid_from_stats(FeatureStats.from_features(fa[pick], name, keep_features=False), reference)
+                - fid_from_stats(FeatureStats.from_features(fb[pick], name, keep_features=False), reference))
+
+    rng = np.random.default_rng(seed)
+    boot = [gap(rng.integers(0, len(fa), len(fa))) for _ in range(rounds)]
+    return {"gap": gap(np.arange(len(fa))), "gap_paired_std": float(np.std(boot, ddof=1)), "num": int(len(fa))}
+
+
 def fid_with_bootstrap(samples: Path, ref: Path, rounds: int, seed: int = 0) -> dict:
     from cascaded_diffusion.evaluation.evaluate import load_samples
     from cascaded_diffusion.evaluation.features import extract, get_feature_extractor
@@ -108,6 +137,9 @@ def main() -> None:
                    help="base checkpoint whose samples every cascade point uses (default: the newest); keep it fixed "
                         "when the base trains on, so that new points stay comparable with the scored ones")
     p.add_argument("--bootstrap", type=int, default=20)
+    p.add_argument("--gaps", action="store_true",
+                   help="paired bootstrap of FID(augmented at its best s) − FID(without augmentation) per budget "
+                        "-> RUNS/convergence_gaps.json")
     p.add_argument("--plot", type=Path)
     p.add_argument("--only-plot", action="store_true")
     args = p.parse_args()
@@ -197,6 +229,18 @@ def main() -> None:
                 f.write(json.dumps(rec) + "\n")
             done[(model, step, s)] = rec
             print(f"{name}: FID {rec['fid']:.2f} ± {rec['fid_bootstrap_std'] or 0:.2f}", flush=True)
+    if args.gaps:
+        gaps = {}
+        for step in sorted({step for (model, step, _s) in done if model == "sr8to32_noaug"}):
+            augmented = [r for (m, st, _s), r in done.items() if m == "sr8to32" and st == step]
+            if not augmented:
+                continue
+            best = min(augmented, key=lambda r: r["fid"])
+            gaps[str(step)] = {"s": best["s"], **paired_gap(out / f"sr8to32_step{step}_s{best['s']}.npz",
+                                                            out / f"sr8to32_noaug_step{step}.npz", ref, 200)}
+            print(f"step {step}: augmented (s = {best['s']}) − without: {gaps[str(step)]['gap']:+.2f} "
+                  f"± {gaps[str(step)]['gap_paired_std']:.2f} (paired)", flush=True)
+        (runs / "convergence_gaps.json").write_text(json.dumps(gaps, indent=2) + "\n")
     if args.plot:
         plot(list(done.values()), args.plot)
 

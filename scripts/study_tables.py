@@ -86,7 +86,9 @@ def convergence_table(path: Path) -> None:
     print(f"Quality against training compute (N = {records[0]['num']} per point, classifier features, "
           f"± bootstrap std{on_base if base_steps else ''}):\n")
     head = ["SR steps", "SR epochs", "cascade training (PFLOP)", "CPU-hours"]
-    head += [f"augmented, s = {s}" for s in levels] + ["without augmentation", "augmented (best s) − without"]
+    gaps = load(path.parent / "convergence_gaps.json") or {}  # paired bootstrap (convergence_study.py --gaps)
+    head += [f"augmented, s = {s}" for s in levels] + ["without augmentation", "augmented (best s) − without"
+                                                       + (" (± paired bootstrap)" if gaps else "")]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     by_step: dict[int, dict] = {}
@@ -109,7 +111,11 @@ def convergence_table(path: Path) -> None:
                  f"{any_rec['cpu_hours']:.2f}"]
         noaug = row.get(("sr8to32_noaug", None))
         cells += [cell(row.get(("sr8to32", s))) for s in levels] + [cell(noaug)]
-        cells.append(f"{best['fid'] - noaug['fid']:+.2f}" if best and noaug else "")
+        paired = gaps.get(str(step))
+        if paired and best and paired["s"] == best["s"]:
+            cells.append(f"{paired['gap']:+.2f} ± {paired['gap_paired_std']:.2f}")
+        else:
+            cells.append(f"{best['fid'] - noaug['fid']:+.2f}" if best and noaug else "")
         print("| " + " | ".join(cells) + " |")
     single = sorted((r for r in records if r["model"] == "single32"), key=lambda r: r["step"])
     if single:
