@@ -23,7 +23,7 @@ import torch
 from cascaded_diffusion.cascade import Cascade, balanced_labels, sample_in_batches
 from cascaded_diffusion.evaluation.evaluate import evaluate_images, reference_stats
 from cascaded_diffusion.evaluation.features import get_feature_extractor
-from cascaded_diffusion.hardware import device_name
+from cascaded_diffusion.hardware import device_name, resolve_device
 
 
 def steps_label(steps: int | list[int] | tuple[int, ...]) -> str:
@@ -56,12 +56,12 @@ def main() -> None:
     p.add_argument("--aug-level", type=int, help="level s of the SR stages (default: their sample_s)")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", required=True)
     p.add_argument("--plot")
     args = p.parse_args()
 
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device)
     n_stages = len(cascade.stages)
     extractor = get_feature_extractor(args.features, device=device)

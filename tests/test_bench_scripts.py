@@ -56,7 +56,8 @@ def test_sampler_curve_scores_resumes_and_plots(tmp_path, monkeypatch):
 
     out = tmp_path / "curve.json"
     argv = ["sampler_curve.py", "--pretrained", "fashion-mnist", "--ref", str(tmp_path / "ref_stats.npz"),
-            "--num", "20", "--batch-size", "20", "--out", str(out), "--plot", str(tmp_path / "curve.png")]
+            "--num", "20", "--batch-size", "20", "--out", str(out), "--plot", str(tmp_path / "curve.png"),
+            "--device", "auto"]  # as scripts/fashion_mnist_study.sh passes it
     monkeypatch.setattr(sys, "argv", argv + ["--points", "ddpm:4,dpmpp:3/2"])
     curve.main()
     result = json.loads(out.read_text())
