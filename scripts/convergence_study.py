@@ -162,11 +162,11 @@ def main() -> None:
         base_ckpt = checkpoints(base_run)[-1]
         if args.base_step is not None:
             base_ckpt = base_run / "checkpoints" / f"step_{args.base_step:08d}"
-            if not base_ckpt.is_dir():
-                raise SystemExit(f"--base-step {args.base_step}: no checkpoint {base_ckpt}")
         base_step = int(base_ckpt.name[5:])
         base_samples = out / f"base_samples_step{base_ckpt.name[5:]}.npz"
         if not base_samples.exists():
+            if not base_ckpt.is_dir():  # the samples outlive a rolling checkpoint; without them it is needed
+                raise SystemExit(f"--base-step {args.base_step}: neither {base_samples} nor {base_ckpt} exists")
             cdm("sample", str(base_ckpt), "--num", str(args.num), "--sampler", SAMPLER[0], "--steps",
                 SAMPLER[1].split(",")[0], "--seed", "0", "--out", str(base_samples), "--quiet")
         base_flops = forward_flops_per_image(run_config(base_run)) * 3
