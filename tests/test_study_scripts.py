@@ -105,8 +105,9 @@ def test_convergence_table_marks_the_best_level_per_budget(tmp_path, capsys):
 
 
 def test_ship_exports_the_best_setting_with_its_sampling_defaults(tmp_path, monkeypatch):
-    """The shipping script picks the lowest-FID cascade, exports both stages as fp16 with the study's sampler,
-    steps and s, keeps the classifier files, and the result loads as a bundle that samples those defaults."""
+    """The shipping script picks the lowest-FID cascade, exports both stages as fp16 with the study's s, records
+    the sampler the numbers were measured with, keeps the classifier files, and the result loads as a bundle that
+    samples with the stages' own [sample] defaults, or the ones --default-sampler/--default-steps give."""
     import shutil
 
     import torch
@@ -135,12 +136,20 @@ def test_ship_exports_the_best_setting_with_its_sampling_defaults(tmp_path, monk
     manifest = json.loads((bundle / "cascade.json").read_text())
     assert manifest["stages"] == ["base8", "sr8to32"] and manifest["sampling"] == {"truncated": False}
     assert manifest["study"]["setting"] == "cascade_noise" and manifest["study"]["aug_level"] == 30
+    assert manifest["study"]["sampler"] == "dpmpp" and manifest["study"]["steps"] == [3, 2]  # as measured
     assert all((bundle / name).read_text() == name for name in ship.KEEP)
     monkeypatch.setattr(pretrained, "PRETRAINED_ROOT", bundle.parent)
     cascade = Cascade.load(pretrained="fashion-mnist")
     assert cascade.aug_levels() == [30]
-    assert [s.config.sample.sampler for s in cascade.stages] == ["dpmpp", "dpmpp"]
-    assert [s.config.sample.steps for s in cascade.stages] == [3, 2]
+    trained = Cascade.load([runs / "base8", runs / "sr8to32"])
+    assert [(s.config.sample.sampler, s.config.sample.steps) for s in cascade.stages] == \
+        [(s.config.sample.sampler, s.config.sample.steps) for s in trained.stages]  # the runs' own [sample]
+
+    monkeypatch.setattr(sys, "argv", ["ship", str(runs), "--bundle", str(bundle), "--steps", "3,2",
+                                      "--default-sampler", "ddim", "--default-steps", "4,2"])
+    ship.main()
+    cascade = Cascade.load(pretrained="fashion-mnist")
+    assert [(s.config.sample.sampler, s.config.sample.steps) for s in cascade.stages] == [("ddim", 4), ("ddim", 2)]
     weights = (bundle / "sr8to32" / "model.safetensors")
     from safetensors.torch import load_file
     assert {t.dtype for t in load_file(weights).values()} == {torch.float16}
