@@ -81,10 +81,16 @@ def classifier_features(samples: Path):
     return extract(images, extractor)[0], extractor.name
 
 
+def fid_of(features, name: str, reference) -> float:
+    from cascaded_diffusion.evaluation.metrics import FeatureStats, fid_from_stats
+
+    return fid_from_stats(FeatureStats.from_features(features, name, keep_features=False), reference)
+
+
 def paired_gap(a: Path, b: Path, ref: Path, rounds: int, seed: int = 0) -> dict:
     """FID(a) − FID(b) with a *paired* bootstrap: both sample sets super-resolve the same base samples in the
     same order, so one resampling of indices applies to both, and the base samples' own spread cancels."""
-    from cascaded_diffusion.evaluation.metrics import FeatureStats, fid_from_stats
+    from cascaded_diffusion.evaluation.metrics import FeatureStats
 
     fa, name = classifier_features(a)
     fb, _ = classifier_features(b)
@@ -93,8 +99,7 @@ def paired_gap(a: Path, b: Path, ref: Path, rounds: int, seed: int = 0) -> dict:
     reference = FeatureStats.load(ref)
 
     def gap(pick):
-        return (fid_from_stats(FeatureStats.from_features(fa[pick], name, keep_features=False), reference)
-                - fid_from_stats(FeatureStats.from_features(fb[pick], name, keep_features=False), reference))
+        return fid_of(fa[pick], name, reference) - fid_of(fb[pick], name, reference)
 
     rng = np.random.default_rng(seed)
     boot = [gap(rng.integers(0, len(fa), len(fa))) for _ in range(rounds)]
@@ -102,24 +107,16 @@ def paired_gap(a: Path, b: Path, ref: Path, rounds: int, seed: int = 0) -> dict:
 
 
 def fid_with_bootstrap(samples: Path, ref: Path, rounds: int, seed: int = 0) -> dict:
-    from cascaded_diffusion.evaluation.evaluate import load_samples
-    from cascaded_diffusion.evaluation.features import extract, get_feature_extractor
-    from cascaded_diffusion.evaluation.metrics import FeatureStats, fid_from_stats
+    from cascaded_diffusion.evaluation.metrics import FeatureStats
 
-    images, _ = load_samples(samples)
-    extractor = get_feature_extractor("classifier")
+    features, name = classifier_features(samples)
     reference = FeatureStats.load(ref)
-    features, _ = extract(images, extractor)
-    fid = fid_from_stats(FeatureStats.from_features(features, extractor.name, keep_features=False), reference)
+    fid = fid_of(features, name, reference)
     rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(rounds):
-        pick = rng.integers(0, len(features), len(features))
-        boot.append(fid_from_stats(FeatureStats.from_features(features[pick], extractor.name, keep_features=False),
-                                   reference))
+    boot = [fid_of(features[rng.integers(0, len(features), len(features))], name, reference) for _ in range(rounds)]
     # FID is biased upward under resampling (duplicates shrink the covariance); the spread is what we report
     return {"fid": fid, "fid_bootstrap_std": float(np.std(boot, ddof=1)) if rounds > 1 else None,
-            "feature_network": extractor.name, "num": int(len(images))}
+            "feature_network": name, "num": int(len(features))}
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ the non-truncated sweep), picks the setting with the lowest FID, exports its two
 the augmentation level s the study chose, and writes cascade.json with the numbers and the sampler they were
 measured with. The sampler and steps `cdm sample --pretrained fashion-mnist` uses by default are each stage's
 own `[sample]` (the configs' ancestral DDPM 50 steps: within 5 % of 1000-step FID, docs/performance.md, where
-the study's faster DPM-Solver++ 20 + 10 was 10.8 % above it); `--default-sampler/--default-steps` override them. The evaluation classifier files of the bundle are kept. Nothing is changed unless every export succeeds.
+the study's faster DPM-Solver++ 20 + 10 was 10.8 % above it); `--default-sampler/--default-steps` override them.
+The evaluation classifier files of the bundle are kept. Nothing is changed unless every export succeeds.
 """
 
 from __future__ import annotations
