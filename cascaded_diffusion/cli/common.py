@@ -7,6 +7,7 @@ import argparse
 import math
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ..errors import UserError, check_output_file
@@ -99,3 +100,16 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
 
 
+
+
+def class_proportions_labels(spec: str, num: int, num_classes: int, resolution: int):
+    """``num`` labels in the class proportions of the data set ``spec`` (``--class-proportions``)."""
+    from ..cascade import proportional_labels
+    from ..data import load_images
+
+    data = load_images(spec, resolution)
+    counts = np.bincount(np.asarray(data.labels, dtype=np.int64), minlength=num_classes)
+    if counts.size != num_classes:
+        raise UserError(f"--class-proportions {spec}: labels go up to {counts.size - 1}, but the cascade has "
+                        f"{num_classes} classes")
+    return proportional_labels(num, counts)

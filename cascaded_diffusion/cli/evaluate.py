@@ -14,13 +14,13 @@ from ..data import load_images
 from ..distributed import distributed_from_env
 from ..errors import check_output_file
 from ..evaluation.cas import classification_accuracy_score
-from ..evaluation.classifier import evaluate_classifier, save_classifier, train_classifier
+from ..evaluation.classifier import ClassifierConfig, evaluate_classifier, save_classifier, train_classifier
 from ..evaluation.evaluate import evaluate_images, load_samples, reference_stats
 from ..evaluation.features import get_feature_extractor
 from ..evaluation.sweep import augmentation_sweep, plot_sweep
 from ..fileio import atomic_write_text
 from ..hardware import resolve_device
-from .common import add_sampling_args, check_image_path, nonneg_int_list, positive_int
+from .common import add_sampling_args, check_image_path, class_proportions_labels, nonneg_int_list, positive_int
 
 
 def _write_json(path: str | Path, payload: dict) -> None:
@@ -67,13 +67,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_classifier_train(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, "--out")
-    train = load_images(args.data, args.resolution)
+    train = load_images(args.data, args.resolution, channels=args.channels)
     test_spec = args.test or (args.data.split(":")[0] + ":test" if args.data.startswith("fashion-mnist") else None)
-    test = load_images(test_spec, args.resolution) if test_spec else None
+    test = load_images(test_spec, args.resolution, channels=train.images.shape[-1]) if test_spec else None
+    # --resolution is the network's input size, not only the loading size: a 64x64 data set keeps its detail
+    config = ClassifierConfig(num_classes=train.num_classes, in_channels=train.images.shape[-1],
+                              resolution=args.resolution)
     start = time.time()
-    kwargs = dict(seed=args.seed, device=resolve_device(args.device), progress=True)
-    if args.epochs is not None:
-        kwargs["epochs"] = args.epochs
+    kwargs = dict(seed=args.seed, device=resolve_device(args.device), progress=True, config=config,
+                  flip=not args.no_flip)
+    for name in ("epochs", "steps", "batch_size"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    if test is not None and args.eval_every_epoch:
+        kwargs.update(eval_images=test.images, eval_labels=test.labels)
     model, history = train_classifier(train.images, train.labels, train.num_classes, **kwargs)
     minutes = (time.time() - start) / 60
     accuracy = None
@@ -81,9 +88,11 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
         accuracy = evaluate_classifier(model, test.images, test.labels)
     save_classifier(model, args.out, metadata={
         "train_data": train.source, "test_data": test.source if test is not None else None,
-        "test_top1": accuracy["top1"] if accuracy else None, "train_minutes": minutes,
+        "test_top1": accuracy["top1"] if accuracy else None,
+        "test_top5": accuracy["top5"] if accuracy else None, "train_minutes": minutes,
+        "recipe": history.recipe,
     })
-    msg = f"trained classifier on {train.source} in {minutes:.1f} min"
+    msg = f"trained classifier on {train.source} ({len(train.images)} images, {history.steps} steps) in {minutes:.1f} min"
     if accuracy:
         msg += f"; {test.source} top-1 {100 * accuracy['top1']:.2f}%"
     print(msg + f"; saved {args.out}")
@@ -137,8 +146,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         ground_truth = None if args.no_ground_truth else (args.ground_truth or (args.ref if ":" in args.ref or not args.ref.endswith(".npz") else None))
         sampling = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
                         autocast=args.precision == "bf16")
+        labels = None
+        if args.class_proportions:
+            labels = class_proportions_labels(args.class_proportions, args.num, cascade.num_classes,
+                                              cascade.stages[0].resolution)
         result = augmentation_sweep(
-            cascade, args.aug_levels, num=args.num, reference=reference, extractor=extractor,
+            cascade, args.aug_levels, num=args.num, reference=reference, extractor=extractor, labels=labels,
             ground_truth=ground_truth, truncated=bool(args.truncated), seed=args.seed, batch_size=args.batch_size,
             sampling={k: v for k, v in sampling.items() if v is not None}, distributed=world_size > 1,
         )
@@ -180,8 +193,15 @@ def add_commands(sub) -> None:
     c.add_argument("--data", default="fashion-mnist")
     c.add_argument("--test", default=None, help="test split (default: DATA:test for fashion-mnist)")
     c.add_argument("--out", required=True, help=".safetensors path")
-    c.add_argument("--resolution", type=positive_int, default=32)
+    c.add_argument("--resolution", type=positive_int, default=32,
+                   help="the network's input side (images are loaded at it; samples of another size are resized)")
+    c.add_argument("--channels", type=int, choices=[1, 3], default=None, help="default: the data's own")
     c.add_argument("--epochs", type=positive_int, default=None)
+    c.add_argument("--steps", type=positive_int, default=None, help="overrides --epochs (small data sets)")
+    c.add_argument("--batch-size", type=positive_int, default=None)
+    c.add_argument("--no-flip", action="store_true",
+                   help="no horizontal flips in training (data whose mirror image is another thing: flags, text)")
+    c.add_argument("--eval-every-epoch", action="store_true", help="print the test split's top-1 after each epoch")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="auto")
     c.set_defaults(func=cmd_classifier_train)
@@ -205,6 +225,8 @@ def add_commands(sub) -> None:
     p.add_argument("--ref", required=True, help="dataset spec or stats .npz")
     p.add_argument("--ground-truth", default=None, help="dataset for the ground-truth low-res curve (default: --ref)")
     p.add_argument("--no-ground-truth", action="store_true")
+    p.add_argument("--class-proportions", default=None, metavar="DATA",
+                   help="generate the classes in this data set's proportions (default: equally often)")
     p.add_argument("--features", default="inception")
     p.add_argument("--out", required=True)
     p.add_argument("--plot", default=None)

@@ -15,7 +15,7 @@ from ..errors import UserError, check_output_dir, check_output_file
 from ..fileio import grid_by_class, save_grid
 from ..hardware import resolve_device
 from ..sharded_sampling import sample_sharded
-from .common import add_sampling_args, check_image_path, nonneg_int_list, positive_int
+from .common import add_sampling_args, check_image_path, class_proportions_labels, nonneg_int_list, positive_int
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -34,7 +34,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
         if args.compile:
             cascade.compile(mode=None if args.compile == "default" else args.compile)
-        labels = balanced_labels(args.num, cascade.num_classes, args.class_label)
+        if args.class_proportions:
+            if args.class_label:
+                raise UserError("--class-label and --class-proportions exclude each other")
+            labels = class_proportions_labels(args.class_proportions, args.num, cascade.num_classes,
+                                              cascade.stages[0].resolution)
+        else:
+            labels = balanced_labels(args.num, cascade.num_classes, args.class_label)
         low_res = None
         start_stage = 0
         if args.low_res_samples:
@@ -93,6 +99,9 @@ def add_commands(sub) -> None:
     p.add_argument("--grid", default=None, help="PNG grid: one row per class, every stage side by side")
     p.add_argument("--grid-per-class", type=positive_int, default=8)
     p.add_argument("--class-label", type=int, action="append", default=None, help="sample these classes (repeatable)")
+    p.add_argument("--class-proportions", default=None, metavar="DATA",
+                   help="sample the classes in the proportions of this data set (for FID/KID against it) "
+                        "instead of equally often")
     p.add_argument("--aug-level", type=nonneg_int_list, default=None,
                    help="level s per SR stage (default: its sample_s, or the level a fixed-s stage was trained at)")
     p.add_argument("--save-stages", default=None,

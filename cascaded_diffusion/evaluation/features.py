@@ -103,16 +103,27 @@ class ClassifierFeatureExtractor:
         return self.features_and_probs(images_uint8_nhwc)[1]
 
 
+def _classifier_location(argument: str) -> str | os.PathLike:
+    if not argument:
+        return DEFAULT_CLASSIFIER_PATH
+    from ..pretrained import available_pretrained, pretrained_file
+
+    if argument in available_pretrained() and not any(p.exists() for p in classifier_paths(argument)):
+        return pretrained_file(argument, "classifier.safetensors")
+    return argument
+
+
 def get_feature_extractor(spec: str, device: str | torch.device = "cpu") -> FeatureExtractor:
     """Build a feature extractor from a spec: ``inception[:WEIGHTS]`` or ``classifier[:PATH]``.
 
-    Bare ``classifier`` means the shipped Fashion-MNIST classifier.
+    Bare ``classifier`` means the shipped Fashion-MNIST classifier; ``classifier:NAME`` with the name of a
+    bundled cascade (``emoji``) that bundle's classifier, unless a file of that name exists.
     """
     kind, _, argument = spec.partition(":")
     if kind == "inception":
         return InceptionFeatureExtractor(argument or None, device=device)
     if kind == "classifier":
-        return ClassifierFeatureExtractor(argument or DEFAULT_CLASSIFIER_PATH, device=device)
+        return ClassifierFeatureExtractor(_classifier_location(argument), device=device)
     raise ValueError(
         f"unknown feature network spec {spec!r}; expected 'inception', 'inception:WEIGHTS_PATH', "
         "'classifier' or 'classifier:PATH'"

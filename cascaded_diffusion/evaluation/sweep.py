@@ -53,8 +53,11 @@ def augmentation_sweep(
     sampling: dict | None = None,
     log=print,
     distributed: bool = False,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """FID per level s for generated (and, with ``ground_truth``, real) low-resolution inputs.
+
+    ``labels``: the classes of the generated samples (``num`` of them; default every class equally often).
 
     ``distributed``: every rank of the initialised process group calls this alike; the sampling and the
     feature extraction are split over the ranks (each sample depends on its seed and index only, so the
@@ -73,7 +76,10 @@ def augmentation_sweep(
     # per-stage options (steps, sampler, ...) are indexed by absolute stage, so SR-only runs use them as is
     sampling = dict(sampling or {})
     device = cascade.stages[0].device
-    labels = balanced_labels(num, cascade.num_classes)
+    if labels is None:
+        labels = balanced_labels(num, cascade.num_classes)
+    elif len(labels) != num:
+        raise ValueError(f"labels has {len(labels)} entries, num is {num}")
     result: dict[str, Any] = {
         "levels": list(levels),
         "num_samples": num,

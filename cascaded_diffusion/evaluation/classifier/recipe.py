@@ -26,8 +26,11 @@ from .model import (
 )
 
 
-def random_crop_and_flip(pixels: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Random translation by up to ``padding`` pixels (zero = black padding) and random horizontal flips."""
+def random_crop_and_flip(
+    pixels: torch.Tensor, padding: int, generator: torch.Generator, flip: bool = True
+) -> torch.Tensor:
+    """Random translation by up to ``padding`` pixels (zero = black padding) and, with ``flip``, random
+    horizontal flips."""
     n, _, h, w = pixels.shape
     if padding > 0:
         padded = F.pad(pixels, (padding, padding, padding, padding))
@@ -38,8 +41,10 @@ def random_crop_and_flip(pixels: torch.Tensor, padding: int, generator: torch.Ge
         batch_index = torch.arange(n, device=pixels.device)[:, None, None]
         # Advanced indexing puts the indexed dims first: (N, H, W, C) -> back to NCHW.
         pixels = padded.permute(0, 2, 3, 1)[batch_index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(pixels.device)
-    return torch.where(flip[:, None, None, None], pixels.flip(3), pixels)
+    if not flip:
+        return pixels
+    flips = (torch.rand(n, generator=generator) < 0.5).to(pixels.device)
+    return torch.where(flips[:, None, None, None], pixels.flip(3), pixels)
 
 
 @dataclass
@@ -84,6 +89,7 @@ def train_classifier(
     device: str | torch.device = "cpu",
     augment: bool = True,
     crop_padding: int = 2,
+    flip: bool = True,
     bf16: bool = True,
     progress: bool = True,
     eval_images: np.ndarray | None = None,
@@ -94,7 +100,8 @@ def train_classifier(
     """Train a :class:`ResNetClassifier` with the fixed recipe; return it (eval mode) and its history.
 
     Recipe: SGD with Nesterov momentum, linear warmup then linear decay to 0, label smoothing, weight
-    decay, random translation (``crop_padding`` pixels) and horizontal flips, bf16 autocast. ``steps``
+    decay, random translation (``crop_padding`` pixels) and horizontal flips (unless ``flip=False``: data whose
+    mirror image is another thing, such as flags and text), bf16 autocast. ``steps``
     overrides ``epochs``. When ``eval_images``/``eval_labels`` are given they are scored after every
     epoch (reporting only: nothing is selected on them).
 
@@ -146,7 +153,7 @@ def train_classifier(
         recipe=dict(
             epochs=epochs, steps=total_steps, batch_size=batch_size, lr=lr, momentum=momentum,
             weight_decay=weight_decay, label_smoothing=label_smoothing, warmup_fraction=warmup_fraction,
-            seed=seed, augment=augment, crop_padding=crop_padding, bf16=bf16, num_train=num_images,
+            seed=seed, augment=augment, crop_padding=crop_padding, flip=flip, bf16=bf16, num_train=num_images,
             config=asdict(config),
         )
     )
@@ -171,7 +178,7 @@ def train_classifier(
             index = np.sort(order[batch_start : batch_start + batch_size])  # sorted: faster gather
             pixels = uint8_batch_to_pixels(images[index], config.resolution, config.in_channels, device)
             if augment:
-                pixels = random_crop_and_flip(pixels, crop_padding, generator)
+                pixels = random_crop_and_flip(pixels, crop_padding, generator, flip)
             x = pixels_to_model_input(pixels).contiguous(memory_format=torch.channels_last)
             y = targets[index].to(device)
             with bf16_autocast(device, bf16):
