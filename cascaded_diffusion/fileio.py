@@ -111,6 +111,19 @@ def save_samples_npz(path: str | Path, images: np.ndarray, labels: np.ndarray) -
     atomic_write_bytes(path, buf.getvalue())
 
 
+def npz_array_shape(path: str | os.PathLike, key: str = "arr_0") -> tuple[int, ...]:
+    """The shape of one array of an ``.npz`` from its header alone (a 50k-image file is not read)."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            return tuple(read_header(f)[0])
+    except KeyError:
+        raise ValueError(f"{path}: no {key!r} array") from None
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read as an .npz archive ({type(exc).__name__}: {exc})") from exc
+
+
 def read_samples_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
     """Read and validate a guided-diffusion style ``.npz``: ``arr_0`` uint8 N×H×W×C images and the
     optional ``arr_1`` labels (returned unvalidated, or None)."""

@@ -102,3 +102,43 @@ def test_classifier_spec_names_a_bundled_cascade(tmp_path, monkeypatch):
     (tmp_path / "fashion-mnist.safetensors").write_bytes(b"")  # a file of that name wins over the bundle
     assert str(_classifier_location("fashion-mnist")) == "fashion-mnist"
     assert _classifier_location("mine.safetensors") == "mine.safetensors"
+
+
+def test_low_res_samples_feed_the_stage_that_takes_their_size(tmp_path):
+    """In a three-stage cascade, 16x16 inputs run stages 2 and 3, 32x32 inputs (the study's 32 -> 64 ablation on
+    one set of 32x32 images) only stage 3; a size no stage takes is refused before sampling."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    rng = np.random.default_rng(0)
+    data = _npz(tmp_path / "d.npz", rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), np.arange(16) % 3)
+    tiny = ["stage.num_classes=3", "model.channels=16", "model.norm_groups=4", "model.channel_mult=[1,1]",
+            "model.num_res_blocks=1", "model.attention_resolutions=[]", "train.batch_size=4", "train.progress=false",
+            "train.sample_every=0", "diffusion.timesteps=20", f"data.source=npz:{data}"]
+    runs = []
+    for name, config, extra in (("b", "base16.toml", ["stage.resolution=8"]),
+                                ("s1", "sr16to32.toml", ["stage.low_res=8", "stage.resolution=16", "train.crop=0",
+                                                         "conditioning.noise_timesteps=20", "conditioning.s_max=10",
+                                                         "conditioning.sample_s=5"]),
+                                ("s2", "sr32to64.toml", ["stage.low_res=16", "stage.resolution=32", "train.crop=0"])):
+        args = ["train", str(root / "configs/emoji" / config), "--out", str(tmp_path / name), "--steps", "1",
+                "--device", "cpu"]
+        for s in tiny + extra:
+            args += ["--set", s]
+        assert main(args) == 0
+        runs.append(str(tmp_path / name))
+    low16 = _npz(tmp_path / "l16.npz", rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8), np.array([2, 1, 0, 1, 2]))
+    out = tmp_path / "o.npz"
+    stages = tmp_path / "stages"
+    assert main(["sample", *runs, "--num", "5", "--steps", "2", "--out", str(out), "--device", "cpu", "--quiet",
+                 "--low-res-samples", str(low16), "--save-stages", str(stages)]) == 0
+    assert sorted(p.name for p in stages.iterdir()) == ["stage3_32px.npz"]  # stage 3 alone: no 16px stage ran
+    with np.load(out) as f:
+        assert f["arr_0"].shape == (5, 32, 32, 3) and f["arr_1"].tolist() == [2, 1, 0, 1, 2]
+    low8 = _npz(tmp_path / "l8.npz", rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8), np.zeros(5, int))
+    assert main(["sample", *runs, "--num", "5", "--steps", "2", "--out", str(tmp_path / "o8.npz"), "--device", "cpu",
+                 "--quiet", "--low-res-samples", str(low8), "--save-stages", str(tmp_path / "st8")]) == 0
+    assert sorted(p.name for p in (tmp_path / "st8").iterdir()) == ["stage2_16px.npz", "stage3_32px.npz"]
+    low12 = _npz(tmp_path / "l12.npz", np.zeros((5, 12, 12, 3), np.uint8), np.zeros(5, int))
+    assert main(["sample", *runs, "--num", "5", "--out", str(tmp_path / "o12.npz"), "--device", "cpu",
+                 "--low-res-samples", str(low12)]) == 2

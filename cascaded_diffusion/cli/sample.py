@@ -12,10 +12,29 @@ from ..cascade import Cascade, balanced_labels, grid_indices
 from ..data import load_images
 from ..distributed import distributed_from_env
 from ..errors import UserError, check_output_dir, check_output_file
-from ..fileio import grid_by_class, save_grid
+from ..fileio import grid_by_class, npz_array_shape, save_grid
 from ..hardware import resolve_device
 from ..sharded_sampling import sample_sharded
 from .common import add_sampling_args, check_image_path, class_proportions_labels, nonneg_int_list, positive_int
+
+
+def low_res_start_stage(cascade: Cascade, path: str) -> int:
+    """The stage that takes ``path``'s images as its input: the first SR stage whose input size they have (a
+    three-stage cascade fed 32x32 images runs only its 32 -> 64 stage)."""
+    if len(cascade.stages) < 2:
+        raise UserError("--low-res-samples needs at least one SR stage")
+    try:
+        shape = npz_array_shape(path)
+    except ValueError as e:
+        raise UserError(f"--low-res-samples: {e}") from None
+    if len(shape) != 4:
+        raise UserError(f"--low-res-samples {path}: arr_0 has shape {shape}, expected N x H x W x C images")
+    size = shape[1]
+    for i, stage in enumerate(cascade.stages[1:], start=1):
+        if stage.low_res == size:
+            return i
+    inputs = ", ".join(f"{s.low_res}px" for s in cascade.stages[1:])
+    raise UserError(f"--low-res-samples {path} holds {size}px images; this cascade's SR stages take {inputs}")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -44,13 +63,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         low_res = None
         start_stage = 0
         if args.low_res_samples:
-            if len(cascade.stages) < 2:
-                raise UserError("--low-res-samples needs at least one SR stage")
-            first = cascade.stages[1]
+            start_stage = low_res_start_stage(cascade, args.low_res_samples)
+            first = cascade.stages[start_stage]
             data = load_images(f"npz:{args.low_res_samples}", first.low_res, channels=first.channels)
             if len(data.images) < args.num:
                 raise UserError(f"--low-res-samples has {len(data.images)} images, fewer than --num {args.num}")
-            low_res, labels, start_stage = data.images[: args.num], torch.from_numpy(data.labels[: args.num]), 1
+            low_res, labels = data.images[: args.num], torch.from_numpy(data.labels[: args.num])
         truncated = cascade.default_truncated if args.truncated is None else args.truncated
         kwargs = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
                       truncated=truncated, aug_levels=args.aug_level, autocast=args.precision == "bf16")
@@ -107,7 +125,9 @@ def add_commands(sub) -> None:
     p.add_argument("--save-stages", default=None,
                    help="directory for every stage's output (.npz); with --truncated the stages that hand a noisy "
                         "z_s on are skipped")
-    p.add_argument("--low-res-samples", default=None, help="npz of stage-1 outputs: run only the SR stages on them")
+    p.add_argument("--low-res-samples", default=None,
+                   help="npz of a lower stage's outputs (labels in arr_1): run only the stages above them "
+                        "(picked by size: 32x32 images in a 16 -> 32 -> 64 cascade run the 32 -> 64 stage)")
     p.add_argument("--quiet", action="store_true")
     add_sampling_args(p)
     p.set_defaults(func=cmd_sample)
