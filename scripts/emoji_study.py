@@ -99,8 +99,10 @@ def main() -> None:
         cdm("sample", stage["base16"], "--num", str(args.num), "--out", str(base), "--class-proportions",
             train_spec, "--seed", "0", "--quiet", "--device", "cpu", *sampling)
         timings["base16"] = time.time() - start
-    real16 = out / "real16_test.npz"
-    save_real(real16, test_spec, 16)
+    with np.load(base) as f:
+        base_res, num_classes = int(f["arr_0"].shape[1]), int(f["arr_1"].max()) + 1
+    real16 = out / f"real{base_res}_test.npz"
+    save_real(real16, test_spec, base_res)
     held_out = int(np.load(real16)["arr_1"].shape[0])
 
     settings = {"base16": base}
@@ -138,7 +140,7 @@ def main() -> None:
     grid = out / "grid_stages.png"
     if not grid.exists():
         cdm("sample", stage["base16"], stage["sr16to32"], stage["sr32to64"], "--num",
-            str(9 * args.grid_per_class), "--grid-per-class", str(args.grid_per_class), "--out",
+            str(num_classes * args.grid_per_class), "--grid-per-class", str(args.grid_per_class), "--out",
             str(out / "grid_stages.npz"), "--grid", str(grid), *common)
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n") if timings else None
 
