@@ -88,3 +88,23 @@ def test_emoji_study_runs_every_setting_and_resumes(tiny_runs):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "+ cdm sample" not in again.stdout  # every sample file reused
     assert {p.name: p.stat().st_mtime_ns for p in study.glob("*.npz")} == mtimes
+
+    # ship: the lower held-out KID per SR stage, the classifier beside the stages, loadable as a cascade
+    bundle = tmp / "bundle" / "emoji"
+    clf_json = clf.with_suffix(".json")
+    assert clf_json.is_file()
+    shipped = subprocess.run([sys.executable, str(ROOT / "scripts/ship_emoji.py"), str(tmp / "runs"), "--classifier",
+                              str(clf), "--bundle", str(bundle), "--default-steps", "2,2,2"],
+                             env=env, capture_output=True, text=True)
+    assert shipped.returncode == 0, shipped.stderr[-3000:]
+    manifest = json.loads((bundle / "cascade.json").read_text())
+    kid = {k: results[k]["vs_test"]["kid"]["mean"] for k in ("x64_aug_blur", "x64_noaug_blur", "x64_aug_noblur")}
+    assert manifest["stages"][0] == "base16"
+    assert manifest["stages"][1] == ("sr16to32" if kid["x64_aug_blur"] <= kid["x64_noaug_blur"] else "sr16to32_noaug")
+    assert manifest["stages"][2] == ("sr32to64" if kid["x64_aug_blur"] <= kid["x64_aug_noblur"] else "sr32to64_noblur")
+    assert (bundle / "classifier.safetensors").is_file() and (bundle / "classifier.json").is_file()
+    from cascaded_diffusion.cascade import Cascade
+
+    cascade = Cascade.load([str(bundle / s) for s in manifest["stages"]], device="cpu")
+    assert cascade.resolutions == [16, 32, 64]
+    assert all(stage.config.sample.steps == 2 for stage in cascade.stages)
