@@ -6,8 +6,9 @@
 # Everything resumes: rerunning skips finished training and reuses existing sample files.
 #
 # Knobs (environment): RUNS (output dir), STEPS_BASE / STEPS_SR / STEPS_SINGLE (training steps; the single
-# model's default matches base + SR in training FLOPs: one base step costs 0.68 of a 32x32 step; STEPS_SINGLE=0
-# leaves the single model out),
+# model's default matches base + SR in training FLOPs: per image of batch 64 the base costs 0.198 forward GFLOP,
+# the SR stage on its 16x16 crops 0.141, the single 32x32 model 0.556 (scripts/stage_costs.py), so one base step
+# is 0.356 and one SR step 0.254 of a single-model step; STEPS_SINGLE=0 leaves the single model out),
 # NUM (samples per setting, paper protocol 10000), SWEEP_NUM, LEVELS, SAMPLER / SAMPLE_STEPS (per stage,
 # base,SR), S (sampling level; default: the non-truncated sweep's optimum), DEVICE (cpu|cuda),
 # FEATURES (default: the classifier shipped with the package).
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/study}
 STEPS_BASE=${STEPS_BASE:-4000}
 STEPS_SR=${STEPS_SR:-3500}
-STEPS_SINGLE=${STEPS_SINGLE:-$((STEPS_SR + STEPS_BASE * 68 / 100))}
+STEPS_SINGLE=${STEPS_SINGLE:-$(((STEPS_BASE * 356 + STEPS_SR * 254) / 1000))}
 NUM=${NUM:-10000}
 SWEEP_NUM=${SWEEP_NUM:-1000}
 LEVELS=${LEVELS:-0,50,100,200,400,700}
