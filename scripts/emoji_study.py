@@ -155,11 +155,21 @@ def main() -> None:
 
 def score(settings: dict[str, Path], args, train_spec: str, test_spec: str) -> dict:
     from cascaded_diffusion.data import load_images
-    from cascaded_diffusion.evaluation.evaluate import evaluate_images, load_samples, reference_stats
+    from cascaded_diffusion.evaluation.evaluate import evaluate_features, load_samples, reference_stats
     from cascaded_diffusion.evaluation.features import extract, get_feature_extractor
     from cascaded_diffusion.evaluation.memorisation import memorisation_report
 
     extractor = get_feature_extractor(args.features, "cpu")
+
+    def features_and_recognised(images, labels):
+        """One extraction per image set: its features (scored against both splits) and the share recognised."""
+        features, probs = extract(images, extractor, with_probs=True)
+        return features, float(np.mean(probs.argmax(1) == labels))
+
+    def distances(features, ref, source):
+        metrics = evaluate_features(features, None, ref, extractor.name, ("fid", "kid"), source=source)
+        return {"fid": metrics["fid"], "kid": metrics["kid"]}
+
     results = {}
     real = {}
     for name, path in settings.items():
@@ -172,21 +182,15 @@ def score(settings: dict[str, Path], args, train_spec: str, test_spec: str) -> d
                     "test": reference_stats(test_spec, extractor, resolution=res, channels=3)}
             real[res] = (np.asarray(train.images), np.asarray(test.images), refs)
             # the real-data floor: the held-out images scored like samples against the training split
-            floor = evaluate_images(np.asarray(test.images), refs["train"], extractor, ("fid", "kid"),
-                                    source=f"held-out real @ {res}")
-            _, probs = extract(np.asarray(test.images), extractor, with_probs=True)
-            results[f"real{res}_test"] = {
-                "resolution": res, "num": len(test.images),
-                "vs_train": {"fid": floor["fid"], "kid": floor["kid"]},
-                "recognised": float(np.mean(probs.argmax(1) == np.asarray(test.labels))),
-            }
+            features, recognised = features_and_recognised(np.asarray(test.images), np.asarray(test.labels))
+            results[f"real{res}_test"] = {"resolution": res, "num": len(test.images), "recognised": recognised,
+                                          "vs_train": distances(features, refs["train"], f"held-out real @ {res}")}
         train_images, test_images, refs = real[res]
+        features, recognised = features_and_recognised(images, labels)
         entry = {"resolution": res, "num": len(images), "file": path.name}
         for split, ref in refs.items():
-            metrics = evaluate_images(images, ref, extractor, ("fid", "kid"), source=path.name)
-            entry[f"vs_{split}"] = {"fid": metrics["fid"], "kid": metrics["kid"]}
-        _, probs = extract(images, extractor, with_probs=True)
-        entry["recognised"] = float(np.mean(probs.argmax(1) == labels))
+            entry[f"vs_{split}"] = distances(features, ref, path.name)
+        entry["recognised"] = recognised
         entry["memorisation"] = memorisation_report(images, train_images, test_images)
         results[name] = entry
         print(f"{name}: KID(train) {1e3 * entry['vs_train']['kid']['mean']:.2f}e-3  FID(train) "

@@ -180,20 +180,44 @@ def evaluate_images(
 ) -> dict[str, Any]:
     """Score uint8 NHWC ``images`` against ``reference``; returns a JSON-ready dict. ``distributed``: every
     rank of the process group calls this alike and extracts a share of the features (see :func:`extract`)."""
+    _check_metrics(metrics)
+    check_images_match(np.shape(images), reference, f"the samples {source}".rstrip())
+    features, probs = extract(images, extractor, batch_size=batch_size, with_probs="is" in metrics,
+                              distributed=distributed)
+    return evaluate_features(features, probs, reference, extractor.name, metrics, kid_subsets=kid_subsets,
+                             kid_subset_size=kid_subset_size, pr_k=pr_k, source=source)
+
+
+def _check_metrics(metrics: Sequence[str]) -> None:
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)} (valid: {', '.join(METRICS)})")
-    check_images_match(np.shape(images), reference, f"the samples {source}".rstrip())
-    need_probs = "is" in metrics
-    features, probs = extract(images, extractor, batch_size=batch_size, with_probs=need_probs,
-                              distributed=distributed)
-    stats = FeatureStats.from_features(features, network=extractor.name, source=source, keep_features=False)
+
+
+def evaluate_features(
+    features: np.ndarray,
+    probs: np.ndarray | None,
+    reference: FeatureStats,
+    network: str,
+    metrics: Sequence[str] = ("fid",),
+    *,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    pr_k: int = 3,
+    source: str = "",
+) -> dict[str, Any]:
+    """:func:`evaluate_images` on features already extracted by the network named ``network`` (and its softmax
+    ``probs`` when ``"is"`` is asked for): one extraction scored against several references."""
+    _check_metrics(metrics)
+    if "is" in metrics and probs is None:
+        raise ValueError("the Inception Score needs the network's softmax: pass probs")
+    stats = FeatureStats.from_features(features, network=network, source=source, keep_features=False)
     check_compatible(stats, reference)
     result: dict[str, Any] = {
-        "num_samples": int(len(images)),
+        "num_samples": int(len(features)),
         "samples": source,
         "reference": {"source": reference.source, "num": reference.num},
-        "feature_network": extractor.name,
+        "feature_network": network,
         "feature_dim": stats.dim,
     }
     if "fid" in metrics:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .classifier import check_images_uint8_nhwc
+from .metrics import squared_distances
 
 
 def nearest_training_neighbours(
@@ -25,8 +26,6 @@ def nearest_training_neighbours(
     train = check_images_uint8_nhwc(train_uint8_nhwc, "training images")
     if images.shape[1:] != train.shape[1:]:
         raise ValueError(f"images {images.shape[1:]} and training images {train.shape[1:]} differ in shape")
-    if len(train) == 0:
-        raise ValueError("no training images to compare with")
     values = int(np.prod(train.shape[1:]))
     # float64 for the squared-norm expansion: float32 loses the small distances of near-copies to cancellation
     reference = train.reshape(len(train), values).astype(np.float64)
@@ -35,10 +34,10 @@ def nearest_training_neighbours(
     indices = np.empty(len(images), dtype=np.int64)
     for start in range(0, len(images), batch_size):
         block = images[start : start + batch_size].reshape(-1, values).astype(np.float64)
-        squared = np.einsum("ij,ij->i", block, block)[:, None] + reference_sq[None, :] - 2.0 * block @ reference.T
+        squared = squared_distances(block, reference, reference_sq)  # clipped at 0, as precision/recall's
         nearest = squared.argmin(axis=1)
         indices[start : start + len(block)] = nearest
-        distances[start : start + len(block)] = np.sqrt(np.maximum(squared[np.arange(len(block)), nearest], 0.0) / values)
+        distances[start : start + len(block)] = np.sqrt(squared[np.arange(len(block)), nearest] / values)
     return distances, indices
 
 

@@ -379,7 +379,7 @@ class PrecisionRecall(NamedTuple):
     recall: float
 
 
-def _squared_distances(a: np.ndarray, b: np.ndarray, b_sq_norms: np.ndarray) -> np.ndarray:
+def squared_distances(a: np.ndarray, b: np.ndarray, b_sq_norms: np.ndarray) -> np.ndarray:
     """Pairwise squared Euclidean distances between the rows of a and b (clipped at 0 for round-off)."""
     a_sq_norms = np.einsum("ij,ij->i", a, a)
     distances = a_sq_norms[:, None] + b_sq_norms[None, :] - 2.0 * (a @ b.T)
@@ -391,7 +391,7 @@ def _kth_neighbour_radii(points: np.ndarray, k: int, batch_size: int) -> np.ndar
     sq_norms = np.einsum("ij,ij->i", points, points)
     radii = np.empty(points.shape[0], dtype=np.float64)
     for start in range(0, points.shape[0], batch_size):
-        block = _squared_distances(points[start : start + batch_size], points, sq_norms)
+        block = squared_distances(points[start : start + batch_size], points, sq_norms)
         # Index k (0-based) skips the point itself, which sits at distance 0 in position 0.
         radii[start : start + batch_size] = np.partition(block, k, axis=1)[:, k]
     return radii
@@ -427,7 +427,7 @@ def precision_recall(
     # One pass over the fake x real distance matrix answers both questions.
     for start in range(0, fake.shape[0], batch_size):
         stop = start + batch_size
-        block = _squared_distances(fake[start:stop], real, real_sq_norms)
+        block = squared_distances(fake[start:stop], real, real_sq_norms)
         fake_in_real_manifold[start:stop] = np.any(block <= real_radii[None, :], axis=1)
         real_in_fake_manifold |= np.any(block <= fake_radii[start:stop, None], axis=0)
     return PrecisionRecall(float(fake_in_real_manifold.mean()), float(real_in_fake_manifold.mean()))
