@@ -73,6 +73,9 @@ def main() -> None:
                    help="score this checkpoint of a run instead of its newest (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="default RUNS/study")
     p.add_argument("--grid-per-class", type=int, default=6)
+    p.add_argument("--max-resolution", type=int, default=None,
+                   help="sample and score only settings up to this size (e.g. 32 while the 32 -> 64 runs still "
+                        "train); a later run without it adds the rest")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = args.out or args.runs / "study"
@@ -128,7 +131,8 @@ def main() -> None:
         cdm("sample", stage["base16"], stage["sr16to32_noaug"], "--num", str(num_gt), "--out", str(path), *common,
             *gt_low)
     settings["gt32_noaug"] = path
-    for low_name in ("aug", "noaug"):
+    upto = args.max_resolution or 10**9
+    for low_name in ("aug", "noaug") if upto >= 64 else ():
         inputs = ["--low-res-samples", str(settings[f"x32_{low_name}"])]
         for top, run in (("blur", "sr32to64"), ("noblur", "sr32to64_noblur")):
             if low_name == "noaug" and top == "noblur":
@@ -138,7 +142,7 @@ def main() -> None:
                                                        [stage["base16"], stage["sr16to32"], stage[run]], *inputs)
 
     grid = out / "grid_stages.png"
-    if not grid.exists():
+    if not grid.exists() and upto >= 64:
         cdm("sample", stage["base16"], stage["sr16to32"], stage["sr32to64"], "--num",
             str(num_classes * args.grid_per_class), "--grid-per-class", str(args.grid_per_class), "--out",
             str(out / "grid_stages.npz"), "--grid", str(grid), *common)

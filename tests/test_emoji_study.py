@@ -57,9 +57,17 @@ def test_emoji_study_runs_every_setting_and_resumes(tiny_runs):
            str(tmp / "data"), "--features", f"classifier:{clf}", "--num", "6", "--steps", "2", "--levels", "0,10",
            "--grid-per-class", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    study = tmp / "runs" / "study"
+    # the 16 -> 32 part alone (while the 32 -> 64 runs train): nothing at 64, and the full run adds the rest
+    partial = subprocess.run(cmd + ["--max-resolution", "32"], env=env, capture_output=True, text=True)
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    assert not list(study.glob("x64_*.npz")) and not (study / "grid_stages.png").exists()
+    partial_results = json.loads((study / "metrics.json").read_text())
+    assert "x32_aug_s10" in partial_results and not any(k.startswith("x64") for k in partial_results)
     first = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
-    study = tmp / "runs" / "study"
+    sampled = [line for line in first.stdout.splitlines() if line.startswith("+ cdm sample")]
+    assert sampled and all("x64_" in line or "grid_stages" in line for line in sampled), sampled
     results = json.loads((study / "metrics.json").read_text())
     expected = {"base16", "x32_aug", "x32_noaug", "x32_aug_s0", "x32_aug_s10", "gt32_aug_s0", "gt32_aug_s10",
                 "gt32_noaug", "x64_aug_blur", "x64_aug_noblur", "x64_noaug_blur"}
