@@ -83,15 +83,24 @@ def main() -> None:
     steps = {k: int(v) for k, v in (item.split("=") for item in args.step)}
     stage = {name: stage_dir(args.runs, name, steps.get(name)) for name in RUNS}
     train_spec, test_spec = f"imagefolder:{args.data / 'train'}", f"imagefolder:{args.data / 'test'}"
-    sampling = (["--sampler", args.sampler] if args.sampler else []) + (["--steps", args.steps] if args.steps else [])
-    common = ["--seed", "1", "--quiet", "--device", "cpu", *sampling]
+    def sampling(num_stages: int) -> list[str]:
+        """--sampler/--steps for a command over the first ``num_stages`` stages: a per-stage list (base first,
+        e.g. 20,10,10) is cut to that many entries, one value applies to every stage."""
+        out = []
+        for flag, value in (("--sampler", args.sampler), ("--steps", args.steps)):
+            if value:
+                out += [flag, ",".join(value.split(",")[:num_stages])]
+        return out
+
+    def common(num_stages: int) -> list[str]:
+        return ["--seed", "1", "--quiet", "--device", "cpu", *sampling(num_stages)]
     timings = {}
 
     def sample(name: str, stages: list[str], *extra: str) -> Path:
         path = out / f"{name}.npz"
         if not path.exists():
             start = time.time()
-            cdm("sample", *stages, "--num", str(args.num), "--out", str(path), *common, *extra)
+            cdm("sample", *stages, "--num", str(args.num), "--out", str(path), *common(len(stages)), *extra)
             timings[name] = time.time() - start
         return path
 
@@ -100,7 +109,7 @@ def main() -> None:
     if not base.exists():
         start = time.time()
         cdm("sample", stage["base16"], "--num", str(args.num), "--out", str(base), "--class-proportions",
-            train_spec, "--seed", "0", "--quiet", "--device", "cpu", *sampling)
+            train_spec, "--seed", "0", "--quiet", "--device", "cpu", *sampling(1))
         timings["base16"] = time.time() - start
     with np.load(base) as f:
         base_res, num_classes = int(f["arr_0"].shape[1]), int(f["arr_1"].max()) + 1
@@ -123,12 +132,12 @@ def main() -> None:
         name = f"gt32_aug_s{s}"
         path = out / f"{name}.npz"
         if not path.exists():
-            cdm("sample", stage["base16"], stage["sr16to32"], "--num", str(num_gt), "--out", str(path), *common,
+            cdm("sample", stage["base16"], stage["sr16to32"], "--num", str(num_gt), "--out", str(path), *common(2),
                 *gt_low, "--aug-level", str(s))
         settings[name] = path
     path = out / "gt32_noaug.npz"
     if not path.exists():
-        cdm("sample", stage["base16"], stage["sr16to32_noaug"], "--num", str(num_gt), "--out", str(path), *common,
+        cdm("sample", stage["base16"], stage["sr16to32_noaug"], "--num", str(num_gt), "--out", str(path), *common(2),
             *gt_low)
     settings["gt32_noaug"] = path
     upto = args.max_resolution or 10**9
@@ -145,11 +154,11 @@ def main() -> None:
     if not grid.exists() and upto >= 64:
         cdm("sample", stage["base16"], stage["sr16to32"], stage["sr32to64"], "--num",
             str(num_classes * args.grid_per_class), "--grid-per-class", str(args.grid_per_class), "--out",
-            str(out / "grid_stages.npz"), "--grid", str(grid), *common)
+            str(out / "grid_stages.npz"), "--grid", str(grid), *common(3))
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n") if timings else None
 
     results = score(settings, args, train_spec, test_spec)
-    results["_meta"] = {"num": args.num, "num_ground_truth": num_gt, "sampling": sampling or "stage defaults",
+    results["_meta"] = {"num": args.num, "num_ground_truth": num_gt, "sampling": sampling(3) or "stage defaults",
                         "stages": stage, "features": args.features}
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     table = tables(results)

@@ -54,7 +54,7 @@ def tiny_runs(tmp_path_factory):
 def test_emoji_study_runs_every_setting_and_resumes(tiny_runs):
     tmp, clf = tiny_runs
     cmd = [sys.executable, str(ROOT / "scripts/emoji_study.py"), "--runs", str(tmp / "runs"), "--data",
-           str(tmp / "data"), "--features", f"classifier:{clf}", "--num", "6", "--steps", "2", "--levels", "0,10",
+           str(tmp / "data"), "--features", f"classifier:{clf}", "--num", "6", "--steps", "3,2,2", "--levels", "0,10",
            "--grid-per-class", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     study = tmp / "runs" / "study"
@@ -73,6 +73,7 @@ def test_emoji_study_runs_every_setting_and_resumes(tiny_runs):
                 "gt32_noaug", "x64_aug_blur", "x64_aug_noblur", "x64_noaug_blur"}
     assert expected <= set(results)
     assert {"real16_test", "real32_test", "real64_test"} <= set(results)
+    assert results["_meta"]["sampling"] == ["--steps", "3,2,2"]  # base first; cut to 1 and 2 stages where fewer run
     for name in expected:
         r = results[name]
         with np.load(study / f"{name}.npz") as f:
