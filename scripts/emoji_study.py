@@ -92,25 +92,20 @@ def main() -> None:
                 out += [flag, ",".join(value.split(",")[:num_stages])]
         return out
 
-    def common(num_stages: int) -> list[str]:
-        return ["--seed", "1", "--quiet", "--device", "cpu", *sampling(num_stages)]
     timings = {}
 
-    def sample(name: str, stages: list[str], *extra: str) -> Path:
+    def sample(name: str, stages: list[str], *extra: str, num: int | None = None, seed: int = 1) -> Path:
+        """``RUNS/study/NAME.npz`` from ``cdm sample`` over ``stages``, unless it exists (a rerun resumes)."""
         path = out / f"{name}.npz"
         if not path.exists():
             start = time.time()
-            cdm("sample", *stages, "--num", str(args.num), "--out", str(path), *common(len(stages)), *extra)
+            cdm("sample", *stages, "--num", str(args.num if num is None else num), "--out", str(path), "--seed",
+                str(seed), "--quiet", "--device", "cpu", *sampling(len(stages)), *extra)
             timings[name] = time.time() - start
         return path
 
     # one set of base samples for every cascade setting
-    base = out / "base16.npz"
-    if not base.exists():
-        start = time.time()
-        cdm("sample", stage["base16"], "--num", str(args.num), "--out", str(base), "--class-proportions",
-            train_spec, "--seed", "0", "--quiet", "--device", "cpu", *sampling(1))
-        timings["base16"] = time.time() - start
+    base = sample("base16", [stage["base16"]], "--class-proportions", train_spec, seed=0)
     with np.load(base) as f:
         base_res, num_classes = int(f["arr_0"].shape[1]), int(f["arr_1"].max()) + 1
     real16 = out / f"real{base_res}_test.npz"
@@ -129,19 +124,11 @@ def main() -> None:
     num_gt = min(args.num, held_out)
     gt_low = ["--low-res-samples", str(real16)]
     for s in (int(v) for v in args.levels.split(",")):
-        name = f"gt32_aug_s{s}"
-        path = out / f"{name}.npz"
-        if not path.exists():
-            cdm("sample", stage["base16"], stage["sr16to32"], "--num", str(num_gt), "--out", str(path), *common(2),
-                *gt_low, "--aug-level", str(s))
-        settings[name] = path
-    path = out / "gt32_noaug.npz"
-    if not path.exists():
-        cdm("sample", stage["base16"], stage["sr16to32_noaug"], "--num", str(num_gt), "--out", str(path), *common(2),
-            *gt_low)
-    settings["gt32_noaug"] = path
-    upto = args.max_resolution or 10**9
-    for low_name in ("aug", "noaug") if upto >= 64 else ():
+        settings[f"gt32_aug_s{s}"] = sample(f"gt32_aug_s{s}", [stage["base16"], stage["sr16to32"]], *gt_low,
+                                            "--aug-level", str(s), num=num_gt)
+    settings["gt32_noaug"] = sample("gt32_noaug", [stage["base16"], stage["sr16to32_noaug"]], *gt_low, num=num_gt)
+    with_64 = args.max_resolution is None or args.max_resolution >= 64
+    for low_name in ("aug", "noaug") if with_64 else ():
         inputs = ["--low-res-samples", str(settings[f"x32_{low_name}"])]
         for top, run in (("blur", "sr32to64"), ("noblur", "sr32to64_noblur")):
             if low_name == "noaug" and top == "noblur":
@@ -150,11 +137,10 @@ def main() -> None:
             settings[f"x64_{low_name}_{top}"] = sample(f"x64_{low_name}_{top}",
                                                        [stage["base16"], stage["sr16to32"], stage[run]], *inputs)
 
-    grid = out / "grid_stages.png"
-    if not grid.exists() and upto >= 64:
-        cdm("sample", stage["base16"], stage["sr16to32"], stage["sr32to64"], "--num",
-            str(num_classes * args.grid_per_class), "--grid-per-class", str(args.grid_per_class), "--out",
-            str(out / "grid_stages.npz"), "--grid", str(grid), *common(3))
+    if with_64:
+        sample("grid_stages", [stage["base16"], stage["sr16to32"], stage["sr32to64"]], "--grid-per-class",
+               str(args.grid_per_class), "--grid", str(out / "grid_stages.png"),
+               num=num_classes * args.grid_per_class)
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n") if timings else None
 
     results = score(settings, args, train_spec, test_spec)

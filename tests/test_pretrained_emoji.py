@@ -14,6 +14,7 @@ from cascaded_diffusion.evaluation.features import get_feature_extractor
 # 9 samples for other CPUs' round-off and is still more than five times chance.
 THRESHOLD = 0.6
 
+
 def test_readme_emoji_command_from_another_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["sample", "--pretrained", "emoji", "--num", "36", "--out", "e.npz", "--grid", "e.png", "--quiet"]) == 0
