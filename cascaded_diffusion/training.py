@@ -53,6 +53,7 @@ from .data import load_images
 from .fileio import atomic_write_text, grid_by_class, images_to_tensor, save_grid, tensor_to_images
 from .errors import UserError, check_output_dir
 from .loader import BatchStream, PrefetchLoader
+from .mirror import flip_warning
 from .readers import ImageArray
 from .hardware import bf16_autocast, configure_cuda_backends, resolve_device
 from .stage import Stage, build_augmentation, build_diffusion, build_network
@@ -268,6 +269,11 @@ class Trainer:
         if t.compile:
             self.train_net = torch.compile(self.train_net)
         self.data = self._load_data()
+        # only a base stage decides which way its images face; an SR stage follows its (flipped alike) input
+        if cfg.data.flip and cfg.stage.kind == "base" and self.is_main and len(self.data.labels):
+            warning = flip_warning(self.data.images, self.data.labels, self.data.class_names)
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
         self.stream = BatchStream(len(self.data.images), t.batch_size, t.seed, self.rank, self.world_size)
         # reads the stream's next batches ahead in a thread; the stream alone decides what batch k holds
         self.loader = PrefetchLoader(self.data.images, self.data.labels, self.stream, depth=cfg.data.prefetch,
