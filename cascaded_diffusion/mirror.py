@@ -25,12 +25,13 @@ ONE_WAY_THRESHOLD = 0.9
 _SIDE = 16  # images are compared at most this big: the left/right pattern is coarse, and it keeps the check cheap
 
 
-def _small_gray(images: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """uint8 N×H×W×C → float N×h×w, grayscale, box-downsampled to at most ``_SIDE`` pixels a side (in chunks,
-    so a memory-mapped 256-pixel data set is never held as floats at full size)."""
+def _small_gray(images: np.ndarray, rows: np.ndarray | None = None, chunk: int = 256) -> np.ndarray:
+    """uint8 N×H×W×C (the given ``rows`` of it) → float n×h×w, grayscale, box-downsampled to at most ``_SIDE``
+    pixels a side; read in chunks, so a memory-mapped 256-pixel data set is never held whole or as floats."""
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     out = []
-    for lo in range(0, len(images), chunk):
-        x = np.asarray(images[lo : lo + chunk], dtype=np.float32).mean(axis=-1)
+    for lo in range(0, len(rows), chunk):
+        x = np.asarray(images[rows[lo : lo + chunk]], dtype=np.float32).mean(axis=-1)
         n, h, w = x.shape
         fh, fw = max(1, h // _SIDE), max(1, w // _SIDE)
         if fh > 1 or fw > 1:
@@ -48,17 +49,20 @@ class MirrorPatterns:
     patterns: dict[int, np.ndarray]
 
     @classmethod
-    def fit(cls, images: np.ndarray, labels: np.ndarray) -> "MirrorPatterns":
-        x, labels = _small_gray(images), np.asarray(labels)
+    def fit(cls, images: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None) -> "MirrorPatterns":
+        """``rows``: fit on these rows of ``images``/``labels`` only (default all)."""
+        labels = np.asarray(labels) if rows is None else np.asarray(labels)[rows]
+        x = _small_gray(images, rows)
         patterns = {}
         for c in np.unique(labels):
             mean = x[labels == c].mean(axis=0)
             patterns[int(c)] = mean - mean[:, ::-1]
         return cls(patterns)
 
-    def one_way(self, images: np.ndarray, labels: np.ndarray) -> dict[int, float]:
-        """Per class, the fraction of ``images`` that face the way of the class's pattern."""
-        x, labels = _small_gray(images), np.asarray(labels)
+    def one_way(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None) -> dict[int, float]:
+        """Per class, the fraction of ``images`` (of its ``rows``) that face the way of the class's pattern."""
+        labels = np.asarray(labels) if rows is None else np.asarray(labels)[rows]
+        x = _small_gray(images, rows)
         fractions = {}
         for c, pattern in self.patterns.items():
             rows = x[labels == c]
@@ -95,8 +99,7 @@ def one_way_fractions(images: np.ndarray, labels: np.ndarray, *, max_images: int
     if not fit_rows:
         return {}
     fit_rows, test_rows = np.sort(np.concatenate(fit_rows)), np.sort(np.concatenate(test_rows))
-    patterns = MirrorPatterns.fit(images[fit_rows], labels[fit_rows])
-    return patterns.one_way(images[test_rows], labels[test_rows])
+    return MirrorPatterns.fit(images, labels, fit_rows).one_way(images, labels, test_rows)
 
 
 def flip_warning(images: np.ndarray, labels: np.ndarray, class_names: list[str] | None = None,
