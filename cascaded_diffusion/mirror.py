@@ -59,16 +59,21 @@ class MirrorPatterns:
             patterns[int(c)] = mean - mean[:, ::-1]
         return cls(patterns)
 
-    def one_way(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None) -> dict[int, float]:
-        """Per class, the fraction of ``images`` (of its ``rows``) that face the way of the class's pattern."""
+    def faces_its_way(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Per image (of ``rows``), whether it faces its class's way (classes without a pattern: False)."""
         labels = np.asarray(labels) if rows is None else np.asarray(labels)[rows]
         x = _small_gray(images, rows)
-        fractions = {}
+        facing = np.zeros(len(labels), bool)
         for c, pattern in self.patterns.items():
-            rows = x[labels == c]
-            if len(rows):
-                fractions[c] = float(((rows * pattern).sum(axis=(1, 2)) > 0).mean())
-        return fractions
+            mine = labels == c
+            facing[mine] = (x[mine] * pattern).sum(axis=(1, 2)) > 0
+        return facing
+
+    def one_way(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None) -> dict[int, float]:
+        """Per class, the fraction of ``images`` (of its ``rows``) that face the way of the class's pattern."""
+        facing = self.faces_its_way(images, labels, rows)
+        labels = np.asarray(labels) if rows is None else np.asarray(labels)[rows]
+        return {c: float(facing[labels == c].mean()) for c in self.patterns if (labels == c).any()}
 
 
 def one_way_fractions(images: np.ndarray, labels: np.ndarray, *, max_images: int = 5000,

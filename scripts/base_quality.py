@@ -82,6 +82,9 @@ def main() -> None:
     p.add_argument("--features", default="classifier")
     p.add_argument("--size", type=int, default=32, help="the feature network's input side")
     p.add_argument("--num", type=int, default=10000, help="samples scored per file")
+    p.add_argument("--turn-round", action="store_true",
+                   help="also score every file with its one-way classes' samples that face the wrong way mirrored "
+                        "back: what the mirrored ones cost (a diagnosis, not a way to sample)")
     p.add_argument("--out", default="", help="write the results as JSON here")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -117,9 +120,18 @@ def main() -> None:
         facing = patterns.one_way(images, labels)
         rows.append({"name": name, "num": len(images), "fid": fid_from_stats(stats, ref), "kid": k_mean, "kid_std": k_std,
                      "facing_the_data_way": {str(c): facing[c] for c in real_one_way if c in facing}})
+        if args.turn_round:
+            wrong = np.flatnonzero(np.isin(labels, list(real_one_way)) & ~patterns.faces_its_way(images, labels))
+            turned = images.copy()
+            turned[wrong] = turned[wrong][:, :, ::-1]
+            rows[-1]["fid_turned_round"] = fid_from_stats(
+                FeatureStats.from_features(features(turned), network=extractor.name), ref)
+            rows[-1]["turned_round"] = len(wrong)
         way = " ".join(f"{c}:{100 * facing[c]:.0f}%" for c in real_one_way if c in facing)
+        turned = (f"  turned round ({rows[-1]['turned_round']}): FID {rows[-1]['fid_turned_round']:.3f}"
+                  if args.turn_round else "")
         print(f"{name:>28}  N={len(images)}  FID {rows[-1]['fid']:.3f}  KID {k_mean:.4f} ± {k_std:.4f}  "
-              f"facing the data's way (one-way classes) {way}", flush=True)
+              f"facing the data's way (one-way classes) {way}{turned}", flush=True)
     result = {
         "what": f"base samples at {res}px, bilinear to {args.size}px, vs the {args.data} training images resized alike",
         "feature_network": extractor.name,
