@@ -118,7 +118,7 @@ def flip_warning(images: np.ndarray, labels: np.ndarray, class_names: list[str] 
     def name(c: int) -> str:
         return f"{c} ({class_names[c]})" if class_names and c < len(class_names) else str(c)
 
-    checked = f"{len(fractions)} classes checked" if len(fractions) < len(np.unique(labels)) else f"{len(fractions)} classes"
+    checked = f"{len(fractions)} classes" + (" checked" if len(fractions) < len(np.unique(labels)) else "")
     listed = ", ".join(f"class {name(c)} {100 * f:.0f} %" for f, c in reversed(one_way[-5:]))
     more = f" and {len(one_way) - 5} more" if len(one_way) > 5 else ""
     return (

@@ -78,7 +78,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("samples", nargs="+", help="sample .npz files of the base (uint8 N×h×w×C)")
     p.add_argument("--names", default="", help="comma-separated row names (default: the file names)")
-    p.add_argument("--data", default="fashion-mnist", help="the base's training data spec (its :test split is the floor)")
+    p.add_argument("--data", default="fashion-mnist",
+                   help="the base's training data spec (its :test split is the floor)")
     p.add_argument("--features", default="classifier")
     p.add_argument("--size", type=int, default=32, help="the feature network's input side")
     p.add_argument("--num", type=int, default=10000, help="samples scored per file")
@@ -109,17 +110,17 @@ def main() -> None:
     patterns = MirrorPatterns.fit(train, train_labels)
     rows = []
     test_split = load_images(f"{args.data}:test", res, channels=channels)
-    for name, (images, labels) in [("real test split (floor)", balanced(test_split.images, test_split.labels, args.num))] + [
-        (n, balanced(*load_samples(s), args.num)) for n, s in zip(names, args.samples)
-    ]:
+    sets = [("real test split (floor)", balanced(test_split.images, test_split.labels, args.num))]
+    sets += [(n, balanced(*load_samples(s), args.num)) for n, s in zip(names, args.samples)]
+    for name, (images, labels) in sets:
         if images.shape[1:] != (res, res, channels):
             raise SystemExit(f"{name}: images of shape {images.shape[1:]}, expected {(res, res, channels)}")
         f = features(images)
         stats = FeatureStats.from_features(f, network=extractor.name, source=name)
         k_mean, k_std = kid(f, ref_features, seed=0)
         facing = patterns.one_way(images, labels)
-        rows.append({"name": name, "num": len(images), "fid": fid_from_stats(stats, ref), "kid": k_mean, "kid_std": k_std,
-                     "facing_the_data_way": {str(c): facing[c] for c in real_one_way if c in facing}})
+        rows.append({"name": name, "num": len(images), "fid": fid_from_stats(stats, ref), "kid": k_mean,
+                     "kid_std": k_std, "facing_the_data_way": {str(c): facing[c] for c in real_one_way if c in facing}})
         if args.turn_round:
             wrong = np.flatnonzero(np.isin(labels, list(real_one_way)) & ~patterns.faces_its_way(images, labels))
             turned = images.copy()
