@@ -38,40 +38,31 @@ from cascaded_diffusion.evaluation import (
     kid,
 )
 from cascaded_diffusion.evaluation.evaluate import load_samples
+from cascaded_diffusion.fileio import images_to_tensor, tensor_to_images
 from cascaded_diffusion.mirror import ONE_WAY_THRESHOLD, MirrorPatterns, one_way_fractions
 
 
 def to_feature_size(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 N×h×w×C → uint8 N×size×size×C through the SR stages' bilinear upsampling."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    out = []
-    for chunk in x.split(1000):
-        y = upsample(chunk, size, "bilinear")
-        out.append(((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
-    return torch.cat(out).permute(0, 2, 3, 1).numpy()
-
-
-def balanced_indices(labels: np.ndarray | None, total: int, num: int) -> np.ndarray:
-    """Rows of ``num`` images, every class equally often: sample files are written class by class, so their
-    first ``num`` rows would hold only the first classes."""
-    if num >= total:
-        return np.arange(total)
-    if labels is None:
-        raise SystemExit("a sample file without labels (arr_1) cannot be cut to a class-balanced --num")
-    classes = np.unique(labels)
-    if num % len(classes):
-        raise SystemExit(f"--num {num} is not a multiple of the {len(classes)} classes")
-    keep = np.concatenate([np.flatnonzero(labels == c)[: num // len(classes)] for c in classes])
-    if len(keep) < num:
-        raise SystemExit(f"too few samples of some class for a class-balanced --num {num}")
-    return np.sort(keep)
+    return np.concatenate([tensor_to_images(upsample(images_to_tensor(images[lo : lo + 1000]), size, "bilinear"))
+                           for lo in range(0, len(images), 1000)])
 
 
 def balanced(images: np.ndarray, labels: np.ndarray | None, num: int) -> tuple[np.ndarray, np.ndarray]:
+    """``num`` images and their labels, every class equally often: sample files are written class by class, so
+    their first ``num`` rows would hold only the first classes."""
     if labels is None:
         raise SystemExit("sample files need labels (arr_1): the mirror check is per class")
-    keep = balanced_indices(labels, len(images), num)
-    return np.asarray(images)[keep], np.asarray(labels)[keep]
+    images, labels = np.asarray(images), np.asarray(labels)
+    if num >= len(images):
+        return images, labels
+    classes = np.unique(labels)
+    if num % len(classes):
+        raise SystemExit(f"--num {num} is not a multiple of the {len(classes)} classes")
+    keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[: num // len(classes)] for c in classes]))
+    if len(keep) < num:
+        raise SystemExit(f"too few samples of some class for a class-balanced --num {num}")
+    return images[keep], labels[keep]
 
 
 def main() -> None:
@@ -93,8 +84,8 @@ def main() -> None:
     if len(names) != len(args.samples):
         p.error(f"--names has {len(names)} entries for {len(args.samples)} sample files")
 
-    first, _ = load_samples(args.samples[0])
-    res, channels = first.shape[1], first.shape[-1]
+    samples = [load_samples(s) for s in args.samples]
+    res, channels = samples[0][0].shape[1], samples[0][0].shape[-1]
     extractor = get_feature_extractor(args.features)
 
     def features(images: np.ndarray) -> np.ndarray:
@@ -111,7 +102,7 @@ def main() -> None:
     rows = []
     test_split = load_images(f"{args.data}:test", res, channels=channels)
     sets = [("real test split (floor)", balanced(test_split.images, test_split.labels, args.num))]
-    sets += [(n, balanced(*load_samples(s), args.num)) for n, s in zip(names, args.samples)]
+    sets += [(n, balanced(*s, args.num)) for n, s in zip(names, samples)]
     for name, (images, labels) in sets:
         if images.shape[1:] != (res, res, channels):
             raise SystemExit(f"{name}: images of shape {images.shape[1:]}, expected {(res, res, channels)}")
