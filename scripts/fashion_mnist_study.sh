@@ -11,7 +11,8 @@
 # is 0.356 and one SR step 0.254 of a single-model step; STEPS_SINGLE=0 leaves the single model out),
 # NUM (samples per setting, paper protocol 10000), SWEEP_NUM, LEVELS, SAMPLER / SAMPLE_STEPS (per stage,
 # base,SR), S (sampling level; default: the non-truncated sweep's optimum), DEVICE (cpu|cuda),
-# FEATURES (default: the classifier shipped with the package).
+# FEATURES (default: the classifier shipped with the package), CAS_SEEDS (classifier seeds for CAS, default 0;
+# e.g. 0,1,2 for a mean ± std: seed 0 writes NAME.cas.json, seed K NAME.cas_seedK.json).
 # After training, two lanes run side by side (one CPU core each): the sweeps, and the settings that do not
 # depend on s (base samples, the cascade without augmentation, the single model); then the s-dependent ones.
 set -euo pipefail
@@ -29,6 +30,7 @@ SAMPLE_STEPS=${SAMPLE_STEPS:-20,10}
 S=${S:-}
 DEVICE=${DEVICE:-auto}
 FEATURES=${FEATURES:-classifier}
+CAS_SEEDS=${CAS_SEEDS:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$RUNS"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$RUNS/study.log"; }
@@ -99,6 +101,12 @@ score() {
       --metrics fid,kid,is,pr --out "$RUNS/$name.metrics.json" --device "$DEVICE"; }
   [ -f "$RUNS/$name.cas.json" ] || { log "cas $name"; cdm cas "$RUNS/$name.npz" --test fashion-mnist:test $real \
       --out "$RUNS/$name.cas.json" --device "$DEVICE"; }
+  local seed
+  for seed in ${CAS_SEEDS//,/ }; do  # the classifier's own spread: the same samples, other training seeds
+    [ "$seed" = 0 ] || [ -f "$RUNS/$name.cas_seed$seed.json" ] || { log "cas $name, seed $seed"
+      cdm cas "$RUNS/$name.npz" --test fashion-mnist:test --seed "$seed" --out "$RUNS/$name.cas_seed$seed.json" \
+          --device "$DEVICE"; }
+  done
 }
 # the real-data CAS baseline (same N, same recipe) is trained once, with the first setting
 { score cascade_noise "--real fashion-mnist"; score cascade_noise_s0 ""; } &

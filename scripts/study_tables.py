@@ -3,7 +3,8 @@
     python scripts/study_tables.py RUNS_DIR
 
 Reads ``sweep_nontruncated.json``, ``sweep_truncated.json`` and, per setting, ``NAME.metrics.json`` and
-``NAME.cas.json`` (as written by scripts/fashion_mnist_study.sh), and ``convergence.jsonl`` (as written by
+``NAME.cas.json`` (and ``NAME.cas_seedK.json``, the same CAS with other classifier seeds; as written by
+scripts/fashion_mnist_study.sh with CAS_SEEDS), and ``convergence.jsonl`` (as written by
 scripts/convergence_study.py), so the tables are generated, never typed.
 """
 
@@ -23,6 +24,19 @@ SETTINGS = [
 
 def load(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def cas_over_seeds(runs: Path, name: str) -> str:
+    """CAS top-1 as mean ± std over the classifier seeds scored (seed 0 is ``NAME.cas.json``); the spread of
+    the classifier's training, which a single CAS number hides. Empty with fewer than two seeds."""
+    first = load(runs / f"{name}.cas.json")
+    others = [load(f) for f in sorted(runs.glob(f"{name}.cas_seed*.json"))]
+    top1 = [100 * c["generated"]["top1"] for c in [first, *others] if c]
+    if len(top1) < 2:
+        return ""
+    mean = sum(top1) / len(top1)
+    std = (sum((t - mean) ** 2 for t in top1) / (len(top1) - 1)) ** 0.5
+    return f"{mean:.1f} ± {std:.1f} ({len(top1)} seeds)"
 
 
 def main(root: str) -> None:
@@ -51,12 +65,14 @@ def main(root: str) -> None:
             cells.append(f"{100 * r['top1']:.1f} / {100 * r['top5']:.1f}" if r else "")
         else:
             cells += ["", ""]
+        cells.append(cas_over_seeds(runs, name))
         rows.append(cells)
     if rows:
         network = load(runs / f"{SETTINGS[0][0]}.metrics.json") or {}
         print(f"Feature network: `{network.get('feature_network', '?')}` (classifier features, not Inception).\n")
-        print("| setting | N | FID | KID | IS | precision | recall | CAS top-1 / top-5 % | real-data CAS (same N) |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| setting | N | FID | KID | IS | precision | recall | CAS top-1 / top-5 % | real-data CAS (same N) "
+              "| CAS top-1 %, classifier seeds |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for cells in rows:
             print("| " + " | ".join(cells) + " |")
         print()

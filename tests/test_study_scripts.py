@@ -104,6 +104,24 @@ def test_convergence_table_marks_the_best_level_per_budget(tmp_path, capsys):
     assert "| 290 | 0.3 | 1.00 | 0.10 | 20.00 ± 0.10 |" in out
 
 
+def test_cas_over_classifier_seeds_is_mean_and_sample_std_of_that_setting_only(tmp_path):
+    study_tables = pytest.importorskip("study_tables")
+
+    def cas(name, top1):
+        (tmp_path / name).write_text(json.dumps({"generated": {"top1": top1, "top5": 0.99}}))
+
+    cas("cascade_noise.cas.json", 0.85)
+    cas("cascade_noise.cas_seed1.json", 0.86)
+    cas("cascade_noise.cas_seed2.json", 0.84)
+    cas("cascade_noise_s0.cas.json", 0.50)  # another setting whose name extends this one's: not counted
+    cas("cascade_noise_s0.cas_seed1.json", 0.50)
+    assert study_tables.cas_over_seeds(tmp_path, "cascade_noise") == "85.0 ± 1.0 (3 seeds)"
+    assert study_tables.cas_over_seeds(tmp_path, "cascade_noise_s0") == "50.0 ± 0.0 (2 seeds)"
+    cas("single32.cas.json", 0.8)
+    assert study_tables.cas_over_seeds(tmp_path, "single32") == ""  # one seed: no spread to report
+    assert study_tables.cas_over_seeds(tmp_path, "cascade_noaug") == ""
+
+
 def test_ship_exports_the_best_setting_with_its_sampling_defaults(tmp_path, monkeypatch):
     """The shipping script picks the lowest-FID cascade, exports both stages as fp16 with the study's s, records
     the sampler the numbers were measured with, keeps the classifier files, and the result loads as a bundle that
