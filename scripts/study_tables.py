@@ -30,7 +30,8 @@ def cas_over_seeds(runs: Path, name: str) -> str:
     """CAS top-1 as mean ± std over the classifier seeds scored (seed 0 is ``NAME.cas.json``); the spread of
     the classifier's training, which a single CAS number hides. Empty with fewer than two seeds."""
     first = load(runs / f"{name}.cas.json")
-    others = [load(f) for f in sorted(runs.glob(f"{name}.cas_seed*.json"))]
+    # a NAME.cas_seed0.json would repeat NAME.cas.json (the study writes seed 0 there): not counted twice
+    others = [load(f) for f in sorted(runs.glob(f"{name}.cas_seed*.json")) if f.name != f"{name}.cas_seed0.json"]
     top1 = [100 * c["generated"]["top1"] for c in [first, *others] if c]
     if len(top1) < 2:
         return ""

@@ -113,6 +113,7 @@ def test_cas_over_classifier_seeds_is_mean_and_sample_std_of_that_setting_only(t
     cas("cascade_noise.cas.json", 0.85)
     cas("cascade_noise.cas_seed1.json", 0.86)
     cas("cascade_noise.cas_seed2.json", 0.84)
+    cas("cascade_noise.cas_seed0.json", 0.85)  # seed 0 again under the other name: counted once
     cas("cascade_noise_s0.cas.json", 0.50)  # another setting whose name extends this one's: not counted
     cas("cascade_noise_s0.cas_seed1.json", 0.50)
     assert study_tables.cas_over_seeds(tmp_path, "cascade_noise") == "85.0 ± 1.0 (3 seeds)"
