@@ -11,6 +11,7 @@ scripts/convergence_study.py), so the tables are generated, never typed.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -35,9 +36,7 @@ def cas_over_seeds(runs: Path, name: str) -> str:
     top1 = [100 * c["generated"]["top1"] for c in [first, *others] if c]
     if len(top1) < 2:
         return ""
-    mean = sum(top1) / len(top1)
-    std = (sum((t - mean) ** 2 for t in top1) / (len(top1) - 1)) ** 0.5
-    return f"{mean:.1f} ± {std:.1f} ({len(top1)} seeds)"
+    return f"{statistics.mean(top1):.1f} ± {statistics.stdev(top1):.1f} ({len(top1)} seeds)"
 
 
 def main(root: str) -> None:
