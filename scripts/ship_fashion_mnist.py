@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from study_tables import cas_top1_over_seeds  # noqa: E402
 # name in the study -> (SR run directory, s used at sampling: None = the sweep's best level)
 CANDIDATES = {
     "cascade_noise": ("sr8to32", None),
@@ -70,7 +73,8 @@ def main() -> None:
     args = p.parse_args()
     best, sr_run, level, metrics = choose(args.runs)
     base_steps, sr_steps = (int(x) for x in args.steps.split(","))
-    cas = load(args.runs / f"{best}.cas.json") or {}
+    cas = load(args.runs / f"{best}.cas.json") or load(args.runs / f"{best}.cas_seed0.json") or {}
+    cas_seeds = cas_top1_over_seeds(args.runs, best)  # one CAS hides the classifier's own spread
     augmented = sr_run == "sr8to32"
     with tempfile.TemporaryDirectory(dir=args.bundle.parent) as tmp:
         staged = Path(tmp) / "bundle"
@@ -81,6 +85,9 @@ def main() -> None:
         for name in KEEP:
             shutil.copy2(args.bundle / name, staged / name)
         cas_text = f", CAS top-1 {100 * cas['generated']['top1']:.1f} %" if cas.get("generated") else ""
+        if len(cas_seeds) > 1:
+            cas_text = (f", CAS top-1 {statistics.mean(cas_seeds):.1f} ± {statistics.stdev(cas_seeds):.1f} % "
+                        f"over {len(cas_seeds)} classifier seeds")
         manifest = {
             "name": "fashion-mnist",
             "description": (
@@ -97,7 +104,7 @@ def main() -> None:
             "study": {"setting": best, "sampler": args.sampler, "steps": [base_steps, sr_steps],
                       "aug_level": level if augmented else 0, "fid": metrics["fid"], "kid": metrics.get("kid"),
                       "num_samples": metrics["num_samples"], "feature_network": metrics.get("feature_network"),
-                      "cas": cas.get("generated")},
+                      "cas": cas.get("generated"), "cas_top1_over_classifier_seeds": cas_seeds},
         }
         (staged / "cascade.json").write_text(json.dumps(manifest, indent=2) + "\n")
         old = Path(tmp) / "old"

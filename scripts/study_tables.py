@@ -27,13 +27,18 @@ def load(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def cas_over_seeds(runs: Path, name: str) -> str:
-    """CAS top-1 as mean ± std over the classifier seeds scored (seed 0 is ``NAME.cas.json``); the spread of
-    the classifier's training, which a single CAS number hides. Empty with fewer than two seeds."""
-    first = load(runs / f"{name}.cas.json")
-    # a NAME.cas_seed0.json would repeat NAME.cas.json (the study writes seed 0 there): not counted twice
+def cas_top1_over_seeds(runs: Path, name: str) -> list[float]:
+    """CAS top-1 (%) of every classifier seed scored on NAME's samples, seed 0 (``NAME.cas.json``) first."""
+    first = load(runs / f"{name}.cas.json") or load(runs / f"{name}.cas_seed0.json")
+    # a NAME.cas_seed0.json beside NAME.cas.json repeats it (the study writes seed 0 there): not counted twice
     others = [load(f) for f in sorted(runs.glob(f"{name}.cas_seed*.json")) if f.name != f"{name}.cas_seed0.json"]
-    top1 = [100 * c["generated"]["top1"] for c in [first, *others] if c]
+    return [100 * c["generated"]["top1"] for c in [first, *others] if c]
+
+
+def cas_over_seeds(runs: Path, name: str) -> str:
+    """CAS top-1 as mean ± std over the classifier seeds scored; the spread of the classifier's training,
+    which a single CAS number hides. Empty with fewer than two seeds."""
+    top1 = cas_top1_over_seeds(runs, name)
     if len(top1) < 2:
         return ""
     return f"{statistics.mean(top1):.1f} ± {statistics.stdev(top1):.1f} ({len(top1)} seeds)"

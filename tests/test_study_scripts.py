@@ -120,6 +120,9 @@ def test_cas_over_classifier_seeds_is_mean_and_sample_std_of_that_setting_only(t
     assert study_tables.cas_over_seeds(tmp_path, "cascade_noise_s0") == "50.0 ± 0.0 (2 seeds)"
     cas("single32.cas.json", 0.8)
     assert study_tables.cas_over_seeds(tmp_path, "single32") == ""  # one seed: no spread to report
+    cas("mix.cas_seed0.json", 0.80)  # every seed under the --seed K naming, none as NAME.cas.json
+    cas("mix.cas_seed1.json", 0.82)
+    assert study_tables.cas_top1_over_seeds(tmp_path, "mix") == pytest.approx([80.0, 82.0])
     assert study_tables.cas_over_seeds(tmp_path, "cascade_noaug") == ""
 
 
@@ -144,6 +147,7 @@ def test_ship_exports_the_best_setting_with_its_sampling_defaults(tmp_path, monk
     for name, fid in (("cascade_noise", 5.0), ("cascade_noise_s0", 7.0), ("cascade_noaug", 6.0)):
         (runs / f"{name}.metrics.json").write_text(json.dumps({"fid": fid, "num_samples": 10000}))
     (runs / "cascade_noise.cas.json").write_text(json.dumps({"generated": {"top1": 0.9, "top5": 0.99}}))
+    (runs / "cascade_noise.cas_seed2.json").write_text(json.dumps({"generated": {"top1": 0.8, "top5": 0.99}}))
     (runs / "sweep_nontruncated.json").write_text(json.dumps({"best_level": 30}))
     bundle = tmp_path / "pretrained" / "fashion-mnist"
     bundle.mkdir(parents=True)
@@ -156,6 +160,9 @@ def test_ship_exports_the_best_setting_with_its_sampling_defaults(tmp_path, monk
     assert manifest["stages"] == ["base8", "sr8to32"] and manifest["sampling"] == {"truncated": False}
     assert manifest["study"]["setting"] == "cascade_noise" and manifest["study"]["aug_level"] == 30
     assert manifest["study"]["sampler"] == "dpmpp" and manifest["study"]["steps"] == [3, 2]  # as measured
+    assert manifest["study"]["cas"]["top1"] == 0.9
+    assert manifest["study"]["cas_top1_over_classifier_seeds"] == pytest.approx([90.0, 80.0])
+    assert "CAS top-1 85.0 ± 7.1 % over 2 classifier seeds" in manifest["description"]
     assert all((bundle / name).read_text() == name for name in ship.KEEP)
     monkeypatch.setattr(pretrained, "PRETRAINED_ROOT", bundle.parent)
     cascade = Cascade.load(pretrained="fashion-mnist")
