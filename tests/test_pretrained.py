@@ -24,12 +24,12 @@ def test_readme_command_from_another_directory(tmp_path, monkeypatch):
     assert (tmp_path / "s.png").stat().st_size > 0
     # too-bright samples were the failure mode of the first (eps-prediction) 32px models
     assert abs(images.mean() - DATA_MEAN_UINT8) < 15, images.mean()
-    # the shipped classifier (92.5% on real test images) recognises the requested class: 86.6 % of 500 samples at
-    # the bundle's default sampler (DPM-Solver++ 20 + 10 steps) and 85 of these 100 when measured; 0.8 leaves 5
+    # the shipped classifier (92.5% on real test images) recognises the requested class: 89.6 % of 500 samples at
+    # the bundle's default sampler (DPM-Solver++ 20 + 10 steps) and 86 of these 100 when measured; 0.82 leaves 4
     # samples for other CPUs' round-off (100 samples, not 40: at 40 one class's draw moves it by 2.5 points)
     probs = get_feature_extractor("classifier").probs(images)
     accuracy = float((probs.argmax(1) == labels).mean())
-    assert accuracy >= 0.8, accuracy
+    assert accuracy >= 0.82, accuracy
 
 
 def test_bundle_is_a_valid_cascade():
