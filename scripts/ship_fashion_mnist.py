@@ -8,7 +8,8 @@ the augmentation level s the study chose, and writes cascade.json with the numbe
 measured with. The sampler and steps `cdm sample --pretrained fashion-mnist` uses by default are each stage's
 own `[sample]` (the configs' ancestral DDPM 50 steps) unless `--default-sampler/--default-steps` say otherwise;
 the shipped bundle was exported with `--default-sampler dpmpp --default-steps 20,10`, the study's sampler, which
-on this bundle beat DDPM 50 + 50 at a third of the cost (FID 1.05 against 1.67, 2000 samples; docs/results.md).
+on the 20000-step bundle beat DDPM 50 + 50 at a third of the cost (FID 1.05 against 1.67, 2000 samples;
+docs/results.md).
 The evaluation classifier files of the bundle are kept. Nothing is changed unless every export succeeds.
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from study_tables import cas_top1_over_seeds  # noqa: E402
+from study_tables import cas_top1_over_seeds, load_cas  # noqa: E402
 # name in the study -> (SR run directory, s used at sampling: None = the sweep's best level)
 CANDIDATES = {
     "cascade_noise": ("sr8to32", None),
@@ -73,7 +74,7 @@ def main() -> None:
     args = p.parse_args()
     best, sr_run, level, metrics = choose(args.runs)
     base_steps, sr_steps = (int(x) for x in args.steps.split(","))
-    cas = load(args.runs / f"{best}.cas.json") or load(args.runs / f"{best}.cas_seed0.json") or {}
+    cas = load_cas(args.runs, best) or {}
     cas_seeds = cas_top1_over_seeds(args.runs, best)  # one CAS hides the classifier's own spread
     augmented = sr_run == "sr8to32"
     with tempfile.TemporaryDirectory(dir=args.bundle.parent) as tmp:

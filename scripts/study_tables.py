@@ -27,9 +27,15 @@ def load(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def load_cas(runs: Path, name: str):
+    """NAME's seed-0 CAS: ``NAME.cas.json`` as the study writes it, else ``NAME.cas_seed0.json`` (the same
+    classifier seed under the ``--seed K`` naming); None if neither exists."""
+    return load(runs / f"{name}.cas.json") or load(runs / f"{name}.cas_seed0.json")
+
+
 def cas_top1_over_seeds(runs: Path, name: str) -> list[float]:
-    """CAS top-1 (%) of every classifier seed scored on NAME's samples, seed 0 (``NAME.cas.json``) first."""
-    first = load(runs / f"{name}.cas.json") or load(runs / f"{name}.cas_seed0.json")
+    """CAS top-1 (%) of every classifier seed scored on NAME's samples, seed 0 first."""
+    first = load_cas(runs, name)
     # a NAME.cas_seed0.json beside NAME.cas.json repeats it (the study writes seed 0 there): not counted twice
     others = [load(f) for f in sorted(runs.glob(f"{name}.cas_seed*.json")) if f.name != f"{name}.cas_seed0.json"]
     return [100 * c["generated"]["top1"] for c in [first, *others] if c]
@@ -48,12 +54,12 @@ def main(root: str) -> None:
     runs = Path(root)
     rows = []
     # the real-data CAS baseline (same N, same recipe) is trained once, alongside one of the settings
-    real_cas = next((c["real"] for c in (load(runs / f"{n}.cas.json") for n, _ in SETTINGS) if c and c.get("real")), None)
+    real_cas = next((c["real"] for c in (load_cas(runs, n) for n, _ in SETTINGS) if c and c.get("real")), None)
     for name, label in SETTINGS:
         m = load(runs / f"{name}.metrics.json")
         if m is None:
             continue
-        cas = load(runs / f"{name}.cas.json")
+        cas = load_cas(runs, name)
         cells = [
             label,
             str(m["num_samples"]),
