@@ -35,7 +35,15 @@ from typing import Any, Iterable
 import torch
 from safetensors.torch import load_file, save
 
-from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir, unlink_quietly, write_bytes_durably
+from .fileio import (
+    TMP_FILE_PATTERN,
+    atomic_write_bytes,
+    atomic_write_text,
+    fsync_dir,
+    open_lock_file,
+    unlink_quietly,
+    write_bytes_durably,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
@@ -157,7 +165,7 @@ def latest_valid_checkpoint(
     return None, skipped
 
 
-_TMP_FILE = re.compile(r"\..+\.tmp-\d+")
+_TMP_FILE = re.compile(TMP_FILE_PATTERN)
 
 
 def clean_run_dir(run_dir: str | Path) -> list[Path]:
@@ -165,7 +173,7 @@ def clean_run_dir(run_dir: str | Path) -> list[Path]:
 
     Only our own leftovers go: ``checkpoints/.tmp-step_*`` directories (a checkpoint being written),
     ``checkpoints/step_*`` directories without ``state.json`` (a checkpoint being pruned or replaced), and the
-    ``.NAME.tmp-PID`` files of :func:`atomic_write_bytes`. Call it only while holding the run's lock."""
+    ``.NAME.tmp-XXXXXXXX`` files of :func:`atomic_write_bytes` (``.NAME.tmp-PID`` before). Call it only while holding the run's lock."""
     run_dir = Path(run_dir)
     removed: list[Path] = []
     root = run_dir / CHECKPOINT_DIR
@@ -221,7 +229,7 @@ class RunLock:
             import fcntl
         except ImportError:  # pragma: no cover - not a POSIX system: no locking
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(self.path)  # never through a symlink, only a regular file
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -233,9 +241,16 @@ class RunLock:
                 "directory would overwrite each other's checkpoints: wait for it to finish or stop it, or train "
                 "into another --out directory."
             ) from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "argv": sys.argv}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        info = (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                             "argv": sys.argv}) + "\n").encode()
+        try:  # written over the old record, then cut to length: a full disk never leaves it empty
+            if os.pwrite(fd, info, 0) != len(info):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.ftruncate(fd, len(info))
+        except OSError as e:
+            os.close(fd)
+            raise OSError(e.errno, f"could not record this trainer in the lock file ({e.strerror or e})",
+                          str(self.path)) from None
         self._fd = fd
         return self
 

@@ -34,7 +34,7 @@ import torch
 
 from . import cascade as _cascade
 from .cascade import Cascade
-from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir as _fsync_dir
+from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir as _fsync_dir, make_temp_file, open_no_follow, unlink_quietly
 from .distributed import distributed_context, distributed_from_env  # noqa: F401 (re-exported)
 from .errors import UserError
 
@@ -118,9 +118,10 @@ def write_npz_streaming(path: str | os.PathLike, arrays: dict[str, tuple[tuple[i
     ``arrays``: name → (shape, dtype, fill) where ``fill(member)`` calls ``member.write(block)`` with
     consecutive blocks of rows. Members are written in the order given."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = None
     try:
-        with open(tmp, "wb") as f:
+        tmp = make_temp_file(path)  # exclusive, unpredictable: never a planted link or file
+        with open_no_follow(tmp) as f:
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
                 for name, (shape, dtype, fill) in arrays.items():
                     member = _NpyMember(archive, f"{name}.npy", shape, dtype)
@@ -131,10 +132,8 @@ def write_npz_streaming(path: str | os.PathLike, arrays: dict[str, tuple[tuple[i
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        if tmp is not None:
+            unlink_quietly(tmp)
         if isinstance(e, OSError):
             raise OSError(e.errno, f"could not write it ({e.strerror or e}); any previous version is untouched",
                           str(path)) from e

@@ -1,0 +1,116 @@
+"""Issue 29, the third reliability round: no file clobbered through a symlink, no foreign data deleted, no output
+over an input, no silent change of meaning, and one-line errors. One test (or more) per item; the rows are in
+docs/reliability.md."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cascaded_diffusion import fileio
+from cascaded_diffusion.checkpoint import RunLock, clean_run_dir
+from cascaded_diffusion.cli import main
+from cascaded_diffusion.config import StageConfig
+from cascaded_diffusion.errors import UserError
+from cascaded_diffusion.sharded_sampling import write_npz_streaming
+
+from test_reliability import tiny_raw, train_args, write_data  # noqa: F401 (the tiny stage of round two)
+
+
+@pytest.fixture
+def tiny(tmp_path) -> tuple[Path, StageConfig]:
+    config = StageConfig.from_dict(tiny_raw(write_data(tmp_path / "data.npz")))
+    path = tmp_path / "tiny.toml"
+    path.write_text(config.to_toml())
+    return path, config
+
+
+# --- 1. temporary files are exclusive and unpredictable ---------------------------------------------------
+
+
+def _plant_links(directory: Path, name: str, victim: Path) -> None:
+    """What an attacker plants in a shared directory: the old predictable temporary names, for a range of pids
+    around ours, as links to a file the victim can write."""
+    for pid in range(max(1, os.getpid() - 20), os.getpid() + 20):
+        (directory / f".{name}.tmp-{pid}").symlink_to(victim)
+
+
+@pytest.mark.parametrize("writer", ["atomic_write_bytes", "write_npz_streaming", "save_grid"])
+def test_atomic_writes_never_follow_a_planted_temporary_link(tmp_path, writer):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    target = shared / "s.npz"
+    _plant_links(shared, target.name, victim)
+    if writer == "atomic_write_bytes":
+        fileio.atomic_write_bytes(target, b"new bytes")
+    elif writer == "write_npz_streaming":
+        write_npz_streaming(target, {"arr_0": ((2,), np.int64, lambda m: m.write(np.arange(2)))})
+    else:
+        target = shared / "g.png"
+        _plant_links(shared, target.name, victim)
+        fileio.save_grid(np.zeros((1, 4, 4, 1), np.uint8), target, nrow=1)
+    assert victim.read_text() == "precious"
+    assert target.is_file() and not target.is_symlink()
+    # the temporary file was unpredictable and is gone; the planted links are left alone
+    left = sorted(p.name for p in shared.iterdir() if p.name != target.name)
+    assert all((shared / n).is_symlink() for n in left)
+
+
+def test_temporary_files_keep_the_usual_permissions_and_the_cleaner_knows_their_names(tmp_path):
+    old = os.umask(0o022)
+    try:
+        fileio.atomic_write_bytes(tmp_path / "f.bin", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644  # not mkstemp's 0600
+    tmp = fileio.make_temp_file(tmp_path / "config.toml")
+    assert tmp.name.startswith(".config.toml.tmp-") and len(tmp.name) == len(".config.toml.tmp-") + 8
+    (tmp_path / ".log.jsonl.tmp-4242").write_text("old style")
+    (tmp_path / "notes.tmp-1").write_text("not ours")
+    assert sorted(p.name for p in clean_run_dir(tmp_path)) == sorted([".log.jsonl.tmp-4242", tmp.name])
+    assert (tmp_path / "notes.tmp-1").exists()
+
+
+# --- 2. the lock file is never followed through a link ---------------------------------------------------
+
+
+def test_a_planted_lock_link_is_refused_and_its_target_untouched(tmp_path, tiny, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(victim)
+    with pytest.raises(UserError, match="symbolic link"):
+        RunLock(run).acquire()
+    cfg, _ = tiny
+    assert main(train_args(cfg, run, "train.steps=2")) == 2
+    err = capsys.readouterr().err
+    assert f"{run / '.lock'} is a symbolic link" in err and err.count("\n") == 1
+    assert victim.read_text() == "precious"
+    (run / ".lock").unlink()
+    os.mkfifo(run / ".lock")
+    with pytest.raises(UserError, match="not a regular file"):
+        RunLock(run).acquire()
+
+
+def test_a_full_disk_while_taking_the_lock_names_the_lock_and_keeps_its_record(tmp_path, monkeypatch):
+    lock = RunLock(tmp_path).acquire()
+    lock.release()
+    before = (tmp_path / ".lock").read_text()
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError) as info:
+        RunLock(tmp_path).acquire()
+    assert info.value.filename == str(tmp_path / ".lock") and "No space left" in str(info.value)
+    assert (tmp_path / ".lock").read_text() == before
