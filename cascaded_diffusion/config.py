@@ -399,7 +399,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> StageCo
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:  # a bare codec error would not say which file
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the config as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return StageConfig.from_dict(apply_overrides(raw, overrides or []), source=str(path))

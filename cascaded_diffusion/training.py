@@ -36,6 +36,7 @@ from . import __version__
 from .augment import downsample
 from .checkpoint import (
     CheckpointError,
+    LOCK_FILE,
     RunLock,
     clean_run_dir,
     latest_checkpoint,
@@ -115,9 +116,11 @@ class Trainer:
         device: str | None = None,
         data: ImageArray | None = None,
         stop_after: int | None = None,
+        config_path: str | Path | None = None,
     ):
         """``stop_after``: return after this many optimizer steps in this invocation (used to simulate an
-        interruption in tests); the run's total length stays ``config.train.steps``."""
+        interruption in tests); the run's total length stays ``config.train.steps``. ``config_path``: the file the
+        config was read from; it may lie in a new run directory (it is then the user's and kept)."""
         d = config.diffusion
         if d.learn_sigma and d.loss == "simple":
             raise ConfigError(
@@ -138,6 +141,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
             configure_cuda_backends(config.train.cudnn_benchmark)
         self._data = data
+        self._config_path = Path(config_path) if config_path is not None else None
 
     # --- setup -----------------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> Path | None:
@@ -149,6 +153,7 @@ class Trainer:
         ckpt: Path | None = None
         if self.is_main:
             try:
+                check_run_dir_is_ours(self.run_dir, self._config_path)  # before anything is created or cleaned
                 check_output_dir(self.run_dir, "--out")
                 self._lock = RunLock(self.run_dir).acquire()
                 removed = clean_run_dir(self.run_dir)
@@ -590,6 +595,48 @@ def _all_finite(model: torch.nn.Module) -> bool:
 
 
 CONFIG_HEADER = "# Written by `cdm train`: the resolved config of this run, rewritten on every start."
+
+
+def is_run_dir(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is recognisably a run of this library: a ``.lock`` holding a trainer's record, a
+    complete (or set-aside) checkpoint, or a ``config.toml`` / ``config.resolved.toml`` we wrote."""
+    try:
+        lock = run_dir / LOCK_FILE
+        if lock.is_file() and not lock.is_symlink():
+            record = json.loads(lock.read_text() or "{}")
+            if isinstance(record, dict) and {"pid", "host"} <= set(record):
+                return True
+        checkpoints = run_dir / "checkpoints"
+        if checkpoints.is_dir() and any(p.name.startswith("corrupt-step_") or (p / "state.json").is_file()
+                                        for p in checkpoints.iterdir()):
+            return True
+        for name in ("config.toml", "config.resolved.toml"):
+            path = run_dir / name
+            if path.is_file():
+                with open(path, "rb") as f:
+                    if f.read(len(CONFIG_HEADER)).decode(errors="replace") == CONFIG_HEADER:
+                        return True
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def check_run_dir_is_ours(run_dir: Path, config_path: Path | None = None) -> None:
+    """Refuse a non-empty directory that is not a run of this library, as ``cdm prepare`` does: cleaning an
+    interrupted run's leftovers (``checkpoints/step_*`` without ``state.json``, ``.NAME.tmp-*``) must never delete
+    another tool's files. A new directory may already hold the user's config file and a ``log.jsonl`` (ours
+    is only ever appended to it)."""
+    if not run_dir.is_dir() or is_run_dir(run_dir):
+        return
+    allowed = {LOCK_FILE, "log.jsonl"}  # a planted .lock is refused by the lock itself, naming the problem
+    if config_path is not None and config_path.parent.resolve() == run_dir.resolve():
+        allowed.add(config_path.name)
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in allowed)
+    if foreign:
+        raise UserError(
+            f"--out {run_dir} is not empty and is not a run directory of `cdm train` (it holds "
+            f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); give a new or empty directory"
+        )
 
 
 def _append_log_event(path: Path, event: str, step: int) -> None:

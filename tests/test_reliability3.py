@@ -114,3 +114,34 @@ def test_a_full_disk_while_taking_the_lock_names_the_lock_and_keeps_its_record(t
         RunLock(tmp_path).acquire()
     assert info.value.filename == str(tmp_path / ".lock") and "No space left" in str(info.value)
     assert (tmp_path / ".lock").read_text() == before
+
+
+# --- 3. cdm train never deletes things in a directory that is not its run ---------------------------------
+
+
+def test_train_refuses_a_foreign_directory_and_deletes_nothing_in_it(tmp_path, tiny, capsys):
+    cfg, _ = tiny
+    foreign = tmp_path / "other-tool"
+    (foreign / "checkpoints" / "step_1000").mkdir(parents=True)
+    (foreign / "checkpoints" / "step_1000" / "weights.bin").write_bytes(b"their weights")
+    (foreign / ".cache.tmp-5").write_text("theirs")
+    before = sorted(str(p.relative_to(foreign)) for p in foreign.rglob("*"))
+    assert main(train_args(cfg, foreign, "train.steps=2")) == 2
+    err = capsys.readouterr().err
+    assert f"--out {foreign} is not empty and is not a run directory of `cdm train`" in err and err.count("\n") == 1
+    assert sorted(str(p.relative_to(foreign)) for p in foreign.rglob("*")) == before  # not even a .lock
+    # our own run keeps being cleaned: its leftovers are recognised once the directory is ours
+    run = tmp_path / "run"
+    assert main(train_args(cfg, run, "train.steps=2")) == 0
+    (run / "checkpoints" / "step_00000009").mkdir()
+    assert main(train_args(cfg, run, "train.steps=3")) == 0
+    assert not (run / "checkpoints" / "step_00000009").exists()
+    capsys.readouterr()
+
+
+def test_a_non_utf8_config_names_its_file(tmp_path, capsys):
+    cfg = tmp_path / "latin1.toml"
+    cfg.write_bytes("# café\n[stage]\n".encode("latin-1"))
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}: not UTF-8 text" in err and err.count("\n") == 1

@@ -22,7 +22,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.steps={args.steps}")
     config = load_config(args.config, overrides)
     start = time.time()
-    summary = train_stage(config, args.out, device=args.device)
+    summary = train_stage(config, args.out, device=args.device, config_path=args.config)
     minutes = (time.time() - start) / 60
     print(
         f"trained {config.stage.name} to step {summary.step} in {minutes:.1f} min; "
