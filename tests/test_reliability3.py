@@ -145,3 +145,58 @@ def test_a_non_utf8_config_names_its_file(tmp_path, capsys):
     assert main(["train", str(cfg), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert f"{cfg}: not UTF-8 text" in err and err.count("\n") == 1
+
+
+# --- 4. no output over an input or over another output ----------------------------------------------------
+
+
+def _samples(path: Path, n: int = 4, size: int = 8) -> Path:
+    rng = np.random.default_rng(0)
+    np.savez(path, arr_0=rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8), arr_1=np.arange(n) % 3)
+    return path
+
+
+def test_outputs_over_inputs_or_each_other_are_refused_before_compute(tmp_path, capsys, monkeypatch):
+    import cascaded_diffusion.cli.evaluate as evaluate_cli
+    import cascaded_diffusion.cli.sample as sample_cli
+
+    def no_compute(*a, **k):
+        raise AssertionError("compute started")
+
+    for name in ("get_feature_extractor", "load_samples", "load_images"):
+        monkeypatch.setattr(evaluate_cli, name, no_compute)
+    monkeypatch.setattr(sample_cli.Cascade, "load", no_compute)
+    s = _samples(tmp_path / "s.npz")
+    link = tmp_path / "link.npz"
+    link.symlink_to(s)
+    original = s.read_bytes()
+    cases = [
+        (["sample", "--pretrained", "fashion-mnist", "--out", str(tmp_path / "same.png"), "--grid",
+          str(tmp_path / "same.png")], "--grid"),
+        (["sample", "--pretrained", "fashion-mnist", "--out", str(s), "--low-res-samples", str(s)], "--out"),
+        (["stats", f"npz:{s}", "--out", str(s)], "--out"),
+        (["eval", str(s), "--ref", "fashion-mnist", "--out", str(link)], "--out"),
+        (["cas", str(s), "--test", f"npz:{tmp_path / 't.npz'}", "--out", str(s)], "--out"),
+        # the JSON half of the classifier pair would replace the training data
+        (["classifier", "train", "--data", f"npz:{tmp_path / 'c.json'}", "--out", str(tmp_path / "c.safetensors")],
+         "--out (its JSON)"),
+    ]
+    (tmp_path / "t.npz").write_bytes(original)
+    (tmp_path / "c.json").write_bytes(original)
+    for args, option in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert f"error: {option} " in err and "is the same file as" in err and err.count("\n") == 1, (args, err)
+    assert s.read_bytes() == original and not (tmp_path / "same.png").exists()
+
+
+def test_save_stages_files_over_the_out_file_are_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    import cascaded_diffusion.cli.sample as sample_cli
+
+    monkeypatch.setattr(sample_cli, "sample_sharded", lambda *a, **k: pytest.fail("sampling started"))
+    out = tmp_path / "st" / "stage2_32px.npz"  # the fashion-mnist cascade's final stage file
+    args = ["sample", "--pretrained", "fashion-mnist", "--num", "2", "--device", "cpu", "--out", str(out),
+            "--save-stages", str(tmp_path / "st")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--save-stages (stage2_32px.npz) {out} is the same file as --out {out}" in err

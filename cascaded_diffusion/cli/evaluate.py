@@ -12,8 +12,9 @@ import numpy as np
 from ..cascade import Cascade
 from ..data import load_images
 from ..distributed import distributed_from_env
-from ..errors import check_output_file
+from ..errors import check_distinct_paths, check_output_file
 from ..evaluation.cas import classification_accuracy_score
+from ..evaluation.classifier.files import classifier_paths
 from ..evaluation.classifier import ClassifierConfig, evaluate_classifier, save_classifier, train_classifier
 from ..evaluation.evaluate import evaluate_images, load_samples, reference_stats
 from ..evaluation.features import get_feature_extractor
@@ -32,6 +33,7 @@ def _write_json(path: str | Path, payload: dict) -> None:
 def cmd_stats(args: argparse.Namespace) -> int:
 
     out = check_output_file(args.out, "--out")
+    check_distinct_paths({"--out": out}, {"REF": args.ref, "--features": args.features})
     with distributed_from_env(args.device) as (rank, world_size, local_rank):  # split over torchrun's processes
         extractor = get_feature_extractor(args.features, resolve_device(args.device, local_rank))
         start = time.time()
@@ -47,6 +49,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, "--out")
+    check_distinct_paths({"--out": args.out}, {"SAMPLES": args.samples, "--ref": args.ref, "--features": args.features})
     images, _ = load_samples(args.samples, args.num)
     with distributed_from_env(args.device) as (rank, world_size, local_rank):  # split over torchrun's processes
         extractor = get_feature_extractor(args.features, resolve_device(args.device, local_rank))
@@ -67,6 +70,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_classifier_train(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, "--out")
+    weights, description = classifier_paths(args.out)  # the pair save_classifier writes
+    check_distinct_paths({"--out": weights, "--out (its JSON)": description},
+                         {"--data": args.data, "--test": args.test})
     train = load_images(args.data, args.resolution, channels=args.channels)
     test_spec = args.test or (args.data.split(":")[0] + ":test" if args.data.startswith("fashion-mnist") else None)
     test = load_images(test_spec, args.resolution, channels=train.images.shape[-1]) if test_spec else None
@@ -103,6 +109,7 @@ def cmd_cas(args: argparse.Namespace) -> int:
 
     if args.out:
         check_output_file(args.out, "--out")
+    check_distinct_paths({"--out": args.out}, {"SAMPLES": args.samples, "--test": args.test, "--real": args.real})
     images, labels = load_samples(args.samples, args.num)
     if labels is None:
         raise ValueError(f"{args.samples} has no arr_1 labels: CAS needs the class each sample was generated for")
@@ -136,6 +143,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out")
     if args.plot:
         check_image_path(args.plot, "--plot")
+    check_distinct_paths({"--out": args.out, "--plot": args.plot},
+                         {"--ref": args.ref, "--ground-truth": args.ground_truth,
+                          "--class-proportions": args.class_proportions, "--features": args.features})
     with distributed_from_env(args.device) as (rank, world_size, local_rank):  # split over torchrun's processes
         device = resolve_device(args.device, local_rank)
         cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
