@@ -282,6 +282,20 @@ class StageConfig:
             "conditioning": {"use_aug_level": self.uses_aug_level},
         }
 
+    def parameterization(self) -> dict[str, Any]:
+        """The keys that fix what the weights *mean* without changing their shapes: a network trained to predict
+        eps under one noise schedule reads as garbage as v, or under another schedule or number of steps; an SR
+        network's conditioning input means what its upsampling and augmentation made it mean."""
+        d, c = self.diffusion, self.conditioning
+        meaning: dict[str, Any] = {"diffusion": {"prediction": d.prediction, "schedule": d.schedule,
+                                                 "timesteps": d.timesteps, "learn_sigma": d.learn_sigma}}
+        if self.is_sr:
+            cond: dict[str, Any] = {"upsample": c.upsample, "augmentation": c.augmentation}
+            if c.augmentation == "noise":  # the level s the network is told is a step of this schedule
+                cond.update(noise_schedule=c.noise_schedule, noise_timesteps=c.noise_timesteps)
+            meaning["conditioning"] = cond
+        return meaning
+
 
 def _validate_counts(config: StageConfig, fail) -> None:
     """Sizes, counts and numbers that would otherwise fail late (after training) or silently do nothing."""

@@ -206,6 +206,12 @@ class Trainer:
                 f"{self.run_dir} already holds a run with a different network ({'; '.join(diffs)}). "
                 "Use a new --out directory, or the original config to resume."
             )
+        if stored.parameterization() != self.config.parameterization():
+            diffs = _dict_diff(stored.parameterization(), self.config.parameterization())
+            raise ConfigError(
+                f"{self.run_dir} was trained with another parameterization ({'; '.join(diffs)}): its weights would "
+                "be read as the other one. Use a new --out directory, or the original settings to resume."
+            )
         return ckpt
 
     def _load_data(self) -> ImageArray:

@@ -200,3 +200,23 @@ def test_save_stages_files_over_the_out_file_are_refused_before_sampling(tmp_pat
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"--save-stages (stage2_32px.npz) {out} is the same file as --out {out}" in err
+
+
+# --- 6. a resume that changes what the weights mean is refused ------------------------------------------------
+
+
+@pytest.mark.parametrize("setting, key", [("diffusion.prediction=v", "diffusion.prediction"),
+                                          ("diffusion.schedule=linear", "diffusion.schedule"),
+                                          ("diffusion.timesteps=30", "diffusion.timesteps")])
+def test_resume_that_changes_the_parameterization_is_refused(tmp_path, tiny, capsys, setting, key):
+    cfg, _ = tiny
+    run = tmp_path / "run"
+    assert main(train_args(cfg, run, "train.steps=3")) == 0
+    state = (run / "checkpoints" / "step_00000003" / "state.json").read_bytes()
+    capsys.readouterr()
+    assert main(train_args(cfg, run, "train.steps=6", setting)) == 2
+    err = capsys.readouterr().err
+    assert "another parameterization" in err and f"{key}: run has" in err and err.count("\n") == 1
+    assert (run / "checkpoints" / "step_00000003" / "state.json").read_bytes() == state  # not relabelled
+    # what does not change the weights' meaning still resumes
+    assert main(train_args(cfg, run, "train.steps=6", "train.lr=5e-5")) == 0
