@@ -55,7 +55,7 @@ from .fileio import atomic_write_text, grid_by_class, images_to_tensor, save_gri
 from .errors import UserError, check_output_dir
 from .loader import BatchStream, PrefetchLoader
 from .mirror import flip_warning
-from .readers import ImageArray
+from .readers import ImageArray, ResolutionMismatch
 from .hardware import bf16_autocast, configure_cuda_backends, resolve_device
 from .stage import Stage, build_augmentation, build_diffusion, build_network
 
@@ -221,15 +221,20 @@ class Trainer:
             d, s = self.config.data, self.config.stage
 
             def load() -> ImageArray:
-                return load_images(
-                    d.source,
-                    s.resolution,
-                    channels=s.channels,
-                    root=d.root or None,
-                    cache_dir=d.cache_dir or None,
-                    on_corrupt=d.on_corrupt,
-                    progress=self.is_main,
-                )
+                try:
+                    return load_images(
+                        d.source,
+                        s.resolution,
+                        channels=s.channels,
+                        root=d.root or None,
+                        cache_dir=d.cache_dir or None,
+                        on_corrupt=d.on_corrupt,
+                        progress=self.is_main,
+                        resize="down",  # upsampled npz images would pass for real training targets
+                    )
+                except ResolutionMismatch as e:
+                    raise ConfigError(f"data.source: {e}; this {s.resolution}px stage needs data at "
+                                      f"{s.resolution} px or more") from None
 
             # rank 0 builds a folder's resize cache once; the other ranks then read it
             if self.world_size > 1 and not self.is_main:

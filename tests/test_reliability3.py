@@ -220,3 +220,55 @@ def test_resume_that_changes_the_parameterization_is_refused(tmp_path, tiny, cap
     assert (run / "checkpoints" / "step_00000003" / "state.json").read_bytes() == state  # not relabelled
     # what does not change the weights' meaning still resumes
     assert main(train_args(cfg, run, "train.steps=6", "train.lr=5e-5")) == 0
+
+
+# --- 7. data at the wrong resolution is refused, not silently resized -----------------------------------------
+
+
+def test_wrong_resolution_data_is_refused_unless_resize_is_asked_for(tmp_path, tiny, capsys, monkeypatch):
+    import cascaded_diffusion.cli.evaluate as evaluate_cli
+
+    s32 = _samples(tmp_path / "s32.npz", n=6, size=32)
+    ref8 = _samples(tmp_path / "ref8.npz", n=6, size=8)
+    for args, option in [
+        (["eval", str(s32), "--ref", f"npz:{ref8}", "--out", str(tmp_path / "m.json"), "--features", "classifier"],
+         "--ref"),
+        (["eval", str(s32), "--ref", str(ref8), "--out", str(tmp_path / "m.json"), "--features", "classifier"],
+         "--ref"),
+        (["cas", str(s32), "--test", f"npz:{ref8}", "--device", "cpu"], "--test"),
+    ]:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"error: {option} " in err and "holds 8x8 images, not the 32x32 needed here; it would be upsampled" in err
+        assert "--resize" in err and err.count("\n") == 1
+    # asked for, the resize happens (what every run did before, silently)
+    seen = {}
+
+    def scored(images, reference, *a, **k):
+        seen["ref"] = reference
+        return {"num_samples": len(images), "reference": {}, "fid": 0.0}
+
+    monkeypatch.setattr(evaluate_cli, "evaluate_images", scored)
+    assert main(["eval", str(s32), "--ref", f"npz:{ref8}", "--out", str(tmp_path / "m.json"), "--features",
+                 "classifier", "--metrics", "fid", "--resize", "--device", "cpu"]) == 0
+    assert seen["ref"].num == 6
+    capsys.readouterr()
+    # an SR stage's high-resolution targets are never upsampled: an 8 px npz for a 32 px stage is refused
+    cfg, config = tiny
+    raw = config.to_dict()
+    raw["stage"].update(resolution=16)
+    big = StageConfig.from_dict(raw)
+    (tmp_path / "big.toml").write_text(big.to_toml())
+    assert main(train_args(tmp_path / "big.toml", tmp_path / "run", "train.steps=1")) == 2
+    err = capsys.readouterr().err
+    assert "data.source: npz:" in err and "holds 8x8 images, not the 16x16 needed here" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cas_refuses_labels_outside_the_test_sets_classes(tmp_path, capsys):
+    s = _samples(tmp_path / "s.npz", n=6, size=8)  # labels 0..2
+    test = tmp_path / "t.npz"
+    np.savez(test, arr_0=np.zeros((4, 8, 8, 1), np.uint8), arr_1=np.array([0, 1, 2, 7]))
+    assert main(["cas", str(s), "--test", f"npz:{test}", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"--test npz:{test} has label 7, but the samples' labels go up to 2" in err
