@@ -30,7 +30,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 from safetensors.torch import load_file, save
@@ -44,6 +44,8 @@ from .fileio import (
     unlink_quietly,
     write_bytes_durably,
 )
+
+T = TypeVar("T")
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
@@ -163,6 +165,27 @@ def latest_valid_checkpoint(
             continue
         return ckpt, skipped
     return None, skipped
+
+
+def read_newest_checkpoint(
+    run_dir: str | Path, stems: tuple[str, ...], read: Callable[[Path], T], attempts: int = 20
+) -> tuple[T | None, Path | None, list[tuple[Path, str]]]:
+    """``read(ckpt)`` of the newest valid checkpoint of a run a trainer may be writing: ``(result, ckpt,
+    corrupt)``, or ``(None, None, corrupt)`` when there is none. A checkpoint pruned between being chosen and
+    being read (the trainer wrote a newer one; ``state.json`` goes first) is not an error: the next newest is
+    tried. One pruned while it was verified is not reported as corrupt either."""
+    for _ in range(attempts):
+        ckpt, corrupt = latest_valid_checkpoint(run_dir, stems)
+        corrupt = [(p, why) for p, why in corrupt if (p / STATE_FILE).is_file()]  # the rest were pruned
+        if ckpt is None:
+            return None, None, corrupt
+        try:
+            return read(ckpt), ckpt, corrupt
+        except CheckpointError:
+            if (ckpt / STATE_FILE).is_file():
+                raise  # still there: really unreadable, not pruned
+    raise CheckpointError(f"{run_dir}: every checkpoint chosen was pruned before it could be read ({attempts} "
+                          "tries); the trainer is pruning faster than it can be read: retry, or raise train.keep_last")
 
 
 _TMP_FILE = re.compile(TMP_FILE_PATTERN)

@@ -14,7 +14,15 @@ from typing import Callable
 import torch
 
 from .augment import BlurAugmentation, NoAugmentation, NoiseAugmentation
-from .checkpoint import STAGE_FILE, CheckpointError, latest_valid_checkpoint, load_state, load_tensors, load_weights_into
+from .checkpoint import (
+    STAGE_FILE,
+    CheckpointError,
+    list_checkpoints,
+    load_state,
+    load_tensors,
+    load_weights_into,
+    read_newest_checkpoint,
+)
 from .config import StageConfig
 from .diffusion import GaussianDiffusion, make_beta_schedule
 from .errors import UserError
@@ -100,18 +108,27 @@ class Stage:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> "Stage":
         path = Path(path)
-        if (path / STAGE_FILE).is_file():
+        if (path / STAGE_FILE).is_file() and not list_checkpoints(path):
             meta = json.loads((path / STAGE_FILE).read_text())
             config = StageConfig.from_dict(meta["config"], source=str(path / STAGE_FILE))
-            ckpt_dir, stem, step = path, "model", meta.get("step")
+            tensors, step = load_tensors(path, "model"), meta.get("step")
+            ckpt_dir = path
         else:
             if not path.exists():
                 raise CheckpointError(f"{path} does not exist")
+            if (path / STAGE_FILE).is_file():  # an export into a run dir (refused since): the newest weights win
+                warnings.warn(f"{path} holds both an exported stage ({STAGE_FILE}) and training checkpoints; using "
+                              "the newest checkpoint (export elsewhere to sample the export)", stacklevel=2)
+
+            def read(ckpt: Path) -> tuple[dict, dict]:
+                return load_state(ckpt), load_tensors(ckpt, weights)
+
             # a run directory (its newest readable checkpoint) or one checkpoint directory (checkpoints/step_*)
             if (path / "state.json").is_file():
-                ckpt_dir, corrupt = path, []
-            else:
-                ckpt_dir, corrupt = latest_valid_checkpoint(path, stems=(weights,))
+                (state, tensors), ckpt_dir, corrupt = read(path), path, []
+            else:  # the trainer may be pruning while we read: a checkpoint gone meanwhile makes way for the next
+                loaded, ckpt_dir, corrupt = read_newest_checkpoint(path, (weights,), read)
+                state, tensors = loaded if loaded is not None else (None, None)
             for bad, reason in corrupt:
                 warnings.warn(f"skipping the unreadable checkpoint {bad} ({reason}); using {ckpt_dir}", stacklevel=2)
             if ckpt_dir is None and corrupt:
@@ -121,11 +138,10 @@ class Stage:
                     f"{path} holds no checkpoint: expected a run directory written by `cdm train` "
                     f"(with checkpoints/step_*/) or an exported stage (with {STAGE_FILE})"
                 )
-            state = load_state(ckpt_dir)
             config = StageConfig.from_dict(state["config"], source=str(ckpt_dir / "state.json"))
-            stem, step = weights, state["step"]
+            step = state["step"]
         net = build_network(config, "cpu")
-        load_weights_into(net, load_tensors(ckpt_dir, stem), source=str(ckpt_dir))
+        load_weights_into(net, tensors, source=str(ckpt_dir))
         net.to(device).eval().requires_grad_(False)
         stage = cls(config, net, device, source=str(path))
         stage.step = step

@@ -272,3 +272,74 @@ def test_cas_refuses_labels_outside_the_test_sets_classes(tmp_path, capsys):
     assert main(["cas", str(s), "--test", f"npz:{test}", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert f"--test npz:{test} has label 7, but the samples' labels go up to 2" in err
+
+
+# --- 8. no export into a run directory; 9. readers survive the trainer's pruning ---------------------------------
+
+
+@pytest.fixture
+def trained(tmp_path, tiny, capsys) -> Path:
+    cfg, _ = tiny
+    run = tmp_path / "run"
+    assert main(train_args(cfg, run, "train.steps=3")) == 0
+    capsys.readouterr()
+    return run
+
+
+def test_export_into_a_run_directory_is_refused(trained, tmp_path, capsys):
+    for out in (trained, trained / "checkpoints" / ".."):
+        assert main(["export", str(trained), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "is a training run directory; export into a directory of its own" in err and err.count("\n") == 1
+    assert not (trained / "stage.json").exists()
+    assert main(["export", str(trained), "--out", str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "stage.json").is_file()
+
+
+def test_a_run_dir_holding_an_old_export_samples_its_newest_checkpoint(trained, tmp_path):
+    from cascaded_diffusion.checkpoint import export_stage
+    from cascaded_diffusion.stage import Stage
+
+    export_stage(trained / "checkpoints" / "step_00000003", trained)  # what an older version let through
+    (trained / "stage.json").write_text((trained / "stage.json").read_text().replace('"step": 3', '"step": 1'))
+    with pytest.warns(UserWarning, match="using the newest checkpoint"):
+        stage = Stage.load(trained)
+    assert stage.step == 3
+
+
+def _pruning_reader(monkeypatch, run: Path):
+    """Make the first read of a checkpoint find it pruned, as a trainer with keep_last=1 does when it writes the
+    next one while the reader is between choosing the checkpoint and reading it."""
+    import shutil
+
+    from cascaded_diffusion import checkpoint as ck
+    from cascaded_diffusion import stage as stage_module
+
+    real = ck.load_tensors
+    raced = []
+
+    def racing(ckpt, stem, device="cpu"):
+        if not raced:
+            raced.append(Path(ckpt).name)
+            newer = Path(ckpt).with_name(f"step_{int(Path(ckpt).name[5:]) + 6:08d}")
+            shutil.copytree(ckpt, newer)  # the trainer's next checkpoint ...
+            (Path(ckpt) / "state.json").unlink()  # ... and its pruning of this one, state.json first
+            shutil.rmtree(ckpt)
+        return real(ckpt, stem, device)
+
+    monkeypatch.setattr(stage_module, "load_tensors", racing)
+    monkeypatch.setattr(ck, "load_tensors", racing)
+    return raced
+
+
+def test_sampling_and_export_retry_when_the_chosen_checkpoint_is_pruned(trained, tmp_path, monkeypatch, recwarn):
+    from cascaded_diffusion.stage import Stage
+
+    raced = _pruning_reader(monkeypatch, trained)
+    stage = Stage.load(trained)
+    assert raced == ["step_00000003"] and stage.step == 3  # read from the copy, step_00000009
+    assert not [w for w in recwarn if "unreadable" in str(w.message)]
+    raced.clear()
+    assert main(["export", str(trained), "--out", str(tmp_path / "exported")]) == 0
+    assert raced == ["step_00000009"]
+    assert json.loads((tmp_path / "exported" / "stage.json").read_text())["source"].endswith("step_00000015")
