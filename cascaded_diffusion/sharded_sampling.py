@@ -34,7 +34,7 @@ import torch
 
 from . import cascade as _cascade
 from .cascade import Cascade
-from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir as _fsync_dir, make_temp_file, open_no_follow, unlink_quietly
+from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir as _fsync_dir, TMP_INFIX, make_temp_file, open_lock_file, open_no_follow, unlink_quietly
 from .distributed import distributed_context, distributed_from_env  # noqa: F401 (re-exported)
 from .errors import UserError
 
@@ -140,6 +140,65 @@ def write_npz_streaming(path: str | os.PathLike, arrays: dict[str, tuple[tuple[i
         raise
 
 
+# --- the shard directory's lock ---------------------------------------------------------------------------
+
+LOCK = ".lock"
+
+
+class _ShardLock:
+    """An exclusive ``flock`` on ``OUT.shards/.lock``, held by rank 0 from before it reads the directory until the
+    shards are merged and removed: a second ``cdm sample`` on the same ``--out`` is refused at once, naming the
+    first, instead of sampling everything again and failing at the merge. The kernel drops it however the holder
+    dies. The file is removed with the directory; a process that locked it just before (an unlinked file) sees
+    that its inode is no longer at the path and tries again."""
+
+    def __init__(self, shard_dir: Path, out: Path):
+        self.path, self.out, self._fd = shard_dir / LOCK, out, None
+
+    def acquire(self) -> "_ShardLock":
+        import fcntl
+        import socket
+        import sys
+
+        for _ in range(10):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = open_lock_file(self.path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise UserError(
+                    f"{self.out} is being sampled by another `cdm sample` ({self._holder()}); wait for it to finish "
+                    f"(it writes {self.out}), or sample into another --out"
+                ) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                                     "argv": sys.argv}).encode()
+                os.pwrite(fd, record, 0)
+                os.ftruncate(fd, len(record))
+                self._fd = fd
+                return self
+            os.close(fd)  # the holder removed the directory as we locked: lock the new file
+        raise UserError(f"{self.path}: could not be locked (it kept being removed); retry")
+
+    def _holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text())
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
+            return f"pid {info['pid']} on host {info['host']}, since {since}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"its lock {self.path} is held"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 # --- shards -----------------------------------------------------------------------------------------------
 
 
@@ -212,7 +271,7 @@ def _prepare_shard_dir(shard_dir: Path, manifest: dict, num: int) -> tuple[np.nd
     else:
         atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True))
     for name in os.listdir(shard_dir):
-        if name.startswith(".") and ".tmp-" in name:  # an interrupted write
+        if name.startswith(".") and TMP_INFIX in name:  # an interrupted write (the lock keeps out a live one)
             (shard_dir / name).unlink(missing_ok=True)
     done: list[np.ndarray] = []
     names = []
@@ -313,12 +372,31 @@ def sample_sharded(
 
     # rank 0 checks the directory and finds the finished indices; every rank gets the same answer
     payload: list = [None, None, None]
+    lock = _ShardLock(shard_dir, out) if rank == 0 else None
     if rank == 0:
         try:
+            lock.acquire()
             done, present = _prepare_shard_dir(shard_dir, manifest, num)
             payload = [None, done, present]
         except Exception as e:  # noqa: BLE001 - sent to every rank, raised everywhere
             payload = [e if isinstance(e, UserError) else UserError(f"{shard_dir}: {e}"), None, None]
+    try:
+        return _sample_locked(cascade, labels_np, out, shard_dir, payload, start, rank, world_size,
+                              seed=seed, batch_size=batch_size, chunk_size=chunk_size, low_res=low_res,
+                              start_stage=start_stage, stage_paths=stage_paths, select=select,
+                              noise_device=noise_device, progress=progress, on_chunk=on_chunk,
+                              poll_seconds=poll_seconds, sample_kwargs=sample_kwargs)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _sample_locked(cascade, labels_np, out, shard_dir, payload, start, rank, world_size, *, seed,
+                   batch_size, chunk_size, low_res, start_stage, stage_paths, select, noise_device, progress,
+                   on_chunk, poll_seconds, sample_kwargs) -> ShardedSamplingResult:
+    """The rest of :func:`sample_sharded`, while rank 0 holds the shard directory's lock."""
+    num = len(labels_np)
+    stages_run = cascade.stages[start_stage:]
     error, done, present = _broadcast(payload, world_size)
     if error is not None:
         raise error
@@ -493,6 +571,7 @@ def _remove_shards(shard_dir: Path) -> None:
     for name in _list_chunks(shard_dir):
         (shard_dir / name).unlink(missing_ok=True)
     (shard_dir / MANIFEST).unlink(missing_ok=True)
+    (shard_dir / LOCK).unlink(missing_ok=True)  # still held by us: a waiter notices (see _ShardLock)
     try:
         shard_dir.rmdir()
     except OSError:

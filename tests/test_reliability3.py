@@ -343,3 +343,27 @@ def test_sampling_and_export_retry_when_the_chosen_checkpoint_is_pruned(trained,
     assert main(["export", str(trained), "--out", str(tmp_path / "exported")]) == 0
     assert raced == ["step_00000009"]
     assert json.loads((tmp_path / "exported" / "stage.json").read_text())["source"].endswith("step_00000015")
+
+
+# --- 10. two `cdm sample` on one --out: the second is refused at once, naming the first ---------------------
+
+
+def test_a_second_sampler_on_the_same_out_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    import socket
+
+    import cascaded_diffusion.cascade as cascade_module
+    from cascaded_diffusion.sharded_sampling import _ShardLock, shard_dir_for
+
+    out = tmp_path / "s.npz"
+    first = _ShardLock(shard_dir_for(out), out).acquire()  # as the first `cdm sample` holds it
+    (shard_dir_for(out) / ".chunk-x.npz.tmp-abcdefgh").write_bytes(b"the first one's chunk being written")
+    monkeypatch.setattr(cascade_module, "sample_in_batches", lambda *a, **k: pytest.fail("sampled"))
+    args = ["sample", "--pretrained", "fashion-mnist", "--num", "2", "--steps", "2", "--out", str(out),
+            "--device", "cpu", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is being sampled by another `cdm sample` (pid {os.getpid()} on host {socket.gethostname()}" in err
+    assert (shard_dir_for(out) / ".chunk-x.npz.tmp-abcdefgh").exists()  # its temporary files are not cleaned away
+    first.release()
+    monkeypatch.undo()
+    assert main(args) == 0 and out.is_file() and not shard_dir_for(out).exists()
