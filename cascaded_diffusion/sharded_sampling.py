@@ -253,7 +253,7 @@ def _describe_mismatch(old: dict, new: dict) -> str:
     return "; ".join(parts)
 
 
-def _prepare_shard_dir(shard_dir: Path, manifest: dict, num: int) -> tuple[np.ndarray, list[str]]:
+def _prepare_shard_dir(shard_dir: Path, manifest: dict, num: int, info: dict | None = None) -> tuple[np.ndarray, list[str]]:
     """Rank 0: check (or write) the manifest, drop temporaries and unreadable chunks; returns the indices
     already done and the chunk names present."""
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -261,7 +261,8 @@ def _prepare_shard_dir(shard_dir: Path, manifest: dict, num: int) -> tuple[np.nd
     if path.is_file():
         try:
             old = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
+            old.pop("info", None)
+        except (OSError, ValueError, AttributeError) as e:
             raise ShardManifestError(f"{path} is unreadable ({e}); delete {shard_dir} to start over") from None
         if old != manifest:
             raise ShardManifestError(
@@ -269,7 +270,7 @@ def _prepare_shard_dir(shard_dir: Path, manifest: dict, num: int) -> tuple[np.nd
                 f"rerun with the same settings to resume it, or delete {shard_dir} to start over"
             )
     else:
-        atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True))
+        atomic_write_text(path, json.dumps({**manifest, "info": info or {}}, indent=2, sort_keys=True))
     for name in os.listdir(shard_dir):
         if name.startswith(".") and TMP_INFIX in name:  # an interrupted write (the lock keeps out a live one)
             (shard_dir / name).unlink(missing_ok=True)
@@ -368,7 +369,13 @@ def sample_sharded(
         "noise_device": str(torch.device(noise_device).type if noise_device is not None
                             else cascade.stages[0].device.type),
         "settings": settings or {},
+        # what the byte-identity covers (docs/sampling.md): on a CPU the networks run on micro-batches of this
+        # many samples whatever --batch-size and a rank's share are; None where the sampler's batch is used
+        "network_batch": cascade.stages[0].network_batch,
     })
+    # Informational, not part of the job's identity (a resume on more processes has fewer threads each): the
+    # kernels' summation order can depend on the thread count, so bytes are guaranteed at equal threads per process.
+    manifest_info = {"threads_per_process": torch.get_num_threads()}
 
     # rank 0 checks the directory and finds the finished indices; every rank gets the same answer
     payload: list = [None, None, None]
@@ -376,7 +383,7 @@ def sample_sharded(
     if rank == 0:
         try:
             lock.acquire()
-            done, present = _prepare_shard_dir(shard_dir, manifest, num)
+            done, present = _prepare_shard_dir(shard_dir, manifest, num, manifest_info)
             payload = [None, done, present]
         except Exception as e:  # noqa: BLE001 - sent to every rank, raised everywhere
             payload = [e if isinstance(e, UserError) else UserError(f"{shard_dir}: {e}"), None, None]

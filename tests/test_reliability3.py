@@ -367,3 +367,27 @@ def test_a_second_sampler_on_the_same_out_is_refused_before_sampling(tmp_path, c
     first.release()
     monkeypatch.undo()
     assert main(args) == 0 and out.is_file() and not shard_dir_for(out).exists()
+
+
+# --- 5. the shipped cascade's bytes do not depend on the batch size ------------------------------------------
+
+
+def test_the_shipped_cascade_is_byte_identical_for_any_batch_size():
+    """With one thread (as a torchrun rank often has) oneDNN picked other kernels for other batch shapes (a 1x1
+    convolution's GEMM over N*H*W rows summed in another order); the networks now always see 8 samples."""
+    import torch
+
+    from cascaded_diffusion.cascade import Cascade, sample_in_batches
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cascade = Cascade.load(pretrained="fashion-mnist", device="cpu")
+        labels = torch.arange(20) % 10
+        runs = [sample_in_batches(cascade, labels, batch_size=b, seed=2, steps=[3, 3], autocast=False)[0]
+                for b in (20, 16, 3)]
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert np.array_equal(a, b), int((a != b).sum())
