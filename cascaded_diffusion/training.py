@@ -556,7 +556,7 @@ class Trainer:
                 last_loss = mean_loss
                 if self.is_main:
                     with open(log_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                        f.write(_json_line(record))
                     if writer is not None:
                         for key in ("loss", "grad_norm", "lr", "img_per_s"):
                             writer.add_scalar(f"train/{key}", record[key], self.step)
@@ -584,7 +584,7 @@ class Trainer:
     def _stop_nonfinite(self, record: dict, log_path: Path, last_ckpt: Path | None) -> None:
         if self.is_main:
             with open(log_path, "a") as f:
-                f.write(json.dumps({**record, "error": "non-finite loss"}) + "\n")
+                f.write(_json_line({**record, "error": "non-finite loss"}))
         keep = f"the last good checkpoint is kept: {last_ckpt}" if last_ckpt else "no checkpoint had been written yet"
         raise NonFiniteLossError(
             f"the loss became non-finite by step {record['step']}; training stopped and {keep}. "
@@ -598,6 +598,13 @@ def train_stage(config: StageConfig, run_dir: str | Path, **kwargs) -> TrainSumm
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _json_line(record: dict) -> str:
+    """One log line of strict JSON: a non-finite number (a diverged loss) becomes null, since the bare NaN that
+    json.dumps writes is not JSON and breaks every other reader of the log."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 def _all_finite(model: torch.nn.Module) -> bool:

@@ -391,3 +391,27 @@ def test_the_shipped_cascade_is_byte_identical_for_any_batch_size():
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert np.array_equal(a, b), int((a != b).sum())
+
+
+# --- 11, 15. one-line errors and a strictly JSON log -----------------------------------------------------------
+
+
+def test_low_res_sample_labels_beyond_the_classes_are_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    import cascaded_diffusion.cascade as cascade_module
+
+    monkeypatch.setattr(cascade_module, "sample_in_batches", lambda *a, **k: pytest.fail("sampled"))
+    low = tmp_path / "low.npz"
+    np.savez(low, arr_0=np.zeros((2, 8, 8, 1), np.uint8), arr_1=np.array([3, 12]))
+    assert main(["sample", "--pretrained", "fashion-mnist", "--num", "2", "--low-res-samples", str(low),
+                 "--out", str(tmp_path / "s.npz"), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "arr_1 has label 12, but the cascade has classes 0..9" in err and err.count("\n") == 1
+
+
+def test_a_diverged_loss_is_logged_as_strict_json(tmp_path, tiny, capsys):
+    cfg, _ = tiny
+    run = tmp_path / "run"
+    assert main(train_args(cfg, run, "train.steps=2", "train.lr=1e30", "train.grad_clip=0")) == 2
+    assert "non-finite" in capsys.readouterr().err
+    for line in (run / "log.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in the log"))

@@ -71,6 +71,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
             if len(data.images) < args.num:
                 raise UserError(f"--low-res-samples has {len(data.images)} images, fewer than --num {args.num}")
             low_res, labels = data.images[: args.num], torch.from_numpy(data.labels[: args.num])
+            if len(labels) and int(labels.max()) >= cascade.num_classes:  # else an IndexError once sampling ran
+                raise UserError(f"--low-res-samples {args.low_res_samples}: arr_1 has label {int(labels.max())}, but "
+                                f"the cascade has classes 0..{cascade.num_classes - 1}")
         truncated = cascade.default_truncated if args.truncated is None else args.truncated
         kwargs = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
                       truncated=truncated, aug_levels=args.aug_level, autocast=args.precision == "bf16")
