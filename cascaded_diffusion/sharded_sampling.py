@@ -3,7 +3,8 @@
 :func:`sample_sharded` splits the sample indices ``0..num-1`` over the ranks of ``torch.distributed`` (one
 process when it is not initialised). Each sample's noise depends on (seed, index) only
 (:mod:`cascaded_diffusion.rng`), so the result is **byte-identical for any number of processes and any batch
-size** on the same kind of device.
+size** on the same kind of device at the same number of threads per process (on a CPU the networks run on fixed
+micro-batches, :data:`cascaded_diffusion.stage.CPU_NETWORK_BATCH`).
 
 As it goes, every rank writes chunks of finished samples to ``OUT.shards/`` (``chunk-*.npz``: ``indices``,
 ``labels`` and one uint8 NHWC array per stage run), each atomically (temporary file, fsync, rename). The
