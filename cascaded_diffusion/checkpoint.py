@@ -19,6 +19,10 @@ An exported stage (``export_stage``) is a directory with ``model.safetensors`` (
 ``stage.json`` (the resolved config); it loads like a run directory for sampling.
 """
 
+# Longer than ~400 lines: the checkpoint format, its verification, the run directory's leftovers, its lock and the
+# readers' retry while a trainer prunes are one protocol about one directory; split, each part would re-derive the
+# others' invariants (state.json written last and deleted first).
+
 from __future__ import annotations
 
 import errno

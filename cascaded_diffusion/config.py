@@ -283,17 +283,13 @@ class StageConfig:
         }
 
     def parameterization(self) -> dict[str, Any]:
-        """The keys that fix what the weights *mean* without changing their shapes: a network trained to predict
-        eps under one noise schedule reads as garbage as v, or under another schedule or number of steps; an SR
-        network's conditioning input means what its upsampling and augmentation made it mean."""
+        """The keys that fix what the weights mean (eps vs v, the schedule, an SR input's upsampling and level s)."""
         d, c = self.diffusion, self.conditioning
-        meaning: dict[str, Any] = {"diffusion": {"prediction": d.prediction, "schedule": d.schedule,
-                                                 "timesteps": d.timesteps, "learn_sigma": d.learn_sigma}}
-        if self.is_sr:
-            cond: dict[str, Any] = {"upsample": c.upsample, "augmentation": c.augmentation}
-            if c.augmentation == "noise":  # the level s the network is told is a step of this schedule
-                cond.update(noise_schedule=c.noise_schedule, noise_timesteps=c.noise_timesteps)
-            meaning["conditioning"] = cond
+        meaning: dict[str, Any] = {"diffusion": {k: getattr(d, k) for k in ("prediction", "schedule", "timesteps",
+                                                                          "learn_sigma")}}
+        if self.is_sr:  # the level s the network is told is a step of the augmentation schedule
+            noise = ("noise_schedule", "noise_timesteps") if c.augmentation == "noise" else ()
+            meaning["conditioning"] = {k: getattr(c, k) for k in ("upsample", "augmentation", *noise)}
         return meaning
 
 
