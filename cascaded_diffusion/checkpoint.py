@@ -19,6 +19,10 @@ An exported stage (``export_stage``) is a directory with ``model.safetensors`` (
 ``stage.json`` (the resolved config); it loads like a run directory for sampling.
 """
 
+# Longer than ~400 lines: the checkpoint format, its verification, the run directory's leftovers, its lock and the
+# readers' retry while a trainer prunes are one protocol about one directory; split, each part would re-derive the
+# others' invariants (state.json written last and deleted first).
+
 from __future__ import annotations
 
 import errno
@@ -30,12 +34,22 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 from safetensors.torch import load_file, save
 
-from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir, unlink_quietly, write_bytes_durably
+from .fileio import (
+    TMP_FILE_PATTERN,
+    atomic_write_bytes,
+    atomic_write_text,
+    fsync_dir,
+    open_lock_file,
+    unlink_quietly,
+    write_bytes_durably,
+)
+
+T = TypeVar("T")
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
@@ -157,7 +171,28 @@ def latest_valid_checkpoint(
     return None, skipped
 
 
-_TMP_FILE = re.compile(r"\..+\.tmp-\d+")
+def read_newest_checkpoint(
+    run_dir: str | Path, stems: tuple[str, ...], read: Callable[[Path], T], attempts: int = 20
+) -> tuple[T | None, Path | None, list[tuple[Path, str]]]:
+    """``read(ckpt)`` of the newest valid checkpoint of a run a trainer may be writing: ``(result, ckpt,
+    corrupt)``, or ``(None, None, corrupt)`` when there is none. A checkpoint pruned between being chosen and
+    being read (the trainer wrote a newer one; ``state.json`` goes first) is not an error: the next newest is
+    tried. One pruned while it was verified is not reported as corrupt either."""
+    for _ in range(attempts):
+        ckpt, corrupt = latest_valid_checkpoint(run_dir, stems)
+        corrupt = [(p, why) for p, why in corrupt if (p / STATE_FILE).is_file()]  # the rest were pruned
+        if ckpt is None:
+            return None, None, corrupt
+        try:
+            return read(ckpt), ckpt, corrupt
+        except CheckpointError:
+            if (ckpt / STATE_FILE).is_file():
+                raise  # still there: really unreadable, not pruned
+    raise CheckpointError(f"{run_dir}: every checkpoint chosen was pruned before it could be read ({attempts} "
+                          "tries); the trainer is pruning faster than it can be read: retry, or raise train.keep_last")
+
+
+_TMP_FILE = re.compile(TMP_FILE_PATTERN)
 
 
 def clean_run_dir(run_dir: str | Path) -> list[Path]:
@@ -165,7 +200,7 @@ def clean_run_dir(run_dir: str | Path) -> list[Path]:
 
     Only our own leftovers go: ``checkpoints/.tmp-step_*`` directories (a checkpoint being written),
     ``checkpoints/step_*`` directories without ``state.json`` (a checkpoint being pruned or replaced), and the
-    ``.NAME.tmp-PID`` files of :func:`atomic_write_bytes`. Call it only while holding the run's lock."""
+    ``.NAME.tmp-XXXXXXXX`` files of :func:`atomic_write_bytes` (``.NAME.tmp-PID`` before). Call it only while holding the run's lock."""
     run_dir = Path(run_dir)
     removed: list[Path] = []
     root = run_dir / CHECKPOINT_DIR
@@ -221,7 +256,7 @@ class RunLock:
             import fcntl
         except ImportError:  # pragma: no cover - not a POSIX system: no locking
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(self.path)  # never through a symlink, only a regular file
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -233,9 +268,16 @@ class RunLock:
                 "directory would overwrite each other's checkpoints: wait for it to finish or stop it, or train "
                 "into another --out directory."
             ) from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "argv": sys.argv}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        info = (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                             "argv": sys.argv}) + "\n").encode()
+        try:  # written over the old record, then cut to length: a full disk never leaves it empty
+            if os.pwrite(fd, info, 0) != len(info):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.ftruncate(fd, len(info))
+        except OSError as e:
+            os.close(fd)
+            raise OSError(e.errno, f"could not record this trainer in the lock file ({e.strerror or e})",
+                          str(self.path)) from None
         self._fd = fd
         return self
 

@@ -282,6 +282,16 @@ class StageConfig:
             "conditioning": {"use_aug_level": self.uses_aug_level},
         }
 
+    def parameterization(self) -> dict[str, Any]:
+        """The keys that fix what the weights mean (eps vs v, the schedule, an SR input's upsampling and level s)."""
+        d, c = self.diffusion, self.conditioning
+        meaning: dict[str, Any] = {"diffusion": {k: getattr(d, k) for k in ("prediction", "schedule", "timesteps",
+                                                                          "learn_sigma")}}
+        if self.is_sr:  # the level s the network is told is a step of the augmentation schedule
+            noise = ("noise_schedule", "noise_timesteps") if c.augmentation == "noise" else ()
+            meaning["conditioning"] = {k: getattr(c, k) for k in ("upsample", "augmentation", *noise)}
+        return meaning
+
 
 def _validate_counts(config: StageConfig, fail) -> None:
     """Sizes, counts and numbers that would otherwise fail late (after training) or silently do nothing."""
@@ -399,7 +409,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> StageCo
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:  # a bare codec error would not say which file
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the config as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return StageConfig.from_dict(apply_overrides(raw, overrides or []), source=str(path))

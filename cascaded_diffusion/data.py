@@ -43,6 +43,7 @@ def load_images(
     progress: bool = False,
     use_cache: bool = True,
     num_workers: int | None = None,
+    resize: str = "any",
 ) -> ImageArray:
     """Load a dataset spec as square uint8 images of side ``resolution``.
 
@@ -60,6 +61,9 @@ def load_images(
         progress: show a tqdm progress bar while decoding an image folder.
         use_cache: ``False`` decodes an image folder in memory without reading or writing the cache.
         num_workers: decoding threads for image folders (default: ``min(32, cpu_count)``).
+        resize: for ``npz:`` data, whose resolution is the data's own choice: ``"any"`` resizes it, ``"down"``
+            only downsamples it, ``"exact"`` refuses another size (``readers.ResolutionMismatch``). Fashion-MNIST
+            (28 px) and image folders (any size) are always resized; a prepared directory must hold the size.
 
     Returns:
         An :class:`ImageArray` with images N x resolution x resolution x C.
@@ -91,7 +95,7 @@ def load_images(
         if root is not None and not path.is_absolute():
             path = Path(os.path.expanduser(os.fspath(root))) / path
         if kind == "npz":
-            return load_npz(path, resolution, channels=channels)
+            return load_npz(path, resolution, channels=channels, resize=resize)
         if kind == "prepared":  # a `cdm prepare` directory, memory-mapped (cascaded_diffusion.prepare)
             return load_prepared(path, resolution, channels=channels, on_corrupt=on_corrupt)
         folder, channels = path.resolve(), 3 if channels is None else channels

@@ -81,3 +81,39 @@ def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
         raise UserError(f"{option} {target}: cannot create the directory: {_reason(e)}") from None
     _probe_writable(target, option, target)
     return target
+
+
+# A data or file spec's kinds that name a path (``npz:X``, ``classifier:X``, ...); a bare spec may be a path too.
+_PATH_KINDS = ("npz", "imagefolder", "prepared", "classifier", "inception")
+
+
+def spec_path(spec: str | os.PathLike | None) -> Path | None:
+    """The file or directory a data/feature spec names (``npz:X`` -> X, a plain path -> itself), else None."""
+    if spec is None:
+        return None
+    text = os.fspath(spec)
+    kind, sep, rest = text.partition(":")
+    if sep and kind.strip().lower() in _PATH_KINDS:
+        return Path(os.path.expanduser(rest)) if rest else None
+    text = os.path.expanduser(text)
+    return Path(text) if os.path.exists(text) else None  # "fashion-mnist" is a data set, not a file
+
+
+def check_distinct_paths(outputs: dict[str, str | os.PathLike | None],
+                         inputs: dict[str, str | os.PathLike | None] | None = None) -> None:
+    """Refuse, before any compute, an output that resolves (links followed) to one of the inputs or to another
+    output: the later write would silently replace the input, or the earlier output. Keys are the options, as
+    the message shows them; None values are skipped; inputs are specs (:func:`spec_path`)."""
+    seen: dict[str, str] = {}
+    for option, spec in (inputs or {}).items():
+        path = spec_path(spec)
+        if path is not None:
+            seen.setdefault(os.path.realpath(path), f"the input {option} {spec}")
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UserError(f"{option} {path} is the same file as {seen[real]}; it would be overwritten. "
+                            "Give another path")
+        seen[real] = f"{option} {path}"

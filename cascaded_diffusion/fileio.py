@@ -12,9 +12,12 @@ the uint8 <-> tensor image conventions, and image grids.
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
+import stat
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -54,8 +57,49 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _default_file_mode() -> int:
+    """What ``open(path, "w")`` would give a new file (0o666 less the umask), read without changing the umask
+    where /proc says it (changing it, even briefly, races with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # pragma: no cover - no /proc
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+# Temporary files are created by mkstemp (O_CREAT | O_EXCL, so never through a planted symlink or into an existing
+# file, with an unpredictable name) and then opened by name only with O_NOFOLLOW. The pattern names them for the
+# leftover cleaners (checkpoint.clean_run_dir, the shard directory): ``.NAME.tmp-XXXXXXXX``; the digits-only
+# suffix is the ``.NAME.tmp-PID`` of earlier versions, still cleaned up.
+TMP_INFIX = ".tmp-"
+TMP_FILE_PATTERN = r"\..+\.tmp-(?:\d+|[a-z0-9_]{8})"
+
+
+def make_temp_file(path: Path) -> Path:
+    """Create an empty, exclusive temporary file beside ``path`` (same directory, so a rename is atomic) with the
+    permissions a plain ``open(path, "w")`` would give it, and return its name."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_INFIX}")
+    try:
+        os.fchmod(fd, _default_file_mode())  # mkstemp's 0600 would make shared outputs unreadable to a group
+    finally:
+        os.close(fd)
+    return Path(name)
+
+
+def open_no_follow(path: str | Path, flags: int = os.O_WRONLY | os.O_TRUNC):
+    """A binary file object for ``path`` opened without following a symbolic link at its last component (a link
+    planted in a shared directory must not redirect the write)."""
+    fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), _default_file_mode())
+    return os.fdopen(fd, "rb+" if flags & os.O_RDWR else "wb")
+
+
 def write_bytes_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
+    with open_no_follow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -71,9 +115,10 @@ def unlink_quietly(path: str | Path) -> None:
 def atomic_replace(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` to write a temporary file next to ``path``, then rename it to ``path`` and fsync the
     directory. If anything fails (``write`` may raise to refuse what it wrote) the temporary file is removed and any
-    previous file at ``path`` is untouched."""
+    previous file at ``path`` is untouched. ``tmp`` exists (empty, created exclusively by :func:`make_temp_file`)
+    when ``write`` is called; ``write`` should open it with :func:`open_no_follow`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = make_temp_file(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -81,6 +126,25 @@ def atomic_replace(path: str | Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         unlink_quietly(tmp)
         raise
+
+
+def open_lock_file(path: str | Path) -> int:
+    """A read-write descriptor of the lock file ``path`` (created if missing), for ``flock``. A symbolic link is
+    never followed (a planted ``.lock`` link would have the lock holder's record written over its target) and
+    anything but a regular file is refused, naming the path."""
+    from .errors import UserError
+
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o644)  # O_NONBLOCK: a planted FIFO never hangs us
+    except OSError as e:
+        if e.errno == errno.ELOOP or Path(path).is_symlink():
+            raise UserError(f"{path} is a symbolic link; a lock file must be a regular file (remove the link)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path} is not a regular file; a lock file must be one (remove it)")
+    return fd
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -51,7 +51,7 @@ from . import __version__
 from .imagefolder import fingerprint, list_image_folder, to_8bit, warn_skipped
 from .readers import ImageArray, center_crop_resize
 from .errors import UserError, check_output_dir
-from .fileio import atomic_write_bytes, atomic_write_text, cache_dir as cache_root
+from .fileio import atomic_write_bytes, atomic_write_text, cache_dir as cache_root, open_lock_file
 
 __all__ = [
     "PREPROCESSING",
@@ -211,7 +211,7 @@ def _locked(out: Path, wait: bool) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX: no locking
         yield
         return
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock_file(out / LOCK)  # never through a symlink
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -228,8 +228,25 @@ def load_fashion_mnist(
 # --------------------------------------------------------------------------------------------------------
 
 
-def load_npz(path: Path, resolution: int, *, channels: int | None) -> ImageArray:
+class ResolutionMismatch(ValueError):
+    """An ``npz:`` data set is not at the resolution a command needs, and resizing it was not asked for."""
+
+
+RESIZE_POLICIES = ("any", "down", "exact")
+
+
+def load_npz(path: Path, resolution: int, *, channels: int | None, resize: str = "any") -> ImageArray:
+    """``resize``: ``"any"`` resizes to ``resolution``; ``"down"`` refuses images smaller than it (upsampled
+    training targets or references would pass for real ones); ``"exact"`` refuses any other size."""
+    if resize not in RESIZE_POLICIES:
+        raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
     images, labels = read_samples_npz(path)
+    size = images.shape[1:3]
+    if size != (resolution, resolution) and (resize == "exact" or (resize == "down" and min(size) < resolution)):
+        raise ResolutionMismatch(
+            f"npz:{path} holds {size[0]}x{size[1]} images, not the {resolution}x{resolution} needed here; "
+            f"{'it would be upsampled' if min(size) < resolution else 'it would be resized'}"
+        )
     images = convert_channels(images, channels, str(path))
 
     if labels is None:

@@ -3,7 +3,8 @@
 :func:`sample_sharded` splits the sample indices ``0..num-1`` over the ranks of ``torch.distributed`` (one
 process when it is not initialised). Each sample's noise depends on (seed, index) only
 (:mod:`cascaded_diffusion.rng`), so the result is **byte-identical for any number of processes and any batch
-size** on the same kind of device.
+size** on the same kind of device at the same number of threads per process (on a CPU the networks run on fixed
+micro-batches, :data:`cascaded_diffusion.stage.CPU_NETWORK_BATCH`).
 
 As it goes, every rank writes chunks of finished samples to ``OUT.shards/`` (``chunk-*.npz``: ``indices``,
 ``labels`` and one uint8 NHWC array per stage run), each atomically (temporary file, fsync, rename). The
@@ -34,7 +35,7 @@ import torch
 
 from . import cascade as _cascade
 from .cascade import Cascade
-from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir as _fsync_dir
+from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir as _fsync_dir, TMP_INFIX, make_temp_file, open_lock_file, open_no_follow, unlink_quietly
 from .distributed import distributed_context, distributed_from_env  # noqa: F401 (re-exported)
 from .errors import UserError
 
@@ -118,9 +119,10 @@ def write_npz_streaming(path: str | os.PathLike, arrays: dict[str, tuple[tuple[i
     ``arrays``: name → (shape, dtype, fill) where ``fill(member)`` calls ``member.write(block)`` with
     consecutive blocks of rows. Members are written in the order given."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = None
     try:
-        with open(tmp, "wb") as f:
+        tmp = make_temp_file(path)  # exclusive, unpredictable: never a planted link or file
+        with open_no_follow(tmp) as f:
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
                 for name, (shape, dtype, fill) in arrays.items():
                     member = _NpyMember(archive, f"{name}.npy", shape, dtype)
@@ -131,14 +133,71 @@ def write_npz_streaming(path: str | os.PathLike, arrays: dict[str, tuple[tuple[i
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        if tmp is not None:
+            unlink_quietly(tmp)
         if isinstance(e, OSError):
             raise OSError(e.errno, f"could not write it ({e.strerror or e}); any previous version is untouched",
                           str(path)) from e
         raise
+
+
+# --- the shard directory's lock ---------------------------------------------------------------------------
+
+LOCK = ".lock"
+
+
+class _ShardLock:
+    """An exclusive ``flock`` on ``OUT.shards/.lock``, held by rank 0 from before it reads the directory until the
+    shards are merged and removed: a second ``cdm sample`` on the same ``--out`` is refused at once, naming the
+    first, instead of sampling everything again and failing at the merge. The kernel drops it however the holder
+    dies. The file is removed with the directory; a process that locked it just before (an unlinked file) sees
+    that its inode is no longer at the path and tries again."""
+
+    def __init__(self, shard_dir: Path, out: Path):
+        self.path, self.out, self._fd = shard_dir / LOCK, out, None
+
+    def acquire(self) -> "_ShardLock":
+        import fcntl
+        import socket
+        import sys
+
+        for _ in range(10):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = open_lock_file(self.path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise UserError(
+                    f"{self.out} is being sampled by another `cdm sample` ({self._holder()}); wait for it to finish "
+                    f"(it writes {self.out}), or sample into another --out"
+                ) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                                     "argv": sys.argv}).encode()
+                os.pwrite(fd, record, 0)
+                os.ftruncate(fd, len(record))
+                self._fd = fd
+                return self
+            os.close(fd)  # the holder removed the directory as we locked: lock the new file
+        raise UserError(f"{self.path}: could not be locked (it kept being removed); retry")
+
+    def _holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text())
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
+            return f"pid {info['pid']} on host {info['host']}, since {since}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"its lock {self.path} is held"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 # --- shards -----------------------------------------------------------------------------------------------
@@ -195,7 +254,7 @@ def _describe_mismatch(old: dict, new: dict) -> str:
     return "; ".join(parts)
 
 
-def _prepare_shard_dir(shard_dir: Path, manifest: dict, num: int) -> tuple[np.ndarray, list[str]]:
+def _prepare_shard_dir(shard_dir: Path, manifest: dict, num: int, info: dict | None = None) -> tuple[np.ndarray, list[str]]:
     """Rank 0: check (or write) the manifest, drop temporaries and unreadable chunks; returns the indices
     already done and the chunk names present."""
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -203,7 +262,8 @@ def _prepare_shard_dir(shard_dir: Path, manifest: dict, num: int) -> tuple[np.nd
     if path.is_file():
         try:
             old = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
+            old.pop("info", None)
+        except (OSError, ValueError, AttributeError) as e:
             raise ShardManifestError(f"{path} is unreadable ({e}); delete {shard_dir} to start over") from None
         if old != manifest:
             raise ShardManifestError(
@@ -211,9 +271,9 @@ def _prepare_shard_dir(shard_dir: Path, manifest: dict, num: int) -> tuple[np.nd
                 f"rerun with the same settings to resume it, or delete {shard_dir} to start over"
             )
     else:
-        atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True))
+        atomic_write_text(path, json.dumps({**manifest, "info": info or {}}, indent=2, sort_keys=True))
     for name in os.listdir(shard_dir):
-        if name.startswith(".") and ".tmp-" in name:  # an interrupted write
+        if name.startswith(".") and TMP_INFIX in name:  # an interrupted write (the lock keeps out a live one)
             (shard_dir / name).unlink(missing_ok=True)
     done: list[np.ndarray] = []
     names = []
@@ -310,16 +370,41 @@ def sample_sharded(
         "noise_device": str(torch.device(noise_device).type if noise_device is not None
                             else cascade.stages[0].device.type),
         "settings": settings or {},
+        # what the byte-identity covers (docs/sampling.md): on a CPU the networks run on micro-batches of this
+        # many samples whatever --batch-size and a rank's share are; None where the sampler's batch is used
+        "network_batch": cascade.stages[0].network_batch,
     })
+    # Informational, not part of the job's identity (a resume on more processes has fewer threads each): the
+    # kernels' summation order can depend on the thread count, so bytes are guaranteed at equal threads per process.
+    manifest_info = {"threads_per_process": torch.get_num_threads()}
 
     # rank 0 checks the directory and finds the finished indices; every rank gets the same answer
     payload: list = [None, None, None]
+    lock = _ShardLock(shard_dir, out) if rank == 0 else None
     if rank == 0:
         try:
-            done, present = _prepare_shard_dir(shard_dir, manifest, num)
+            lock.acquire()
+            done, present = _prepare_shard_dir(shard_dir, manifest, num, manifest_info)
             payload = [None, done, present]
         except Exception as e:  # noqa: BLE001 - sent to every rank, raised everywhere
             payload = [e if isinstance(e, UserError) else UserError(f"{shard_dir}: {e}"), None, None]
+    try:
+        return _sample_locked(cascade, labels_np, out, shard_dir, payload, start, rank, world_size,
+                              seed=seed, batch_size=batch_size, chunk_size=chunk_size, low_res=low_res,
+                              start_stage=start_stage, stage_paths=stage_paths, select=select,
+                              noise_device=noise_device, progress=progress, on_chunk=on_chunk,
+                              poll_seconds=poll_seconds, sample_kwargs=sample_kwargs)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _sample_locked(cascade, labels_np, out, shard_dir, payload, start, rank, world_size, *, seed,
+                   batch_size, chunk_size, low_res, start_stage, stage_paths, select, noise_device, progress,
+                   on_chunk, poll_seconds, sample_kwargs) -> ShardedSamplingResult:
+    """The rest of :func:`sample_sharded`, while rank 0 holds the shard directory's lock."""
+    num = len(labels_np)
+    stages_run = cascade.stages[start_stage:]
     error, done, present = _broadcast(payload, world_size)
     if error is not None:
         raise error
@@ -494,6 +579,7 @@ def _remove_shards(shard_dir: Path) -> None:
     for name in _list_chunks(shard_dir):
         (shard_dir / name).unlink(missing_ok=True)
     (shard_dir / MANIFEST).unlink(missing_ok=True)
+    (shard_dir / LOCK).unlink(missing_ok=True)  # still held by us: a waiter notices (see _ShardLock)
     try:
         shard_dir.rmdir()
     except OSError:

@@ -14,7 +14,15 @@ from typing import Callable
 import torch
 
 from .augment import BlurAugmentation, NoAugmentation, NoiseAugmentation
-from .checkpoint import STAGE_FILE, CheckpointError, latest_valid_checkpoint, load_state, load_tensors, load_weights_into
+from .checkpoint import (
+    STAGE_FILE,
+    CheckpointError,
+    list_checkpoints,
+    load_state,
+    load_tensors,
+    load_weights_into,
+    read_newest_checkpoint,
+)
 from .config import StageConfig
 from .diffusion import GaussianDiffusion, make_beta_schedule
 from .errors import UserError
@@ -66,6 +74,32 @@ def build_augmentation(config: StageConfig):
     return NoAugmentation()
 
 
+CPU_NETWORK_BATCH = 8  # per-sample cost at 8 is within a few % of 16 or 64 for the shipped networks on a CPU
+
+
+def _in_micro_batches(call: Callable[..., torch.Tensor], size: int, x: torch.Tensor, t: torch.Tensor,
+                      *rows: torch.Tensor | None) -> torch.Tensor:
+    """``call(x, t, *rows)`` on consecutive slices of exactly ``size`` rows (the last padded with copies of its
+    last row, whose outputs are dropped), concatenated: the network always sees the same shape."""
+    n, outputs = x.shape[0], []
+    per_row = [x, t if t.ndim and t.shape[0] == n else None, *rows]
+    for lo in range(0, n, size):
+        hi = min(lo + size, n)
+        pad = size - (hi - lo)
+
+        def cut(a: torch.Tensor | None) -> torch.Tensor | None:
+            if a is None:
+                return None
+            part = a[lo:hi]
+            return part if pad == 0 else torch.cat([part, part[-1:].expand(pad, *part.shape[1:])])
+
+        parts = [cut(a) for a in per_row]
+        if parts[1] is None:
+            parts[1] = t
+        outputs.append(call(*parts)[: hi - lo])
+    return torch.cat(outputs)
+
+
 class Stage:
     """A trained (or training) stage ready to sample."""
 
@@ -85,6 +119,12 @@ class Stage:
         self._channels_last = config.train.channels_last and self.device.type == "cuda"
         if self._channels_last:
             net.to(memory_format=torch.channels_last)
+        # On a CPU the network runs on micro-batches of exactly CPU_NETWORK_BATCH samples (the last one padded):
+        # oneDNN picks its kernels by shape, and a 1x1 convolution (a GEMM over N*H*W rows) or a Linear layer sums
+        # in another order at another batch size, so without this a sample's bytes would depend on --batch-size
+        # and on a torchrun rank's share. At a fixed shape a sample's output depends on it alone, not on its
+        # position or neighbours (tests/test_reliability3.py). None: the network sees the sampler's batch.
+        self.network_batch: int | None = CPU_NETWORK_BATCH if self.device.type == "cpu" else None
 
     def compile(self, mode: str | None = None, backend: str = "inductor") -> "Stage":
         """Sample through ``torch.compile(self.net)``. The first batch of each new shape pays the compilation
@@ -100,18 +140,27 @@ class Stage:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> "Stage":
         path = Path(path)
-        if (path / STAGE_FILE).is_file():
+        if (path / STAGE_FILE).is_file() and not list_checkpoints(path):
             meta = json.loads((path / STAGE_FILE).read_text())
             config = StageConfig.from_dict(meta["config"], source=str(path / STAGE_FILE))
-            ckpt_dir, stem, step = path, "model", meta.get("step")
+            tensors, step = load_tensors(path, "model"), meta.get("step")
+            ckpt_dir = path
         else:
             if not path.exists():
                 raise CheckpointError(f"{path} does not exist")
+            if (path / STAGE_FILE).is_file():  # an export into a run dir (refused since): the newest weights win
+                warnings.warn(f"{path} holds both an exported stage ({STAGE_FILE}) and training checkpoints; using "
+                              "the newest checkpoint (export elsewhere to sample the export)", stacklevel=2)
+
+            def read(ckpt: Path) -> tuple[dict, dict]:
+                return load_state(ckpt), load_tensors(ckpt, weights)
+
             # a run directory (its newest readable checkpoint) or one checkpoint directory (checkpoints/step_*)
             if (path / "state.json").is_file():
-                ckpt_dir, corrupt = path, []
-            else:
-                ckpt_dir, corrupt = latest_valid_checkpoint(path, stems=(weights,))
+                (state, tensors), ckpt_dir, corrupt = read(path), path, []
+            else:  # the trainer may be pruning while we read: a checkpoint gone meanwhile makes way for the next
+                loaded, ckpt_dir, corrupt = read_newest_checkpoint(path, (weights,), read)
+                state, tensors = loaded if loaded is not None else (None, None)
             for bad, reason in corrupt:
                 warnings.warn(f"skipping the unreadable checkpoint {bad} ({reason}); using {ckpt_dir}", stacklevel=2)
             if ckpt_dir is None and corrupt:
@@ -121,11 +170,10 @@ class Stage:
                     f"{path} holds no checkpoint: expected a run directory written by `cdm train` "
                     f"(with checkpoints/step_*/) or an exported stage (with {STAGE_FILE})"
                 )
-            state = load_state(ckpt_dir)
             config = StageConfig.from_dict(state["config"], source=str(ckpt_dir / "state.json"))
-            stem, step = weights, state["step"]
+            step = state["step"]
         net = build_network(config, "cpu")
-        load_weights_into(net, load_tensors(ckpt_dir, stem), source=str(ckpt_dir))
+        load_weights_into(net, tensors, source=str(ckpt_dir))
         net.to(device).eval().requires_grad_(False)
         stage = cls(config, net, device, source=str(path))
         stage.step = step
@@ -187,10 +235,17 @@ class Stage:
             scaled_aug = self.augmentation.scaled_level(aug_level)
         channels_last = self._channels_last
 
+        micro = self.network_batch
+
         def net_call(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             repeat = x.shape[0] // y.shape[0]  # classifier-free guidance batches cond + uncond together
             lr = low_res if low_res is None or repeat == 1 else low_res.repeat(repeat, 1, 1, 1)
             aug = scaled_aug if scaled_aug is None or repeat == 1 else scaled_aug.repeat(repeat)
+            if micro and x.shape[0] != micro:
+                return _in_micro_batches(one_call, micro, x, t, labels, aug, lr)
+            return one_call(x, t, labels, aug, lr)
+
+        def one_call(x, t, labels, aug, lr) -> torch.Tensor:
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if self._cuda_graphs:

@@ -36,6 +36,7 @@ from . import __version__
 from .augment import downsample
 from .checkpoint import (
     CheckpointError,
+    LOCK_FILE,
     RunLock,
     clean_run_dir,
     latest_checkpoint,
@@ -54,7 +55,7 @@ from .fileio import atomic_write_text, grid_by_class, images_to_tensor, save_gri
 from .errors import UserError, check_output_dir
 from .loader import BatchStream, PrefetchLoader
 from .mirror import flip_warning
-from .readers import ImageArray
+from .readers import ImageArray, ResolutionMismatch
 from .hardware import bf16_autocast, configure_cuda_backends, resolve_device
 from .stage import Stage, build_augmentation, build_diffusion, build_network
 
@@ -115,9 +116,11 @@ class Trainer:
         device: str | None = None,
         data: ImageArray | None = None,
         stop_after: int | None = None,
+        config_path: str | Path | None = None,
     ):
         """``stop_after``: return after this many optimizer steps in this invocation (used to simulate an
-        interruption in tests); the run's total length stays ``config.train.steps``."""
+        interruption in tests); the run's total length stays ``config.train.steps``. ``config_path``: the file the
+        config was read from; it may lie in a new run directory (it is then the user's and kept)."""
         d = config.diffusion
         if d.learn_sigma and d.loss == "simple":
             raise ConfigError(
@@ -138,6 +141,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
             configure_cuda_backends(config.train.cudnn_benchmark)
         self._data = data
+        self._config_path = Path(config_path) if config_path is not None else None
 
     # --- setup -----------------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> Path | None:
@@ -149,6 +153,7 @@ class Trainer:
         ckpt: Path | None = None
         if self.is_main:
             try:
+                check_run_dir_is_ours(self.run_dir, self._config_path)  # before anything is created or cleaned
                 check_output_dir(self.run_dir, "--out")
                 self._lock = RunLock(self.run_dir).acquire()
                 removed = clean_run_dir(self.run_dir)
@@ -201,6 +206,12 @@ class Trainer:
                 f"{self.run_dir} already holds a run with a different network ({'; '.join(diffs)}). "
                 "Use a new --out directory, or the original config to resume."
             )
+        if stored.parameterization() != self.config.parameterization():
+            diffs = _dict_diff(stored.parameterization(), self.config.parameterization())
+            raise ConfigError(
+                f"{self.run_dir} was trained with another parameterization ({'; '.join(diffs)}): its weights would "
+                "be read as the other one. Use a new --out directory, or the original settings to resume."
+            )
         return ckpt
 
     def _load_data(self) -> ImageArray:
@@ -210,15 +221,20 @@ class Trainer:
             d, s = self.config.data, self.config.stage
 
             def load() -> ImageArray:
-                return load_images(
-                    d.source,
-                    s.resolution,
-                    channels=s.channels,
-                    root=d.root or None,
-                    cache_dir=d.cache_dir or None,
-                    on_corrupt=d.on_corrupt,
-                    progress=self.is_main,
-                )
+                try:
+                    return load_images(
+                        d.source,
+                        s.resolution,
+                        channels=s.channels,
+                        root=d.root or None,
+                        cache_dir=d.cache_dir or None,
+                        on_corrupt=d.on_corrupt,
+                        progress=self.is_main,
+                        resize="down",  # upsampled npz images would pass for real training targets
+                    )
+                except ResolutionMismatch as e:
+                    raise ConfigError(f"data.source: {e}; this {s.resolution}px stage needs data at "
+                                      f"{s.resolution} px or more") from None
 
             # rank 0 builds a folder's resize cache once; the other ranks then read it
             if self.world_size > 1 and not self.is_main:
@@ -540,7 +556,7 @@ class Trainer:
                 last_loss = mean_loss
                 if self.is_main:
                     with open(log_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                        f.write(_json_line(record))
                     if writer is not None:
                         for key in ("loss", "grad_norm", "lr", "img_per_s"):
                             writer.add_scalar(f"train/{key}", record[key], self.step)
@@ -568,7 +584,7 @@ class Trainer:
     def _stop_nonfinite(self, record: dict, log_path: Path, last_ckpt: Path | None) -> None:
         if self.is_main:
             with open(log_path, "a") as f:
-                f.write(json.dumps({**record, "error": "non-finite loss"}) + "\n")
+                f.write(_json_line({**record, "error": "non-finite loss"}))
         keep = f"the last good checkpoint is kept: {last_ckpt}" if last_ckpt else "no checkpoint had been written yet"
         raise NonFiniteLossError(
             f"the loss became non-finite by step {record['step']}; training stopped and {keep}. "
@@ -584,12 +600,61 @@ def train_stage(config: StageConfig, run_dir: str | Path, **kwargs) -> TrainSumm
 # --- helpers ---------------------------------------------------------------------------------------------
 
 
+def _json_line(record: dict) -> str:
+    """One log line of strict JSON: a non-finite number (a diverged loss) becomes null, since the bare NaN that
+    json.dumps writes is not JSON and breaks every other reader of the log."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
 def _all_finite(model: torch.nn.Module) -> bool:
     flags = [torch.isfinite(p).all() for p in model.parameters()]
     return bool(torch.stack(flags).all())
 
 
 CONFIG_HEADER = "# Written by `cdm train`: the resolved config of this run, rewritten on every start."
+
+
+def is_run_dir(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is recognisably a run of this library: a ``.lock`` holding a trainer's record, a
+    complete (or set-aside) checkpoint, or a ``config.toml`` / ``config.resolved.toml`` we wrote."""
+    try:
+        lock = run_dir / LOCK_FILE
+        if lock.is_file() and not lock.is_symlink():
+            record = json.loads(lock.read_text() or "{}")
+            if isinstance(record, dict) and {"pid", "host"} <= set(record):
+                return True
+        checkpoints = run_dir / "checkpoints"
+        if checkpoints.is_dir() and any(p.name.startswith("corrupt-step_") or (p / "state.json").is_file()
+                                        for p in checkpoints.iterdir()):
+            return True
+        for name in ("config.toml", "config.resolved.toml"):
+            path = run_dir / name
+            if path.is_file():
+                with open(path, "rb") as f:
+                    if f.read(len(CONFIG_HEADER)).decode(errors="replace") == CONFIG_HEADER:
+                        return True
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def check_run_dir_is_ours(run_dir: Path, config_path: Path | None = None) -> None:
+    """Refuse a non-empty directory that is not a run of this library, as ``cdm prepare`` does: cleaning an
+    interrupted run's leftovers (``checkpoints/step_*`` without ``state.json``, ``.NAME.tmp-*``) must never delete
+    another tool's files. A new directory may already hold the user's config file and a ``log.jsonl`` (ours
+    is only ever appended to it)."""
+    if not run_dir.is_dir() or is_run_dir(run_dir):
+        return
+    allowed = {LOCK_FILE, "log.jsonl"}  # a planted .lock is refused by the lock itself, naming the problem
+    if config_path is not None and config_path.parent.resolve() == run_dir.resolve():
+        allowed.add(config_path.name)
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in allowed)
+    if foreign:
+        raise UserError(
+            f"--out {run_dir} is not empty and is not a run directory of `cdm train` (it holds "
+            f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); give a new or empty directory"
+        )
 
 
 def _append_log_event(path: Path, event: str, step: int) -> None:

@@ -12,8 +12,10 @@ import numpy as np
 from ..cascade import Cascade
 from ..data import load_images
 from ..distributed import distributed_from_env
-from ..errors import check_output_file
+from ..errors import UserError, check_distinct_paths, check_output_file
+from ..readers import ResolutionMismatch
 from ..evaluation.cas import classification_accuracy_score
+from ..evaluation.classifier.files import classifier_paths
 from ..evaluation.classifier import ClassifierConfig, evaluate_classifier, save_classifier, train_classifier
 from ..evaluation.evaluate import evaluate_images, load_samples, reference_stats
 from ..evaluation.features import get_feature_extractor
@@ -32,6 +34,7 @@ def _write_json(path: str | Path, payload: dict) -> None:
 def cmd_stats(args: argparse.Namespace) -> int:
 
     out = check_output_file(args.out, "--out")
+    check_distinct_paths({"--out": out}, {"REF": args.ref, "--features": args.features})
     with distributed_from_env(args.device) as (rank, world_size, local_rank):  # split over torchrun's processes
         extractor = get_feature_extractor(args.features, resolve_device(args.device, local_rank))
         start = time.time()
@@ -47,11 +50,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, "--out")
+    check_distinct_paths({"--out": args.out}, {"SAMPLES": args.samples, "--ref": args.ref, "--features": args.features})
     images, _ = load_samples(args.samples, args.num)
     with distributed_from_env(args.device) as (rank, world_size, local_rank):  # split over torchrun's processes
         extractor = get_feature_extractor(args.features, resolve_device(args.device, local_rank))
-        reference = reference_stats(args.ref, extractor, resolution=images.shape[1], channels=images.shape[-1],
-                                    distributed=world_size > 1)
+        try:
+            reference = reference_stats(args.ref, extractor, resolution=images.shape[1], channels=images.shape[-1],
+                                        distributed=world_size > 1, resize="any" if args.resize else "exact")
+        except ResolutionMismatch as e:  # e.g. the cascade's base output scored against its final resolution
+            raise UserError(f"--ref {args.ref}: {e} to the samples' size; pass --resize to do that anyway") from None
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
         result = evaluate_images(images, reference, extractor, metrics, source=str(args.samples),
                                  distributed=world_size > 1)
@@ -67,6 +74,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_classifier_train(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, "--out")
+    weights, description = classifier_paths(args.out)  # the pair save_classifier writes
+    check_distinct_paths({"--out": weights, "--out (its JSON)": description},
+                         {"--data": args.data, "--test": args.test})
     train = load_images(args.data, args.resolution, channels=args.channels)
     test_spec = args.test or (args.data.split(":")[0] + ":test" if args.data.startswith("fashion-mnist") else None)
     test = load_images(test_spec, args.resolution, channels=train.images.shape[-1]) if test_spec else None
@@ -103,11 +113,25 @@ def cmd_cas(args: argparse.Namespace) -> int:
 
     if args.out:
         check_output_file(args.out, "--out")
+    check_distinct_paths({"--out": args.out}, {"SAMPLES": args.samples, "--test": args.test, "--real": args.real})
     images, labels = load_samples(args.samples, args.num)
     if labels is None:
         raise ValueError(f"{args.samples} has no arr_1 labels: CAS needs the class each sample was generated for")
-    test = load_images(args.test, images.shape[1], channels=images.shape[-1])
+    resize = "any" if args.resize else "exact"
+    try:
+        test = load_images(args.test, images.shape[1], channels=images.shape[-1], resize=resize)
+    except ResolutionMismatch as e:
+        raise UserError(f"--test {args.test}: {e} to the samples' size; pass --resize to do that anyway") from None
     num_classes = test.num_classes
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if len(outside):
+        raise UserError(f"{args.samples}: arr_1 has label {int(outside[0])}, but the test set {test.source} has "
+                        f"classes 0..{num_classes - 1}")
+    if int(test.labels.max()) > int(labels.max()):
+        raise UserError(
+            f"--test {args.test} has label {int(test.labels.max())}, but the samples' labels go up to "
+            f"{int(labels.max())}: a classifier trained on them could never predict it"
+        )
     recipe = dict(seed=args.seed, device=resolve_device(args.device))
     if args.epochs is not None:
         recipe["epochs"] = args.epochs
@@ -116,7 +140,10 @@ def cmd_cas(args: argparse.Namespace) -> int:
     result = {"samples": str(args.samples), "test": test.source, "generated": generated}
     line = f"CAS on {test.source}: generated top-1 {100 * generated['top1']:.2f}% top-5 {100 * generated['top5']:.2f}%"
     if args.real:
-        real = load_images(args.real, images.shape[1], channels=images.shape[-1])
+        try:
+            real = load_images(args.real, images.shape[1], channels=images.shape[-1], resize=resize)
+        except ResolutionMismatch as e:
+            raise UserError(f"--real {args.real}: {e} to the samples' size; pass --resize to do that anyway") from None
         rng = np.random.default_rng(args.seed)
         pick = np.sort(rng.choice(len(real.images), size=min(len(images), len(real.images)), replace=False))
         baseline = classification_accuracy_score(
@@ -136,6 +163,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out")
     if args.plot:
         check_image_path(args.plot, "--plot")
+    check_distinct_paths({"--out": args.out, "--plot": args.plot},
+                         {"--ref": args.ref, "--ground-truth": args.ground_truth,
+                          "--class-proportions": args.class_proportions, "--features": args.features})
     with distributed_from_env(args.device) as (rank, world_size, local_rank):  # split over torchrun's processes
         device = resolve_device(args.device, local_rank)
         cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
@@ -182,6 +212,8 @@ def add_commands(sub) -> None:
     p.add_argument("--ref", required=True, help="dataset spec or stats .npz from `cdm stats`")
     p.add_argument("--out", required=True, help="metrics JSON")
     p.add_argument("--metrics", default="fid,kid,is,pr")
+    p.add_argument("--resize", action="store_true",
+                   help="resize an npz reference of another resolution to the samples' (refused otherwise)")
     p.add_argument("--features", default="inception", help="inception[:WEIGHTS] | classifier[:PATH]")
     p.add_argument("--num", type=positive_int, default=None)
     p.add_argument("--device", default="auto")
@@ -210,6 +242,8 @@ def add_commands(sub) -> None:
     p.add_argument("samples")
     p.add_argument("--test", default="fashion-mnist:test")
     p.add_argument("--real", default=None, help="also train on this many real images (e.g. fashion-mnist)")
+    p.add_argument("--resize", action="store_true",
+                   help="resize npz --test/--real data of another resolution to the samples' (refused otherwise)")
     p.add_argument("--out", default=None, help="JSON result")
     p.add_argument("--num", type=positive_int, default=None)
     p.add_argument("--epochs", type=positive_int, default=None)

@@ -11,7 +11,7 @@ import torch
 from ..cascade import Cascade, balanced_labels, grid_indices
 from ..data import load_images
 from ..distributed import distributed_from_env
-from ..errors import UserError, check_output_dir, check_output_file
+from ..errors import UserError, check_distinct_paths, check_output_dir, check_output_file
 from ..fileio import grid_by_class, npz_array_shape, save_grid
 from ..hardware import resolve_device
 from ..sharded_sampling import sample_sharded
@@ -48,6 +48,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         check_output_dir(args.save_stages, "--save-stages")
     if args.low_res_samples and not Path(args.low_res_samples).is_file():
         raise UserError(f"--low-res-samples {args.low_res_samples}: no such file")
+    inputs = {"--low-res-samples": args.low_res_samples, "--class-proportions": args.class_proportions}
+    check_distinct_paths({"--out": args.out, "--grid": args.grid}, inputs)
     with distributed_from_env(args.device) as (rank, world_size, local_rank):
         device = resolve_device(args.device, local_rank)
         cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
@@ -69,6 +71,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
             if len(data.images) < args.num:
                 raise UserError(f"--low-res-samples has {len(data.images)} images, fewer than --num {args.num}")
             low_res, labels = data.images[: args.num], torch.from_numpy(data.labels[: args.num])
+            if len(labels) and int(labels.max()) >= cascade.num_classes:  # else an IndexError once sampling ran
+                raise UserError(f"--low-res-samples {args.low_res_samples}: arr_1 has label {int(labels.max())}, but "
+                                f"the cascade has classes 0..{cascade.num_classes - 1}")
         truncated = cascade.default_truncated if args.truncated is None else args.truncated
         kwargs = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
                       truncated=truncated, aug_levels=args.aug_level, autocast=args.precision == "bf16")
@@ -77,6 +82,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.save_stages:
             stage_paths = [Path(args.save_stages) / f"stage{i + 1 + start_stage}_{s.resolution}px.npz"
                            for i, s in enumerate(stages_run)]
+            check_distinct_paths({"--out": args.out, "--grid": args.grid,
+                                  **{f"--save-stages ({p.name})": p for p in stage_paths}}, inputs)
         label_array = labels.numpy().astype(np.int64)
         select = grid_indices(label_array, per_class=args.grid_per_class) if args.grid else None
         result = sample_sharded(

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, export_stage, latest_valid_checkpoint
+from ..checkpoint import CheckpointError, export_stage, list_checkpoints, read_newest_checkpoint
 from ..config import load_config
-from ..errors import check_output_dir
-from ..training import train_stage
+from ..errors import UserError, check_output_dir
+from ..training import is_run_dir, train_stage
 from .common import positive_int
 
 
@@ -22,7 +23,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.steps={args.steps}")
     config = load_config(args.config, overrides)
     start = time.time()
-    summary = train_stage(config, args.out, device=args.device)
+    summary = train_stage(config, args.out, device=args.device, config_path=args.config)
     minutes = (time.time() - start) / 60
     print(
         f"trained {config.stage.name} to step {summary.step} in {minutes:.1f} min; "
@@ -32,21 +33,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    given, out = Path(args.run_dir), Path(args.out)
+    if out.exists() and (is_run_dir(out) or list_checkpoints(out) or os.path.realpath(out) == os.path.realpath(given)):
+        # `cdm sample RUN` would keep using the export while the run's newer checkpoints went unused
+        raise UserError(f"--out {out} is a training run directory; export into a directory of its own "
+                        f"(e.g. {out.parent / (out.name + '-export')})")
     check_output_dir(args.out, "--out")
-    given = Path(args.run_dir)
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+
+    def export(ckpt: Path) -> Path:
+        return export_stage(ckpt, args.out, dtype=dtype, weights=args.weights, config_overrides=args.set)
+
     if (given / "state.json").is_file():
-        ckpt = given
-    else:
-        ckpt, corrupt = latest_valid_checkpoint(given, stems=(args.weights,))
+        ckpt, written = given, export(given)
+    else:  # a trainer may prune the chosen checkpoint while it is read: the next newest is taken
+        written, ckpt, corrupt = read_newest_checkpoint(given, (args.weights,), export)
         for path, reason in corrupt:
             print(f"warning: skipping the unreadable checkpoint {path} ({reason})", file=sys.stderr)
         if ckpt is None and corrupt:
             raise CheckpointError(f"{args.run_dir} holds no readable checkpoint")
     if ckpt is None:
         raise CheckpointError(f"{args.run_dir} holds no checkpoint (give a run directory or one checkpoints/step_* dir)")
-    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    out = export_stage(ckpt, args.out, dtype=dtype, weights=args.weights, config_overrides=args.set)
-    print(f"exported {ckpt} ({args.weights} weights, {args.dtype}) to {out}")
+    print(f"exported {ckpt} ({args.weights} weights, {args.dtype}) to {written}")
     return 0
 
 

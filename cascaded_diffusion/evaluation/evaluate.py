@@ -63,8 +63,10 @@ def reference_stats(
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 250,
     distributed: bool = False,
+    resize: str = "any",
 ) -> FeatureStats:
-    """Statistics of a reference: a stats ``.npz`` file as is, or a dataset spec computed and cached."""
+    """Statistics of a reference: a stats ``.npz`` file as is, or a dataset spec computed and cached. ``resize``:
+    how an ``npz:`` reference at another resolution is treated (:func:`cascaded_diffusion.data.load_images`)."""
     path = Path(ref)
     precomputed = None
     if ref.endswith(".npz") and path.is_file() and not ref.startswith("npz:"):
@@ -78,7 +80,7 @@ def reference_stats(
         precomputed = adm_precomputed_stats(Path(ref[4:]))
     from ..data import load_images
 
-    data = load_images(ref, resolution or 32, channels=channels)
+    data = load_images(ref, resolution or 32, channels=channels, resize=resize if resolution else "any")
     if resolution is None:
         resolution = data.resolution
     images = data.images if num is None else data.images[:num]

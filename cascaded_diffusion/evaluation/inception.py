@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..fileio import atomic_replace, cache_dir
+from ..fileio import atomic_replace, cache_dir, open_no_follow
 
 INCEPTION_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
@@ -343,7 +343,7 @@ def _download(url: str, destination: Path, timeout_s: float) -> None:
 
     def fetch(tmp: Path) -> None:
         digest = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(tmp, "wb") as out:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, open_no_follow(tmp) as out:
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 digest.update(chunk)
                 out.write(chunk)

@@ -1,0 +1,417 @@
+"""Issue 29, the third reliability round: no file clobbered through a symlink, no foreign data deleted, no output
+over an input, no silent change of meaning, and one-line errors. One test (or more) per item; the rows are in
+docs/reliability.md."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cascaded_diffusion import fileio
+from cascaded_diffusion.checkpoint import RunLock, clean_run_dir
+from cascaded_diffusion.cli import main
+from cascaded_diffusion.config import StageConfig
+from cascaded_diffusion.errors import UserError
+from cascaded_diffusion.sharded_sampling import write_npz_streaming
+
+from test_reliability import tiny_raw, train_args, write_data  # noqa: F401 (the tiny stage of round two)
+
+
+@pytest.fixture
+def tiny(tmp_path) -> tuple[Path, StageConfig]:
+    config = StageConfig.from_dict(tiny_raw(write_data(tmp_path / "data.npz")))
+    path = tmp_path / "tiny.toml"
+    path.write_text(config.to_toml())
+    return path, config
+
+
+# --- 1. temporary files are exclusive and unpredictable ---------------------------------------------------
+
+
+def _plant_links(directory: Path, name: str, victim: Path) -> None:
+    """What an attacker plants in a shared directory: the old predictable temporary names, for a range of pids
+    around ours, as links to a file the victim can write."""
+    for pid in range(max(1, os.getpid() - 20), os.getpid() + 20):
+        (directory / f".{name}.tmp-{pid}").symlink_to(victim)
+
+
+@pytest.mark.parametrize("writer", ["atomic_write_bytes", "write_npz_streaming", "save_grid"])
+def test_atomic_writes_never_follow_a_planted_temporary_link(tmp_path, writer):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    target = shared / "s.npz"
+    _plant_links(shared, target.name, victim)
+    if writer == "atomic_write_bytes":
+        fileio.atomic_write_bytes(target, b"new bytes")
+    elif writer == "write_npz_streaming":
+        write_npz_streaming(target, {"arr_0": ((2,), np.int64, lambda m: m.write(np.arange(2)))})
+    else:
+        target = shared / "g.png"
+        _plant_links(shared, target.name, victim)
+        fileio.save_grid(np.zeros((1, 4, 4, 1), np.uint8), target, nrow=1)
+    assert victim.read_text() == "precious"
+    assert target.is_file() and not target.is_symlink()
+    # the temporary file was unpredictable and is gone; the planted links are left alone
+    left = sorted(p.name for p in shared.iterdir() if p.name != target.name)
+    assert all((shared / n).is_symlink() for n in left)
+
+
+def test_temporary_files_keep_the_usual_permissions_and_the_cleaner_knows_their_names(tmp_path):
+    old = os.umask(0o022)
+    try:
+        fileio.atomic_write_bytes(tmp_path / "f.bin", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644  # not mkstemp's 0600
+    tmp = fileio.make_temp_file(tmp_path / "config.toml")
+    assert tmp.name.startswith(".config.toml.tmp-") and len(tmp.name) == len(".config.toml.tmp-") + 8
+    (tmp_path / ".log.jsonl.tmp-4242").write_text("old style")
+    (tmp_path / "notes.tmp-1").write_text("not ours")
+    assert sorted(p.name for p in clean_run_dir(tmp_path)) == sorted([".log.jsonl.tmp-4242", tmp.name])
+    assert (tmp_path / "notes.tmp-1").exists()
+
+
+# --- 2. the lock file is never followed through a link ---------------------------------------------------
+
+
+def test_a_planted_lock_link_is_refused_and_its_target_untouched(tmp_path, tiny, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(victim)
+    with pytest.raises(UserError, match="symbolic link"):
+        RunLock(run).acquire()
+    cfg, _ = tiny
+    assert main(train_args(cfg, run, "train.steps=2")) == 2
+    err = capsys.readouterr().err
+    assert f"{run / '.lock'} is a symbolic link" in err and err.count("\n") == 1
+    assert victim.read_text() == "precious"
+    (run / ".lock").unlink()
+    os.mkfifo(run / ".lock")
+    with pytest.raises(UserError, match="not a regular file"):
+        RunLock(run).acquire()
+
+
+def test_a_full_disk_while_taking_the_lock_names_the_lock_and_keeps_its_record(tmp_path, monkeypatch):
+    lock = RunLock(tmp_path).acquire()
+    lock.release()
+    before = (tmp_path / ".lock").read_text()
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError) as info:
+        RunLock(tmp_path).acquire()
+    assert info.value.filename == str(tmp_path / ".lock") and "No space left" in str(info.value)
+    assert (tmp_path / ".lock").read_text() == before
+
+
+# --- 3. cdm train never deletes things in a directory that is not its run ---------------------------------
+
+
+def test_train_refuses_a_foreign_directory_and_deletes_nothing_in_it(tmp_path, tiny, capsys):
+    cfg, _ = tiny
+    foreign = tmp_path / "other-tool"
+    (foreign / "checkpoints" / "step_1000").mkdir(parents=True)
+    (foreign / "checkpoints" / "step_1000" / "weights.bin").write_bytes(b"their weights")
+    (foreign / ".cache.tmp-5").write_text("theirs")
+    before = sorted(str(p.relative_to(foreign)) for p in foreign.rglob("*"))
+    assert main(train_args(cfg, foreign, "train.steps=2")) == 2
+    err = capsys.readouterr().err
+    assert f"--out {foreign} is not empty and is not a run directory of `cdm train`" in err and err.count("\n") == 1
+    assert sorted(str(p.relative_to(foreign)) for p in foreign.rglob("*")) == before  # not even a .lock
+    # our own run keeps being cleaned: its leftovers are recognised once the directory is ours
+    run = tmp_path / "run"
+    assert main(train_args(cfg, run, "train.steps=2")) == 0
+    (run / "checkpoints" / "step_00000009").mkdir()
+    assert main(train_args(cfg, run, "train.steps=3")) == 0
+    assert not (run / "checkpoints" / "step_00000009").exists()
+    capsys.readouterr()
+
+
+def test_a_non_utf8_config_names_its_file(tmp_path, capsys):
+    cfg = tmp_path / "latin1.toml"
+    cfg.write_bytes("# café\n[stage]\n".encode("latin-1"))
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}: not UTF-8 text" in err and err.count("\n") == 1
+
+
+# --- 4. no output over an input or over another output ----------------------------------------------------
+
+
+def _samples(path: Path, n: int = 4, size: int = 8) -> Path:
+    rng = np.random.default_rng(0)
+    np.savez(path, arr_0=rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8), arr_1=np.arange(n) % 3)
+    return path
+
+
+def test_outputs_over_inputs_or_each_other_are_refused_before_compute(tmp_path, capsys, monkeypatch):
+    import cascaded_diffusion.cli.evaluate as evaluate_cli
+    import cascaded_diffusion.cli.sample as sample_cli
+
+    def no_compute(*a, **k):
+        raise AssertionError("compute started")
+
+    for name in ("get_feature_extractor", "load_samples", "load_images"):
+        monkeypatch.setattr(evaluate_cli, name, no_compute)
+    monkeypatch.setattr(sample_cli.Cascade, "load", no_compute)
+    s = _samples(tmp_path / "s.npz")
+    link = tmp_path / "link.npz"
+    link.symlink_to(s)
+    original = s.read_bytes()
+    cases = [
+        (["sample", "--pretrained", "fashion-mnist", "--out", str(tmp_path / "same.png"), "--grid",
+          str(tmp_path / "same.png")], "--grid"),
+        (["sample", "--pretrained", "fashion-mnist", "--out", str(s), "--low-res-samples", str(s)], "--out"),
+        (["stats", f"npz:{s}", "--out", str(s)], "--out"),
+        (["eval", str(s), "--ref", "fashion-mnist", "--out", str(link)], "--out"),
+        (["cas", str(s), "--test", f"npz:{tmp_path / 't.npz'}", "--out", str(s)], "--out"),
+        # the JSON half of the classifier pair would replace the training data
+        (["classifier", "train", "--data", f"npz:{tmp_path / 'c.json'}", "--out", str(tmp_path / "c.safetensors")],
+         "--out (its JSON)"),
+    ]
+    (tmp_path / "t.npz").write_bytes(original)
+    (tmp_path / "c.json").write_bytes(original)
+    for args, option in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert f"error: {option} " in err and "is the same file as" in err and err.count("\n") == 1, (args, err)
+    assert s.read_bytes() == original and not (tmp_path / "same.png").exists()
+
+
+def test_save_stages_files_over_the_out_file_are_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    import cascaded_diffusion.cli.sample as sample_cli
+
+    monkeypatch.setattr(sample_cli, "sample_sharded", lambda *a, **k: pytest.fail("sampling started"))
+    out = tmp_path / "st" / "stage2_32px.npz"  # the fashion-mnist cascade's final stage file
+    args = ["sample", "--pretrained", "fashion-mnist", "--num", "2", "--device", "cpu", "--out", str(out),
+            "--save-stages", str(tmp_path / "st")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--save-stages (stage2_32px.npz) {out} is the same file as --out {out}" in err
+
+
+# --- 6. a resume that changes what the weights mean is refused ------------------------------------------------
+
+
+@pytest.mark.parametrize("setting, key", [("diffusion.prediction=v", "diffusion.prediction"),
+                                          ("diffusion.schedule=linear", "diffusion.schedule"),
+                                          ("diffusion.timesteps=30", "diffusion.timesteps")])
+def test_resume_that_changes_the_parameterization_is_refused(tmp_path, tiny, capsys, setting, key):
+    cfg, _ = tiny
+    run = tmp_path / "run"
+    assert main(train_args(cfg, run, "train.steps=3")) == 0
+    state = (run / "checkpoints" / "step_00000003" / "state.json").read_bytes()
+    capsys.readouterr()
+    assert main(train_args(cfg, run, "train.steps=6", setting)) == 2
+    err = capsys.readouterr().err
+    assert "another parameterization" in err and f"{key}: run has" in err and err.count("\n") == 1
+    assert (run / "checkpoints" / "step_00000003" / "state.json").read_bytes() == state  # not relabelled
+    # what does not change the weights' meaning still resumes
+    assert main(train_args(cfg, run, "train.steps=6", "train.lr=5e-5")) == 0
+
+
+# --- 7. data at the wrong resolution is refused, not silently resized -----------------------------------------
+
+
+def test_wrong_resolution_data_is_refused_unless_resize_is_asked_for(tmp_path, tiny, capsys, monkeypatch):
+    import cascaded_diffusion.cli.evaluate as evaluate_cli
+
+    s32 = _samples(tmp_path / "s32.npz", n=6, size=32)
+    ref8 = _samples(tmp_path / "ref8.npz", n=6, size=8)
+    for args, option in [
+        (["eval", str(s32), "--ref", f"npz:{ref8}", "--out", str(tmp_path / "m.json"), "--features", "classifier"],
+         "--ref"),
+        (["eval", str(s32), "--ref", str(ref8), "--out", str(tmp_path / "m.json"), "--features", "classifier"],
+         "--ref"),
+        (["cas", str(s32), "--test", f"npz:{ref8}", "--device", "cpu"], "--test"),
+    ]:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"error: {option} " in err and "holds 8x8 images, not the 32x32 needed here; it would be upsampled" in err
+        assert "--resize" in err and err.count("\n") == 1
+    # asked for, the resize happens (what every run did before, silently)
+    seen = {}
+
+    def scored(images, reference, *a, **k):
+        seen["ref"] = reference
+        return {"num_samples": len(images), "reference": {}, "fid": 0.0}
+
+    monkeypatch.setattr(evaluate_cli, "evaluate_images", scored)
+    assert main(["eval", str(s32), "--ref", f"npz:{ref8}", "--out", str(tmp_path / "m.json"), "--features",
+                 "classifier", "--metrics", "fid", "--resize", "--device", "cpu"]) == 0
+    assert seen["ref"].num == 6
+    capsys.readouterr()
+    # an SR stage's high-resolution targets are never upsampled: an 8 px npz for a 32 px stage is refused
+    cfg, config = tiny
+    raw = config.to_dict()
+    raw["stage"].update(resolution=16)
+    big = StageConfig.from_dict(raw)
+    (tmp_path / "big.toml").write_text(big.to_toml())
+    assert main(train_args(tmp_path / "big.toml", tmp_path / "run", "train.steps=1")) == 2
+    err = capsys.readouterr().err
+    assert "data.source: npz:" in err and "holds 8x8 images, not the 16x16 needed here" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cas_refuses_labels_outside_the_test_sets_classes(tmp_path, capsys):
+    s = _samples(tmp_path / "s.npz", n=6, size=8)  # labels 0..2
+    test = tmp_path / "t.npz"
+    np.savez(test, arr_0=np.zeros((4, 8, 8, 1), np.uint8), arr_1=np.array([0, 1, 2, 7]))
+    assert main(["cas", str(s), "--test", f"npz:{test}", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"--test npz:{test} has label 7, but the samples' labels go up to 2" in err
+
+
+# --- 8. no export into a run directory; 9. readers survive the trainer's pruning ---------------------------------
+
+
+@pytest.fixture
+def trained(tmp_path, tiny, capsys) -> Path:
+    cfg, _ = tiny
+    run = tmp_path / "run"
+    assert main(train_args(cfg, run, "train.steps=3")) == 0
+    capsys.readouterr()
+    return run
+
+
+def test_export_into_a_run_directory_is_refused(trained, tmp_path, capsys):
+    for out in (trained, trained / "checkpoints" / ".."):
+        assert main(["export", str(trained), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "is a training run directory; export into a directory of its own" in err and err.count("\n") == 1
+    assert not (trained / "stage.json").exists()
+    assert main(["export", str(trained), "--out", str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "stage.json").is_file()
+
+
+def test_a_run_dir_holding_an_old_export_samples_its_newest_checkpoint(trained, tmp_path):
+    from cascaded_diffusion.checkpoint import export_stage
+    from cascaded_diffusion.stage import Stage
+
+    export_stage(trained / "checkpoints" / "step_00000003", trained)  # what an older version let through
+    (trained / "stage.json").write_text((trained / "stage.json").read_text().replace('"step": 3', '"step": 1'))
+    with pytest.warns(UserWarning, match="using the newest checkpoint"):
+        stage = Stage.load(trained)
+    assert stage.step == 3
+
+
+def _pruning_reader(monkeypatch, run: Path):
+    """Make the first read of a checkpoint find it pruned, as a trainer with keep_last=1 does when it writes the
+    next one while the reader is between choosing the checkpoint and reading it."""
+    import shutil
+
+    from cascaded_diffusion import checkpoint as ck
+    from cascaded_diffusion import stage as stage_module
+
+    real = ck.load_tensors
+    raced = []
+
+    def racing(ckpt, stem, device="cpu"):
+        if not raced:
+            raced.append(Path(ckpt).name)
+            newer = Path(ckpt).with_name(f"step_{int(Path(ckpt).name[5:]) + 6:08d}")
+            shutil.copytree(ckpt, newer)  # the trainer's next checkpoint ...
+            (Path(ckpt) / "state.json").unlink()  # ... and its pruning of this one, state.json first
+            shutil.rmtree(ckpt)
+        return real(ckpt, stem, device)
+
+    monkeypatch.setattr(stage_module, "load_tensors", racing)
+    monkeypatch.setattr(ck, "load_tensors", racing)
+    return raced
+
+
+def test_sampling_and_export_retry_when_the_chosen_checkpoint_is_pruned(trained, tmp_path, monkeypatch, recwarn):
+    from cascaded_diffusion.stage import Stage
+
+    raced = _pruning_reader(monkeypatch, trained)
+    stage = Stage.load(trained)
+    assert raced == ["step_00000003"] and stage.step == 3  # read from the copy, step_00000009
+    assert not [w for w in recwarn if "unreadable" in str(w.message)]
+    raced.clear()
+    assert main(["export", str(trained), "--out", str(tmp_path / "exported")]) == 0
+    assert raced == ["step_00000009"]
+    assert json.loads((tmp_path / "exported" / "stage.json").read_text())["source"].endswith("step_00000015")
+
+
+# --- 10. two `cdm sample` on one --out: the second is refused at once, naming the first ---------------------
+
+
+def test_a_second_sampler_on_the_same_out_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    import socket
+
+    import cascaded_diffusion.cascade as cascade_module
+    from cascaded_diffusion.sharded_sampling import _ShardLock, shard_dir_for
+
+    out = tmp_path / "s.npz"
+    first = _ShardLock(shard_dir_for(out), out).acquire()  # as the first `cdm sample` holds it
+    (shard_dir_for(out) / ".chunk-x.npz.tmp-abcdefgh").write_bytes(b"the first one's chunk being written")
+    monkeypatch.setattr(cascade_module, "sample_in_batches", lambda *a, **k: pytest.fail("sampled"))
+    args = ["sample", "--pretrained", "fashion-mnist", "--num", "2", "--steps", "2", "--out", str(out),
+            "--device", "cpu", "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is being sampled by another `cdm sample` (pid {os.getpid()} on host {socket.gethostname()}" in err
+    assert (shard_dir_for(out) / ".chunk-x.npz.tmp-abcdefgh").exists()  # its temporary files are not cleaned away
+    first.release()
+    monkeypatch.undo()
+    assert main(args) == 0 and out.is_file() and not shard_dir_for(out).exists()
+
+
+# --- 5. the shipped cascade's bytes do not depend on the batch size ------------------------------------------
+
+
+def test_the_shipped_cascade_is_byte_identical_for_any_batch_size():
+    """With one thread (as a torchrun rank often has) oneDNN picked other kernels for other batch shapes (a 1x1
+    convolution's GEMM over N*H*W rows summed in another order); the networks now always see 8 samples."""
+    import torch
+
+    from cascaded_diffusion.cascade import Cascade, sample_in_batches
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cascade = Cascade.load(pretrained="fashion-mnist", device="cpu")
+        labels = torch.arange(20) % 10
+        runs = [sample_in_batches(cascade, labels, batch_size=b, seed=2, steps=[3, 3], autocast=False)[0]
+                for b in (20, 16, 3)]
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert np.array_equal(a, b), int((a != b).sum())
+
+
+# --- 11, 15. one-line errors and a strictly JSON log -----------------------------------------------------------
+
+
+def test_low_res_sample_labels_beyond_the_classes_are_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    import cascaded_diffusion.cascade as cascade_module
+
+    monkeypatch.setattr(cascade_module, "sample_in_batches", lambda *a, **k: pytest.fail("sampled"))
+    low = tmp_path / "low.npz"
+    np.savez(low, arr_0=np.zeros((2, 8, 8, 1), np.uint8), arr_1=np.array([3, 12]))
+    assert main(["sample", "--pretrained", "fashion-mnist", "--num", "2", "--low-res-samples", str(low),
+                 "--out", str(tmp_path / "s.npz"), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "arr_1 has label 12, but the cascade has classes 0..9" in err and err.count("\n") == 1
+
+
+def test_a_diverged_loss_is_logged_as_strict_json(tmp_path, tiny, capsys):
+    cfg, _ = tiny
+    run = tmp_path / "run"
+    assert main(train_args(cfg, run, "train.steps=2", "train.lr=1e30", "train.grad_clip=0")) == 2
+    assert "non-finite" in capsys.readouterr().err
+    for line in (run / "log.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in the log"))
