@@ -69,7 +69,7 @@ def test_shipped_classifier_gives_the_recorded_features_and_logits() -> None:
     extractor = get_feature_extractor("classifier")
     # Same feature-network name as before the conversion: statistics computed with the v1 file stay comparable.
     assert extractor.name == str(expected["network"]) == "classifier:classifier.safetensors@126c212ed129"
-    assert json.dumps(asdict(extractor.model.config), sort_keys=True) == str(expected["config"])
+    assert json.dumps(extractor.model.config.to_dict(), sort_keys=True) == str(expected["config"])
     assert tensors_digest(extractor.model.state_dict()) == str(expected["tensors_sha256"])  # the same tensors
     features, logits = classifier_outputs(extractor.model, expected["images"])
     if "machine_signature" in expected and machine_signature() == str(expected["machine_signature"]):
@@ -246,3 +246,25 @@ def test_cdm_commands_refuse_a_bad_classifier_in_one_line(tmp_path, capsys) -> N
                    "--device", "cpu"])
         err = capsys.readouterr().err
         assert rc == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_patch_stem_classifier_round_trips_and_sees_full_resolution_detail(tmp_path) -> None:
+    """A stride-4 patch stem at 256 px: saved and loaded with its stride (a default-stride config stores no such
+    key, so older fingerprints hold), and a one-pixel checkerboard -- gone after any 4x downsampling -- moves
+    its features."""
+    torch.manual_seed(0)
+    config = ClassifierConfig(num_classes=3, in_channels=3, resolution=256, widths=(8, 16), stem_stride=4)
+    assert "stem_stride" not in ClassifierConfig(num_classes=3, in_channels=3).to_dict()
+    model = ResNetClassifier(config).eval()
+    save_classifier(model, tmp_path / "c.safetensors")
+    loaded, _ = load_classifier(tmp_path / "c.safetensors")
+    assert loaded.config == config and loaded.config.to_dict()["stem_stride"] == 4
+    flat = torch.zeros(1, 3, 256, 256)
+    checker = flat.clone()
+    checker[..., ::2, ::2] = 0.5
+    checker[..., 1::2, 1::2] = -0.5  # the mean of every 2x2 (and 4x4) block is unchanged
+    with torch.no_grad():
+        assert torch.allclose(loaded.features(flat), model.features(flat))
+        assert (loaded.features(checker) - loaded.features(flat)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="stem_stride"):
+        ClassifierConfig(resolution=30, stem_stride=4)

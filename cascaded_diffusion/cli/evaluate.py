@@ -82,7 +82,7 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
     test = load_images(test_spec, args.resolution, channels=train.images.shape[-1]) if test_spec else None
     # --resolution is the network's input size, not only the loading size: a 64x64 data set keeps its detail
     config = ClassifierConfig(num_classes=train.num_classes, in_channels=train.images.shape[-1],
-                              resolution=args.resolution)
+                              resolution=args.resolution, stem_stride=args.stem_stride)
     start = time.time()
     kwargs = dict(seed=args.seed, device=resolve_device(args.device), progress=True, config=config,
                   flip=not args.no_flip)
@@ -228,6 +228,9 @@ def add_commands(sub) -> None:
     c.add_argument("--resolution", type=positive_int, default=32,
                    help="the network's input side (images are loaded at it; samples of another size are resized)")
     c.add_argument("--channels", type=int, choices=[1, 3], default=None, help="default: the data's own")
+    c.add_argument("--stem-stride", type=positive_int, default=1,
+                   help="a patch-embedding stem of this stride (e.g. 4 at 256 px: full-resolution detail reaches "
+                        "the features at the cost of a 64 px network); 1: a 3x3 stem at full size")
     c.add_argument("--epochs", type=positive_int, default=None)
     c.add_argument("--steps", type=positive_int, default=None, help="overrides --epochs (small data sets)")
     c.add_argument("--batch-size", type=positive_int, default=None)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +68,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def classifier_fingerprint(config: ClassifierConfig, tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 of the config and the tensors: what determines the classifier's outputs."""
-    canonical = json.dumps(asdict(config), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(f"{canonical}\n{tensors_digest(tensors)}".encode()).hexdigest()
 
 
@@ -84,7 +83,7 @@ def classifier_file_contents(
     info: dict[str, Any] = {
         "format": CLASSIFIER_FORMAT,
         "format_version": CLASSIFIER_FORMAT_VERSION,
-        "config": asdict(config),
+        "config": config.to_dict(),
         "fingerprint": classifier_fingerprint(config, tensors),
         "metadata": metadata or {},
     }

@@ -10,7 +10,7 @@ float [-1, 1] NCHW at the classifier resolution.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,9 @@ class ClassifierConfig:
 
     ``widths`` gives one stage per entry; every stage after the first halves the resolution. The
     last feature map is average-pooled to a ``head_pool x head_pool`` grid and projected to
-    ``feature_dim`` features.
+    ``feature_dim`` features. ``stem_stride`` > 1 makes the stem a non-overlapping ``stem_stride``-pixel patch
+    embedding: every pixel of a 256x256 image still reaches the features (blur or aliasing at full resolution
+    moves them), at the cost of a 64x64 network.
     """
 
     num_classes: int = 10
@@ -35,6 +37,7 @@ class ClassifierConfig:
     blocks_per_stage: int = 1
     head_pool: int = 4
     feature_dim: int = 128
+    stem_stride: int = 1
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
@@ -49,7 +52,17 @@ class ClassifierConfig:
             raise ValueError(f"blocks_per_stage must be >= 1, got {self.blocks_per_stage}")
         if self.head_pool < 1 or self.feature_dim < 1:
             raise ValueError(f"head_pool and feature_dim must be >= 1, got {self.head_pool} and {self.feature_dim}")
+        if self.stem_stride < 1 or self.resolution % self.stem_stride:
+            raise ValueError(f"stem_stride must be >= 1 and divide resolution {self.resolution}, got {self.stem_stride}")
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as stored (and fingerprinted); ``stem_stride`` only when not 1, so classifiers written
+        before it existed keep their descriptions and fingerprints."""
+        values = asdict(self)
+        if values["stem_stride"] == 1:
+            del values["stem_stride"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ClassifierConfig":
@@ -98,8 +111,13 @@ class ResNetClassifier(nn.Module):
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
         self.config = config
+        if config.stem_stride > 1:
+            stem_conv = nn.Conv2d(config.in_channels, config.widths[0], config.stem_stride, stride=config.stem_stride,
+                                  bias=False)
+        else:
+            stem_conv = nn.Conv2d(config.in_channels, config.widths[0], 3, padding=1, bias=False)
         self.stem = nn.Sequential(
-            nn.Conv2d(config.in_channels, config.widths[0], 3, padding=1, bias=False),
+            stem_conv,
             nn.BatchNorm2d(config.widths[0]),
             nn.ReLU(inplace=True),
         )

@@ -154,7 +154,7 @@ def train_classifier(
             epochs=epochs, steps=total_steps, batch_size=batch_size, lr=lr, momentum=momentum,
             weight_decay=weight_decay, label_smoothing=label_smoothing, warmup_fraction=warmup_fraction,
             seed=seed, augment=augment, crop_padding=crop_padding, flip=flip, bf16=bf16, num_train=num_images,
-            config=asdict(config),
+            config=config.to_dict(),
         )
     )
     bar = None
