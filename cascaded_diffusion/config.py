@@ -147,7 +147,11 @@ class StageConfig:
 
     # --- conversion -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        # written only when false: run directories and bundles made before the option keep their bytes
+        if values["model"].get("middle_attention", True):
+            values["model"].pop("middle_attention", None)
+        return values
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

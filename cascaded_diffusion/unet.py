@@ -254,7 +254,8 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
 
         bottom_resolution = cfg.level_resolutions[-1]
-        self.middle = EmbedSequential([res_block(ch, ch), attention(ch, bottom_resolution), res_block(ch, ch)])
+        middle_attention = [attention(ch, bottom_resolution)] if cfg.middle_attention else []
+        self.middle = EmbedSequential([res_block(ch, ch), *middle_attention, res_block(ch, ch)])
 
         # Decoder: num_res_blocks + 1 stages per level, each consuming one skip; the last one of a level
         # (except the top level) upsamples.

@@ -24,6 +24,9 @@ class ModelOptions:
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
     num_res_blocks: int = 2
     attention_resolutions: list[int] = field(default_factory=lambda: [16])
+    # ADM's middle block attends over the whole bottom feature map; false drops it, for an SR stage trained on
+    # crops and sampled whole, where that attention would see 16x more tokens at sampling than in training
+    middle_attention: bool = True
     num_heads: int = 4
     num_head_channels: int = -1
     dropout: float = field(default=0.0, metadata=_NOT_SHAPE)
@@ -62,6 +65,7 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 2, 2)
     num_res_blocks: int = 2
     attention_resolutions: tuple[int, ...] = (16, 8)
+    middle_attention: bool = True
     num_heads: int = 4
     num_head_channels: int = -1
     dropout: float = 0.0
@@ -182,7 +186,8 @@ class UNetConfig:
         return cls(
             resolution=resolution, in_channels=channels, out_channels=channels, model_channels=options.channels,
             channel_mult=tuple(options.channel_mult), num_res_blocks=options.num_res_blocks,
-            attention_resolutions=tuple(options.attention_resolutions), num_heads=options.num_heads,
+            attention_resolutions=tuple(options.attention_resolutions), middle_attention=options.middle_attention,
+            num_heads=options.num_heads,
             num_head_channels=options.num_head_channels, dropout=options.dropout, num_classes=num_classes,
             learn_sigma=learn_sigma, use_aug_level=use_aug_level, low_res_channels=low_res_channels,
             low_res_upsample=low_res_upsample, resblock_updown=options.resblock_updown,
@@ -192,10 +197,12 @@ class UNetConfig:
 
     # ----------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples become lists)."""
+        """JSON-friendly dict (tuples become lists); ``middle_attention`` only when false, so the files of
+        networks made before the option existed keep their bytes."""
         return {
             key: list(value) if isinstance(value, tuple) else value
             for key, value in dataclasses.asdict(self).items()
+            if not (key == "middle_attention" and value)
         }
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -497,3 +498,26 @@ def test_tiny_unet_overfits_a_handful_of_images():
         final = epsilon_mse(*held_out).item()
     assert initial > 0.9  # zero-initialised output: the loss starts at E[ε²] ≈ 1
     assert final < initial / 10, (initial, final)
+
+
+def test_middle_attention_can_be_dropped_and_is_stored_only_when_dropped():
+    """An SR stage trained on crops and sampled whole can drop ADM's middle attention; a config that keeps it
+    (every config before the option) serialises exactly as before, so old run dirs and bundles keep their bytes."""
+    from cascaded_diffusion.config import load_config
+    from cascaded_diffusion.stage import build_network
+    from cascaded_diffusion.unet import AttentionBlock
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs/emoji256/sr64to256.toml")
+    assert config.model.middle_attention is False and "middle_attention = false" in config.to_toml()
+    net = build_network(config, "cpu")
+    assert not any(isinstance(m, AttentionBlock) for m in net.modules())
+    config.model.middle_attention = True
+    assert "middle_attention" not in config.to_toml()
+    assert sum(isinstance(m, AttentionBlock) for m in build_network(config, "cpu").modules()) == 1
+    # fully convolutional: a crop-sized and a whole-image input both run
+    net.eval()
+    with torch.no_grad():
+        for size in (64, 128):
+            x = torch.zeros(1, 3, size, size)
+            out = net(x, torch.zeros(1), y=torch.zeros(1, dtype=torch.long), low_res=x[..., ::4, ::4])
+            assert out.shape[-1] == size
