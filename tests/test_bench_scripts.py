@@ -103,6 +103,21 @@ def test_cascade_sampling_benchmark_compares_modes_on_the_same_samples(capsys):
         bench.main(["--modes", "eager,turbo"])
 
 
+def test_cascade_sampling_benchmark_times_sampling_and_a_training_step_in_both_precisions(capsys):
+    bench = _load("benchmarks/cascade_sampling.py", "cascade_sampling_precisions")
+    summary = bench.main(["--pretrained", "fashion-mnist", "--device", "cpu", "--batch-size", "2", "--batches", "1",
+                          "--steps", "1/1", "--precisions", "bf16,fp32", "--train-steps", "1", "--train-batch", "2"])
+    assert set(summary["samples_per_s"]) == {"eager/bf16", "eager/fp32"}
+    assert {p: v["name"] for p, v in summary["precision"].items()} == {"bf16": "bf16", "fp32": "fp32"}
+    steps = summary["train_step_seconds"]
+    assert list(steps) == ["stage1_8px", "stage2_32px"]
+    assert all(set(v) == {"bf16", "fp32"} and min(v.values()) > 0 for v in steps.values())
+    # the two precisions really ran differently: bf16 rounding moves the samples, not by much
+    assert 0 < summary["max_abs_diff_vs_eager"]["eager/fp32"]
+    with pytest.raises(SystemExit):
+        bench.main(["--precisions", "fp16"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # benchmarks/unet_throughput.py
 # ----------------------------------------------------------------------------------------------------------------
