@@ -195,7 +195,7 @@ def test_cdm_sample_precision(option, want, native, monkeypatch, tmp_path, capsy
             "--device", "cpu", "--quiet"]
     assert main(args + (["--precision", option] if option else [])) == 0
     assert autocast_calls and set(autocast_calls) == {want}
-    err = capsys.readouterr().err
+    err = capsys.readouterr().out
     assert f"cdm sample: precision {'bf16' if want else 'fp32'} (" in err
     assert ("(auto: " in err) == (option in (None, "auto"))
 
@@ -224,7 +224,7 @@ def test_cdm_cas_and_classifier_follow_the_same_rule(option, monkeypatch, tmp_pa
     out = tmp_path / "cas.json"
     assert main(["cas", str(data), "--test", f"npz:{data}", "--device", "cpu", "--out", str(out), *extra]) == 0
     assert seen == [want] and json.loads(out.read_text())["precision"] == ("bf16" if want else "fp32")
-    assert f"cdm cas: precision {'bf16' if want else 'fp32'}" in capsys.readouterr().err
+    assert f"cdm cas: precision {'bf16' if want else 'fp32'}" in capsys.readouterr().out
 
     trained = []
 
@@ -237,7 +237,7 @@ def test_cdm_cas_and_classifier_follow_the_same_rule(option, monkeypatch, tmp_pa
         main(["classifier", "train", "--data", f"npz:{data}", "--out", str(tmp_path / "c.safetensors"),
               "--resolution", "8", "--device", "cpu", *extra])
     assert trained == [want]
-    assert f"cdm classifier train: precision {'bf16' if want else 'fp32'}" in capsys.readouterr().err
+    assert f"cdm classifier train: precision {'bf16' if want else 'fp32'}" in capsys.readouterr().out
 
 
 def test_classifier_recipe_defaults_to_auto(monkeypatch):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,11 +89,11 @@ def add_precision_arg(p: argparse.ArgumentParser) -> None:
 
 
 def report_precision(command: str, requested: str, device, rank: int = 0) -> Precision:
-    """Decide the precision (``choose_precision``) and say which and why on stderr, once (rank 0): a user on a
-    CPU without native bf16 sees that fp32 was chosen for them, and why."""
+    """Decide the precision (``choose_precision``) and say which and why, once (rank 0; on stdout, since stderr
+    holds only the one-line errors): a user on a CPU without native bf16 sees that fp32 was chosen, and why."""
     precision = choose_precision(requested, device)
     if rank == 0:
-        print(f"cdm {command}: {precision.describe()}", file=sys.stderr, flush=True)
+        print(f"cdm {command}: {precision.describe()}", flush=True)
     return precision
 
 

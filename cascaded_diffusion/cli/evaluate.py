@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     with distributed_from_env(args.device) as (rank, world_size, local_rank):  # split over torchrun's processes
         extractor = get_feature_extractor(args.features, resolve_device(args.device, local_rank))
         if rank == 0:
-            print(f"cdm stats: {FEATURES_FP32}", file=sys.stderr, flush=True)
+            print(f"cdm stats: {FEATURES_FP32}", flush=True)
         start = time.time()
         stats = reference_stats(args.ref, extractor, resolution=args.resolution, channels=args.channels,
                                 num=args.num, distributed=world_size > 1)
@@ -60,7 +59,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with distributed_from_env(args.device) as (rank, world_size, local_rank):  # split over torchrun's processes
         extractor = get_feature_extractor(args.features, resolve_device(args.device, local_rank))
         if rank == 0:
-            print(f"cdm eval: {FEATURES_FP32}", file=sys.stderr, flush=True)
+            print(f"cdm eval: {FEATURES_FP32}", flush=True)
         reference = reference_stats(args.ref, extractor, resolution=images.shape[1], channels=images.shape[-1],
                                     distributed=world_size > 1)
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
