@@ -181,7 +181,7 @@ class Cascade:
         generator: Generator = None,
         low_res: torch.Tensor | None = None,
         start_stage: int = 0,
-        autocast: bool = True,
+        autocast: bool | None = None,
         progress: bool = False,
     ) -> CascadeOutput:
         """Sample ``len(labels)`` images through the cascade.
@@ -193,6 +193,8 @@ class Cascade:
         (seed, its index) only; a plain ``torch.Generator`` draws the whole batch from one stream.
         ``low_res`` with ``start_stage=k``: skip stages before k and feed these clean images (the output of
         stage k-1, or ground-truth low-resolution images) to stage k — used by the augmentation sweep.
+        ``autocast``: True = bf16 autocast, False = fp32, None (default) = bf16 only where the hardware does it
+        natively (:func:`~.hardware.choose_precision`).
         """
         n = len(self.stages)
         truncated = self.default_truncated if truncated is None else truncated

@@ -1,11 +1,13 @@
-"""Devices: which one a command runs on, its global math settings, the bf16 autocast every network call uses, and
-what a measurement ran on, in words (recorded with every benchmark and sampler-curve result)."""
+"""Devices: which one a command runs on, its global math settings, the precision its networks run in (bf16
+autocast or fp32, :func:`choose_precision`), and what a measurement ran on, in words (recorded with every
+benchmark and sampler-curve result)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import platform
+from dataclasses import dataclass
 
 import torch
 
@@ -46,11 +48,109 @@ def configure_cuda_backends(cudnn_benchmark: bool = True) -> None:
     torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
-def bf16_autocast(device: str | torch.device, enabled: bool = True):
-    """The context every network call runs in: bf16 autocast on ``device`` when ``enabled``, else nothing."""
+def bf16_autocast(device: str | torch.device, enabled: bool | Precision = True):
+    """The context every network call runs in: bf16 autocast on ``device`` when ``enabled`` (a bool or a
+    :class:`Precision`), else nothing."""
+    if isinstance(enabled, Precision):
+        enabled = enabled.bf16
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+# oneDNN's ISA levels below AVX512_CORE_BF16, the names ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA take: capped at one of
+# these, oneDNN has no bf16 instructions and converts every bf16 operand in software (docs/performance.md).
+_ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision a command's networks run in and the reason, in words (every command prints both)."""
+
+    name: str  # "bf16" (bf16 autocast, fp32 weights) | "fp32"
+    reason: str
+    requested: str = "auto"
+
+    @property
+    def bf16(self) -> bool:
+        return self.name == "bf16"
+
+    def describe(self) -> str:
+        """``"precision fp32 (auto: this CPU has no native bf16 ...)"``: the line a command prints."""
+        return f"precision {self.name} ({'auto: ' if self.requested == 'auto' else ''}{self.reason})"
+
+
+def cpu_bf16_support() -> tuple[bool, str]:
+    """Whether bf16 runs natively on this CPU *as torch will use it now*, and why, asking torch and oneDNN.
+
+    Native means: the CPU has bf16 instructions (avx512_bf16, or AMX tiles), oneDNN will use them (its effective
+    ISA, which ``ONEDNN_MAX_CPU_ISA`` caps, is at least AVX-512 core: ``torch.ops.mkldnn._is_mkldnn_bf16_supported``),
+    and ATen's own kernels run at AVX-512 (``ATEN_CPU_CAPABILITY`` caps them). Without any one of these, bf16
+    convolutions and element-wise ops convert every operand in software and are several times slower than fp32
+    (16x for sampling on an AVX2-only Zen 3, issue 27)."""
+    flags = _cpu_flags()
+    has_instructions = bool(flags.get("avx512_bf16") or flags.get("amx_bf16") or flags.get("amx_tile"))
+    if not has_instructions:
+        return False, "this CPU has no native bf16 (no avx512_bf16, no AMX)"
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        cap = os.environ.get(var, "").strip().upper()
+        if cap in _ONEDNN_ISAS_WITHOUT_BF16:
+            return False, f"{var}={cap} keeps oneDNN below its bf16 instructions"
+    if not _onednn_bf16():
+        return False, "oneDNN runs no bf16 on this CPU at its current ISA"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not capability.startswith("AVX512"):
+        return False, f"ATen runs at {capability} (ATEN_CPU_CAPABILITY), without bf16 instructions"
+    native = "AMX" if flags.get("amx_bf16") or flags.get("amx_tile") else "avx512_bf16"
+    return True, f"this CPU has native bf16 ({native})"
+
+
+def _onednn_bf16() -> bool:
+    """oneDNN's own answer: bf16 at its effective ISA (False when ``ONEDNN_MAX_CPU_ISA`` caps it below AVX-512)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _cpu_flags() -> dict:
+    """torch's cpuinfo view of this CPU's instructions (``torch.cpu.get_capabilities``; older torch: its
+    ``_is_*_supported`` helpers)."""
+    if hasattr(torch.cpu, "get_capabilities"):
+        return dict(torch.cpu.get_capabilities())
+    return {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx_tile": torch.cpu._is_amx_tile_supported()}
+
+
+def choose_precision(requested: str | None, device: str | torch.device) -> Precision:
+    """The one place that decides a network's precision. ``bf16`` and ``fp32`` are always obeyed; ``auto`` (and
+    None) is bf16 where the hardware does it natively *and* it measured faster, fp32 otherwise:
+
+    - CUDA: bf16 when the GPU has native bf16 (Ampere or newer), fp32 before.
+    - CPU: bf16 with avx512_bf16 or AMX in use (:func:`cpu_bf16_support`): 1.7x faster training and as fast or
+      faster sampling on the 2-core Zen 4 (docs/performance.md); fp32 without (16x faster sampling on AVX2).
+    - anything else (MPS, ARM CPUs): fp32, where bf16 has not been measured faster.
+    """
+    requested = "auto" if requested is None else requested
+    if requested not in PRECISIONS:
+        raise UserError(f"precision {requested!r} is not one of {', '.join(PRECISIONS)}")
+    auto = _auto_precision(torch.device(device))
+    if requested == "auto":
+        return auto
+    if auto.name == requested:
+        return Precision(requested, f"as asked; also the automatic choice: {auto.reason}", requested)
+    return Precision(requested, f"as asked, although auto would pick {auto.name}: {auto.reason}", requested)
+
+
+def _auto_precision(device: torch.device) -> Precision:
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return Precision("bf16", f"{torch.cuda.get_device_name(device)} has native bf16")
+        return Precision("fp32", f"{torch.cuda.get_device_name(device)} has no native bf16")
+    if device.type == "cpu":
+        if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+            return Precision("fp32", f"bf16 is not measured faster on {platform.machine()} CPUs")
+        native, why = cpu_bf16_support()
+        return Precision("bf16" if native else "fp32", why)
+    return Precision("fp32", f"bf16 is not measured faster on {device.type}")
 
 
 def device_name(device: str | torch.device) -> str:

@@ -26,7 +26,7 @@ from .checkpoint import (
 from .config import StageConfig
 from .diffusion import GaussianDiffusion, make_beta_schedule
 from .errors import UserError
-from .hardware import bf16_autocast
+from .hardware import bf16_autocast, choose_precision
 from .rng import Generator
 from .samplers import make_cfg_model_fn, sample
 from .unet import UNet, UNetConfig
@@ -221,10 +221,14 @@ class Stage:
         low_res: torch.Tensor | None = None,
         aug_level: torch.Tensor | None = None,
         guidance: float = 1.0,
-        autocast: bool = True,
+        autocast: bool | None = None,
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Build ``model_fn(x_t, t_scaled)`` for labels ``y`` (and, for SR stages, the low-res input and
-        the integer augmentation level ``aug_level``). ``guidance`` 1.0 is plain conditional sampling."""
+        the integer augmentation level ``aug_level``). ``guidance`` 1.0 is plain conditional sampling.
+        ``autocast``: True = bf16 autocast, False = fp32, None = what :func:`~.hardware.choose_precision` picks
+        for this stage's device (bf16 only where the hardware does it natively)."""
+        if autocast is None:
+            autocast = choose_precision("auto", self.device).bf16
         if self.is_sr and low_res is None:
             raise ValueError(f"stage {self.source or self.config.stage.name} is an SR stage: it needs low_res")
         self.check_guidance(guidance)
@@ -272,10 +276,11 @@ class Stage:
         stop_t: int = -1,
         start_t: int | None = None,
         x_start: torch.Tensor | None = None,
-        autocast: bool = True,
+        autocast: bool | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Sample ``len(labels)`` images in [-1, 1] (or a noisy x_{stop_t} when ``stop_t >= 0``)."""
+        """Sample ``len(labels)`` images in [-1, 1] (or a noisy x_{stop_t} when ``stop_t >= 0``).
+        ``autocast``: True = bf16, False = fp32, None (default) = the hardware's choice (see :meth:`model_fn`)."""
         defaults = self.config.sample
         sampler = sampler or defaults.sampler
         steps = defaults.steps if steps is None else steps

@@ -56,7 +56,7 @@ from .errors import UserError, check_output_dir
 from .loader import BatchStream, PrefetchLoader
 from .mirror import flip_warning
 from .readers import ImageArray, ResolutionMismatch
-from .hardware import bf16_autocast, configure_cuda_backends, resolve_device
+from .hardware import bf16_autocast, choose_precision, configure_cuda_backends, resolve_device
 from .stage import Stage, build_augmentation, build_diffusion, build_network
 
 
@@ -140,6 +140,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             configure_cuda_backends(config.train.cudnn_benchmark)
+        # train.precision "auto" is decided here, per machine: a run resumed on another kind of CPU or GPU
+        # takes the precision that is fast there (the config keeps "auto")
+        self.precision = choose_precision(config.train.precision, self.device)
         self._data = data
         self._config_path = Path(config_path) if config_path is not None else None
 
@@ -390,7 +393,7 @@ class Trainer:
         def model_fn(x_t: torch.Tensor, t_scaled: torch.Tensor) -> torch.Tensor:
             if channels_last:
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
-            with bf16_autocast(self.device, cfg.train.bf16):
+            with bf16_autocast(self.device, self.precision):
                 out = net(x_t, t_scaled, y=y, aug_level=aug_level, low_res=low_res)
             return out.float()
 
@@ -471,7 +474,7 @@ class Trainer:
             real = images_to_tensor(np.asarray(self.data.images[np.concatenate(picks)]), device=self.device)
             low = downsample(real, cfg.stage.low_res)
             columns.append(tensor_to_images(low.clamp(-1, 1)))
-        x = stage.sample(labels, low_res=low, steps=cfg.train.sample_steps, generator=gen, autocast=cfg.train.bf16)
+        x = stage.sample(labels, low_res=low, steps=cfg.train.sample_steps, generator=gen, autocast=self.precision.bf16)
         columns.append(tensor_to_images(x))
         if cfg.is_sr:
             columns.append(tensor_to_images(real))
@@ -510,6 +513,8 @@ class Trainer:
             self.resume(ckpt)
             if self.is_main:
                 print(f"resumed from {ckpt} at step {self.step}", flush=True)
+        if self.is_main:
+            print(f"train.precision = {t.precision!r}: {self.precision.describe()}", flush=True)
         log_path = self.run_dir / "log.jsonl"
         if self.is_main:  # the run is accepted: only now touch its files
             self._write_config()
@@ -588,7 +593,7 @@ class Trainer:
         keep = f"the last good checkpoint is kept: {last_ckpt}" if last_ckpt else "no checkpoint had been written yet"
         raise NonFiniteLossError(
             f"the loss became non-finite by step {record['step']}; training stopped and {keep}. "
-            "Try a lower train.lr, train.grad_clip > 0, or train.bf16 = false."
+            "Try a lower train.lr, train.grad_clip > 0, or train.precision = \"fp32\"."
         )
 
 

@@ -39,6 +39,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,8 @@ def save_real(path: Path, prepared: Path, resolution: int, num: int | None = Non
 
 
 def main() -> None:
+    # FID of a few hundred 128-d features is rank-limited and says so once per set; KID is the primary metric here
+    warnings.filterwarnings("ignore", message=".*covariance is rank-deficient.*")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True, help="holds emoji256-train/ and emoji256-test/ (cdm prepare)")
@@ -243,13 +246,14 @@ def paired_differences(results: dict, rounds: int, seed: int = 0) -> dict:
         if len(fa) != len(fb):
             raise SystemExit(f"{a} and {b} hold {len(fa)} and {len(fb)} samples: not a paired comparison")
         reference = results["_reference_features"][results[a]["resolution"]]
-        ref_stats = FeatureStats.from_features(reference, "ref", keep_features=False)
+        network = results[a]["network"]
+        ref_stats = FeatureStats.from_features(reference, network, keep_features=False)
 
         def gap(pick):
             ka = kid(fa[pick], reference, num_subsets=20, subset_size=len(pick), seed=seed)[0]
             kb = kid(fb[pick], reference, num_subsets=20, subset_size=len(pick), seed=seed)[0]
-            da = fid_from_stats(FeatureStats.from_features(fa[pick], "a", keep_features=False), ref_stats)
-            db = fid_from_stats(FeatureStats.from_features(fb[pick], "b", keep_features=False), ref_stats)
+            da = fid_from_stats(FeatureStats.from_features(fa[pick], network, keep_features=False), ref_stats)
+            db = fid_from_stats(FeatureStats.from_features(fb[pick], network, keep_features=False), ref_stats)
             return ka - kb, da - db
 
         rng = np.random.default_rng(seed)

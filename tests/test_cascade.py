@@ -142,21 +142,53 @@ def test_truncated_at_the_last_level_hands_on_pure_noise(base8, sr8to16):
     assert out.images.shape == (2, 1, 16, 16)
 
 
-@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_compiled_sampling_matches_eager(mode):
-    """Cascade.compile changes how the networks run, not what the cascade samples ('aot_eager' traces and
-    runs the same graph as inductor would, without its minutes of code generation on a CPU)."""
+# One compile of the tiny fixture run, shared by the assertions below. Tracing costs ~30 s on a busy 2-core CPU
+# even for this 4-channel network (dynamo + AOT autograd, independent of the graph's size), so the suite pays it
+# once; the bundled cascade took the same again per test, and another batch size a recompile (issue 27).
+COMPILE_LABELS = torch.arange(6) % 10
+COMPILE_KWARGS = dict(sampler="dpmpp", steps=[3, 2])
+TINY_RUN = [ROOT / "tests/fixtures/tiny_run/base8", ROOT / "tests/fixtures/tiny_run/sr8to16"]
+
+
+@pytest.fixture(scope="module")
+def compiled_tiny():
+    """'aot_eager' traces and runs the same graph (forward, functionalised) that inductor would compile, without
+    its C++ code generation."""
     torch._dynamo.reset()
-    labels = torch.arange(6) % 10
-    kwargs = dict(sampler="dpmpp", steps=[3, 2])
-    eager = Cascade.load(pretrained="fashion-mnist")
-    ref = eager.sample(labels, generator=torch.Generator().manual_seed(3), **kwargs)
-    compiled = Cascade.load(pretrained="fashion-mnist").compile(mode=mode, backend="aot_eager")
-    out = compiled.sample(labels, generator=torch.Generator().manual_seed(3), **kwargs)
+    torch._dynamo.utils.counters.clear()
+    cascade = Cascade.load(TINY_RUN).compile(backend="aot_eager")
+    first = cascade.sample(COMPILE_LABELS, generator=torch.Generator().manual_seed(3), **COMPILE_KWARGS)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    return cascade, first, frames
+
+
+def test_compiled_sampling_matches_eager(compiled_tiny):
+    """Cascade.compile changes how the networks run, not what the cascade samples."""
+    compiled, out, _ = compiled_tiny
+    ref = Cascade.load(TINY_RUN).sample(COMPILE_LABELS, generator=torch.Generator().manual_seed(3), **COMPILE_KWARGS)
     for a, b in zip(ref.stages, out.stages):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # bit-identical here; another seed differs by ~1.5
     assert all(s._sampling_net is not s.net for s in compiled.stages)
+
+
+def test_compiled_sampling_reuses_its_graphs(compiled_tiny):
+    """A second batch of the same shape runs the graphs already compiled: no recompilation, and the same samples
+    from the same seed."""
+    compiled, first, frames = compiled_tiny
+    assert frames >= len(compiled.stages)  # every stage's network was captured
+    again = compiled.sample(COMPILE_LABELS, generator=torch.Generator().manual_seed(3), **COMPILE_KWARGS)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    for a, b in zip(first.stages, again.stages):
+        assert torch.equal(a, b)
+
+
+def test_reduce_overhead_means_cuda_graphs_on_gpus_only():
+    """mode="reduce-overhead" adds CUDA graphs on a GPU only; on the CPU a stage then samples through the same
+    network call as the compiled cascade above (no graph steps, no copies), so nothing more is traced here."""
+    compiled = Cascade.load(TINY_RUN).compile(mode="reduce-overhead", backend="eager")
+    assert all(s._sampling_net is not s.net for s in compiled.stages)
+    assert not any(s._cuda_graphs for s in compiled.stages)
 
 
 def test_channels_last_sampling_converts_the_weights_too():

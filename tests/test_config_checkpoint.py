@@ -57,7 +57,9 @@ def test_unknown_section_is_named(tmp_path):
 def test_wrong_type_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.batch_size must be int, got str"):
         load_config(write(tmp_path, '[train]\nbatch_size = "64"\n'))
-    with pytest.raises(ConfigError, match=r"train\.bf16 must be bool"):
+    with pytest.raises(ConfigError, match=r"train\.channels_last must be bool"):
+        load_config(write(tmp_path, "[train]\nchannels_last = 1\n"))
+    with pytest.raises(ConfigError, match=r"train\.bf16 must be true or false"):  # the old spelling of precision
         load_config(write(tmp_path, "[train]\nbf16 = 1\n"))
 
 

@@ -342,6 +342,7 @@ def test_training_losses_feed_scaled_timesteps():
 
 
 def test_hybrid_vb_term_trains_only_the_variance_channels():
+    torch.manual_seed(0)  # its own inputs, whatever ran before
     T = 200
     d = cosine_diffusion(T, learn_sigma=True, loss="hybrid", vlb_weight=0.001)
     x0 = (torch.randint(0, 256, (4, 3, 4, 4)).float() / 127.5) - 1
@@ -354,7 +355,11 @@ def test_hybrid_vb_term_trains_only_the_variance_channels():
 
     (grad_vb,) = torch.autograd.grad(terms["vb"].sum(), raw, retain_graph=True)
     assert torch.count_nonzero(grad_vb[:, :3]) == 0  # stop-gradient on the mean
-    assert torch.count_nonzero(grad_vb[:, 3:]) == grad_vb[:, 3:].numel()
+    # every variance output with t > 0 gets a gradient. At t = 0 the term is the discretised decoder's NLL, whose
+    # log-probability is clamped where a pixel's bin has (numerically) no mass: a zero gradient there is right, and
+    # it turned up once the inputs came from another point of the global random stream (issue 27's suite runs)
+    assert torch.count_nonzero(grad_vb[1:, 3:]) == grad_vb[1:, 3:].numel()
+    assert torch.count_nonzero(grad_vb[:1, 3:]) > 0
     (grad_mse,) = torch.autograd.grad(terms["mse"].sum(), raw, retain_graph=True)
     assert torch.count_nonzero(grad_mse[:, 3:]) == 0
     (grad_loss,) = torch.autograd.grad(terms["loss"].sum(), raw)

@@ -38,7 +38,8 @@ def tiny_runs(tmp_path_factory):
         assert main(["prepare", f"imagefolder:{tmp / 'folders' / split}", "--resolutions", "16,64,256", "--out",
                      str(tmp / "data" / f"emoji256-{split}"), "--workers", "1", "--quiet"]) == 0
     tiny = ["stage.num_classes=3", "model.channels=8", "model.norm_groups=4", "model.channel_mult=[1,1]",
-            "model.num_res_blocks=1", "model.attention_resolutions=[]", "train.batch_size=2", "train.progress=false",
+            "model.num_res_blocks=1", "model.attention_resolutions=[]", "model.middle_attention=false",
+            "train.batch_size=2", "train.progress=false",
             "train.sample_every=0", "train.sample_steps=1", "train.keep_steps=[]", "diffusion.timesteps=20",
             f"data.source=prepared:{tmp / 'data' / 'emoji256-train'}"]
     noise = ["conditioning.noise_timesteps=20", "conditioning.s_max=10", "conditioning.sample_s=5"]

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError, check_output_file
+from ..hardware import PRECISIONS, Precision, choose_precision
 from ..samplers import SAMPLERS
 
 
@@ -81,6 +82,21 @@ def check_image_path(path: str, option: str) -> None:
     check_output_file(path, option)
 
 
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="network precision: bf16 autocast or fp32; auto (default) = bf16 where the hardware does "
+                        "bf16 natively (CUDA, CPUs with avx512_bf16 or AMX), else fp32")
+
+
+def report_precision(command: str, requested: str, device, rank: int = 0) -> Precision:
+    """Decide the precision (``choose_precision``) and say which and why, once (rank 0; on stdout, since stderr
+    holds only the one-line errors): a user on a CPU without native bf16 sees that fp32 was chosen, and why."""
+    precision = choose_precision(requested, device)
+    if rank == 0:
+        print(f"cdm {command}: {precision.describe()}", flush=True)
+    return precision
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=nonneg_int_list, default=None,
                    help="sampling steps, one value or one per stage (0 = all)")
@@ -92,7 +108,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="network precision (autocast)")
+    add_precision_arg(p)
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile every stage's network (mode; reduce-overhead = CUDA graphs on GPUs); "

@@ -22,7 +22,8 @@ from ..evaluation.features import get_feature_extractor
 from ..evaluation.sweep import augmentation_sweep, plot_sweep
 from ..fileio import atomic_write_text
 from ..hardware import resolve_device
-from .common import add_sampling_args, check_image_path, class_proportions_labels, nonneg_int_list, positive_int
+from .common import (add_precision_arg, add_sampling_args, check_image_path, class_proportions_labels,
+                     nonneg_int_list, positive_int, report_precision)
 
 
 def _write_json(path: str | Path, payload: dict) -> None:
@@ -31,12 +32,19 @@ def _write_json(path: str | Path, payload: dict) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2))
 
 
+# The feature networks (Inception, the classifier's features) always run in fp32: FID and friends compare against
+# reference statistics, and bf16 features would move them. stats and eval say so rather than take --precision.
+FEATURES_FP32 = "precision fp32 (feature networks always run in fp32: exact features for the metrics)"
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
 
     out = check_output_file(args.out, "--out")
     check_distinct_paths({"--out": out}, {"REF": args.ref, "--features": args.features})
     with distributed_from_env(args.device) as (rank, world_size, local_rank):  # split over torchrun's processes
         extractor = get_feature_extractor(args.features, resolve_device(args.device, local_rank))
+        if rank == 0:
+            print(f"cdm stats: {FEATURES_FP32}", flush=True)
         start = time.time()
         stats = reference_stats(args.ref, extractor, resolution=args.resolution, channels=args.channels,
                                 num=args.num, distributed=world_size > 1)
@@ -54,6 +62,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     images, _ = load_samples(args.samples, args.num)
     with distributed_from_env(args.device) as (rank, world_size, local_rank):  # split over torchrun's processes
         extractor = get_feature_extractor(args.features, resolve_device(args.device, local_rank))
+        if rank == 0:
+            print(f"cdm eval: {FEATURES_FP32}", flush=True)
         try:
             reference = reference_stats(args.ref, extractor, resolution=images.shape[1], channels=images.shape[-1],
                                         distributed=world_size > 1, resize="any" if args.resize else "exact")
@@ -84,8 +94,10 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
     config = ClassifierConfig(num_classes=train.num_classes, in_channels=train.images.shape[-1],
                               resolution=args.resolution, stem_stride=args.stem_stride)
     start = time.time()
-    kwargs = dict(seed=args.seed, device=resolve_device(args.device), progress=True, config=config,
-                  flip=not args.no_flip)
+    device = resolve_device(args.device)
+    precision = report_precision("classifier train", args.precision, device)
+    kwargs = dict(seed=args.seed, device=device, progress=True, config=config, flip=not args.no_flip,
+                  bf16=precision.bf16)
     for name in ("epochs", "steps", "batch_size"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
@@ -132,12 +144,15 @@ def cmd_cas(args: argparse.Namespace) -> int:
             f"--test {args.test} has label {int(test.labels.max())}, but the samples' labels go up to "
             f"{int(labels.max())}: a classifier trained on them could never predict it"
         )
-    recipe = dict(seed=args.seed, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    precision = report_precision("cas", args.precision, device)
+    recipe = dict(seed=args.seed, device=device, bf16=precision.bf16)
     if args.epochs is not None:
         recipe["epochs"] = args.epochs
     start = time.time()
     generated = classification_accuracy_score(images, labels, test.images, test.labels, num_classes, **recipe)
-    result = {"samples": str(args.samples), "test": test.source, "generated": generated}
+    result = {"samples": str(args.samples), "test": test.source, "generated": generated,
+              "precision": precision.name}
     line = f"CAS on {test.source}: generated top-1 {100 * generated['top1']:.2f}% top-5 {100 * generated['top5']:.2f}%"
     if args.real:
         try:
@@ -168,6 +183,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                           "--class-proportions": args.class_proportions, "--features": args.features})
     with distributed_from_env(args.device) as (rank, world_size, local_rank):  # split over torchrun's processes
         device = resolve_device(args.device, local_rank)
+        precision = report_precision("sweep", args.precision, device, rank)
         cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
         extractor = get_feature_extractor(args.features, device)
         final = cascade.stages[-1]
@@ -175,7 +191,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                     distributed=world_size > 1)
         ground_truth = None if args.no_ground_truth else (args.ground_truth or (args.ref if ":" in args.ref or not args.ref.endswith(".npz") else None))
         sampling = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
-                        autocast=args.precision == "bf16")
+                        autocast=precision.bf16)
         labels = None
         if args.class_proportions:
             labels = class_proportions_labels(args.class_proportions, args.num, cascade.num_classes,
@@ -239,6 +255,7 @@ def add_commands(sub) -> None:
     c.add_argument("--eval-every-epoch", action="store_true", help="print the test split's top-1 after each epoch")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="auto")
+    add_precision_arg(c)
     c.set_defaults(func=cmd_classifier_train)
 
     p = sub.add_parser("cas", help="Classification Accuracy Score of a samples .npz")
@@ -252,6 +269,7 @@ def add_commands(sub) -> None:
     p.add_argument("--epochs", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    add_precision_arg(p)
     p.set_defaults(func=cmd_cas)
 
     p = sub.add_parser("sweep", help="FID over the conditioning-augmentation level s")

@@ -15,7 +15,8 @@ from ..errors import UserError, check_distinct_paths, check_output_dir, check_ou
 from ..fileio import grid_by_class, npz_array_shape, save_grid
 from ..hardware import resolve_device
 from ..sharded_sampling import sample_sharded
-from .common import add_sampling_args, check_image_path, class_proportions_labels, nonneg_int_list, positive_int
+from .common import (add_sampling_args, check_image_path, class_proportions_labels, nonneg_int_list, positive_int,
+                     report_precision)
 
 
 def low_res_start_stage(cascade: Cascade, path: str) -> int:
@@ -52,6 +53,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_distinct_paths({"--out": args.out, "--grid": args.grid}, inputs)
     with distributed_from_env(args.device) as (rank, world_size, local_rank):
         device = resolve_device(args.device, local_rank)
+        precision = report_precision("sample", args.precision, device, rank)
         cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
         if args.compile:
             cascade.compile(mode=None if args.compile == "default" else args.compile)
@@ -76,7 +78,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                 f"the cascade has classes 0..{cascade.num_classes - 1}")
         truncated = cascade.default_truncated if args.truncated is None else args.truncated
         kwargs = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
-                      truncated=truncated, aug_levels=args.aug_level, autocast=args.precision == "bf16")
+                      truncated=truncated, aug_levels=args.aug_level, autocast=precision.bf16)
         stages_run = cascade.stages[start_stage:]
         stage_paths = None
         if args.save_stages:

@@ -13,6 +13,7 @@ import torch
 from ..checkpoint import CheckpointError, export_stage, list_checkpoints, read_newest_checkpoint
 from ..config import load_config
 from ..errors import UserError, check_output_dir
+from ..hardware import PRECISIONS
 from ..training import is_run_dir, train_stage
 from .common import positive_int
 
@@ -21,6 +22,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
+    if args.precision is not None:  # after --set: the option wins over a --set train.precision / train.bf16
+        overrides.append(f"train.precision={args.precision}")
     config = load_config(args.config, overrides)
     start = time.time()
     summary = train_stage(config, args.out, device=args.device, config_path=args.config)
@@ -65,6 +68,8 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="total steps (overrides train.steps)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=2e-4")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="overrides train.precision (auto = bf16 where the hardware does bf16 natively, else fp32)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write a sampling-only stage (EMA weights + config)")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...hardware import bf16_autocast
+from ...hardware import bf16_autocast, choose_precision
 from .model import (
     ClassifierConfig,
     ResNetClassifier,
@@ -90,7 +90,7 @@ def train_classifier(
     augment: bool = True,
     crop_padding: int = 2,
     flip: bool = True,
-    bf16: bool = True,
+    bf16: bool | None = None,
     progress: bool = True,
     eval_images: np.ndarray | None = None,
     eval_labels: np.ndarray | None = None,
@@ -101,7 +101,8 @@ def train_classifier(
 
     Recipe: SGD with Nesterov momentum, linear warmup then linear decay to 0, label smoothing, weight
     decay, random translation (``crop_padding`` pixels) and horizontal flips (unless ``flip=False``: data whose
-    mirror image is another thing, such as flags and text), bf16 autocast. ``steps``
+    mirror image is another thing, such as flags and text), bf16 autocast where the hardware does bf16 natively
+    (``bf16=None``, :func:`~cascaded_diffusion.hardware.choose_precision`; True/False force it). ``steps``
     overrides ``epochs``. When ``eval_images``/``eval_labels`` are given they are scored after every
     epoch (reporting only: nothing is selected on them).
 
@@ -120,6 +121,8 @@ def train_classifier(
             f"batch norm needs at least 2 images per batch: got batch_size={batch_size} and {images.shape[0]} images"
         )
     device = torch.device(device)
+    if bf16 is None:
+        bf16 = choose_precision("auto", device).bf16  # the history records the precision actually used
 
     num_images = images.shape[0]
     batch_size = min(batch_size, num_images)
