@@ -9,7 +9,11 @@ samples are the same for any batch size and number of processes; ``cli_sample_ui
 Bits are compared on a machine whose signature the fixture holds a recording for (tests/fixtures/record_machine.py
 adds one, made by the old commits in git worktrees). On another machine the kernels differ (AMX against AVX-512
 bf16, another summation order), and the test compares within round-off instead: fp32 to 1e-3, bf16 to a mean
-difference of 0.01, uint8 to 2 levels — still far below any change of the samplers' math."""
+difference of 0.05, uint8 to 2 levels — still far below any change of the samplers' math (one DDIM step fewer
+moves the pretrained bf16 case by a mean of 0.68; an AMX machine and an AVX-512-BF16 one differ by 0.022).
+
+Issue 29 made the networks run on fixed micro-batches of 8 on a CPU, which moved the fp32 round-off of the
+pretrained case by ~1e-6: the library cases are recorded by that commit since (record_machine.py)."""
 
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ def check(name: str, got: np.ndarray, recorded: dict) -> None:
     if got.dtype == np.uint8:
         assert diff.max() <= 2, f"{name}: max |diff| {diff.max()} levels"
     elif "bf16" in name:
-        assert diff.mean() < 0.01, f"{name}: mean |diff| {diff.mean()}"
+        assert diff.mean() < 0.05, f"{name}: mean |diff| {diff.mean()}"
     else:
         assert diff.max() < 1e-3, f"{name}: max |diff| {diff.max()}"
 
@@ -71,3 +75,10 @@ def test_the_round_off_fallback_would_catch_a_real_change(recorded):
     finally:
         del CASES["_fewer_steps"]
     assert np.abs(changed - recorded[name]).max() > 1e-2
+    kind, kwargs = CASES["pretrained_ddim_bf16"]
+    CASES["_fewer_steps"] = (kind, {**kwargs, "steps": kwargs["steps"] - 1})
+    try:
+        changed = sample_case("_fewer_steps")
+    finally:
+        del CASES["_fewer_steps"]
+    assert np.abs(changed - recorded["pretrained_ddim_bf16"]).mean() > 10 * 0.05
