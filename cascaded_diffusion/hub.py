@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 
 from .errors import UserError
-from .pretrained import HUB_PREFIX
 
+HUB_PREFIX = "hf://"
 LIBRARY_NAME = "cascaded-diffusion"
 INSTALL_HINT = "pip install -e '.[hub]' (or pip install huggingface_hub)"
 # the Hub's repository names: OWNER/NAME, letters, digits, '-', '_', '.', at most 96 characters each

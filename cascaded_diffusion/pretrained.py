@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import UserError
+from .hub import HUB_PREFIX, download_cascade  # huggingface_hub itself is imported only for an hf:// name
 
 PRETRAINED_ROOT = Path(__file__).parent / "pretrained"
 MANIFEST = "cascade.json"
-HUB_PREFIX = "hf://"
 STAGE_FILES = ("stage.json", "model.safetensors")
 CLASSIFIER_FILES = ("classifier.json", "classifier.safetensors")
 
@@ -174,8 +174,6 @@ def find_cascade(name: str) -> CascadeFolder:
     Hugging Face cache, or taken from it offline) or the path of an exported cascade folder. Exported and
     downloaded folders are verified against their manifest's hashes before they are returned."""
     if name.startswith(HUB_PREFIX):
-        from .hub import download_cascade  # huggingface_hub is optional: imported only for an hf:// name
-
         root = download_cascade(name)
         return CascadeFolder(root, verify_cascade_dir(root, name), name)
     if name in available_pretrained():

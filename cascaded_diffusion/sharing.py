@@ -26,9 +26,9 @@ from .cascade import Cascade, balanced_labels, sample_in_batches
 from .checkpoint import STAGE_FILE, CheckpointError, export_stage, list_checkpoints, read_newest_checkpoint
 from .errors import UserError
 from .fileio import atomic_write_bytes, atomic_write_text, grid_by_class, save_grid
-from .hub import check_logged_in, check_repo_id, push_folder
+from .hub import HUB_PREFIX, check_logged_in, check_repo_id, push_folder
 from .modelcard import CARD_FILE, GRID_FILE, eval_metrics, render_card
-from .pretrained import HUB_PREFIX, MANIFEST, find_cascade, hash_files, loaded_files
+from .pretrained import MANIFEST, find_cascade, hash_files, loaded_files
 
 FORMAT_VERSION = 1
 
