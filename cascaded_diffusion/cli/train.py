@@ -97,6 +97,7 @@ def cmd_export_cascade(args: argparse.Namespace) -> int:
     from ..sharing import export_cascade
 
     options = cascade_export_options(args)
+    check_output_dir(args.out, "--out")
     result = export_cascade(args.out, options.pop("run_dirs"), repo_id=args.repo, **options)
     size = sum(entry["size"] for entry in result.files.values())
     print(f"exported the cascade {' -> '.join(result.stages)} to {result.out} ({size / 1e6:.1f} MB of weights, "
