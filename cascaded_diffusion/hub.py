@@ -72,11 +72,14 @@ def download_cascade(name: str) -> Path:
                         "not logged in: hf auth login)") from None
     except LocalEntryNotFoundError as e:
         # offline (HF_HUB_OFFLINE=1) or the Hub unreachable, and no complete snapshot of this revision cached
-        offline = "HF_HUB_OFFLINE is set" if hub.constants.HF_HUB_OFFLINE else "the Hub could not be reached"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if hub.constants.HF_HUB_OFFLINE:
+            why = "HF_HUB_OFFLINE is set"
+        else:  # the Hub's own words say what failed (no route, a timeout, a refused token)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why = f"the Hub could not be reached ({first[:200]})"
         raise UserError(f"{name} is not in the Hugging Face cache {hub.constants.HF_HUB_CACHE} (for revision "
-                        f"{revision or 'main'}) and {offline}: download it once with network access, or point "
-                        f"HF_HOME at the cache that holds it ({first[:160]})") from None
+                        f"{revision or 'main'}) and {why}: download it once with network access, or point HF_HOME at "
+                        "the cache that holds it") from None
     return Path(path)
 
 

@@ -252,6 +252,12 @@ def test_push_uploads_the_export_with_a_model_card(fake_hub, capsys, tmp_path):
     from PIL import Image
 
     assert Image.open(up / "grid.png").size == (2 + 2 * 34, 2 + 10 * 34)  # a row per class: 8 and 32 px, 2 px apart
+    # the card's command draws the same grid, byte for byte
+    command = next(line for line in card.text.splitlines() if "The same grid" in line)
+    assert "--num 10 --seed 0 --grid-per-class 1" in command
+    assert main(["sample", "--pretrained", str(up), "--num", "10", "--seed", "0", "--grid-per-class", "1", "--out",
+                 str(tmp_path / "g.npz"), "--grid", str(tmp_path / "g.png"), "--quiet"]) == 0
+    assert (tmp_path / "g.png").read_bytes() == (up / "grid.png").read_bytes()
 
 
 def test_push_needs_a_login_before_any_work(monkeypatch, fake_hub, capsys):
