@@ -253,7 +253,7 @@ def render_card(root: str | Path, manifest: dict, *, load_names: Sequence[str], 
     data = card.get("data") or {}
     stages = stage_summaries(root, manifest)
     metrics = card_metrics(manifest)
-    first, top = stages[0]["config"], stages[-1]["config"]
+    first = stages[0]["config"]
     chain = " → ".join(str(s["config"].stage.resolution) for s in stages)
     title = card.get("title") or f"{manifest.get('name', 'cascade')}: cascaded diffusion model ({chain} px)"
     lines = ["---", *to_yaml(card_metadata(manifest, stages, metrics)), "---", "", f"# {title}", ""]

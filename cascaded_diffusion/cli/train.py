@@ -38,7 +38,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return cmd_export_cascade(args)
     if not args.run_dirs:
         raise UserError("give a run directory (one stage), several (a cascade, base first) or --pretrained NAME")
-    for option in ("repo", "card", "metrics"):
+    for option in ("repo", "card", "metrics", "name"):
         if getattr(args, option):
             raise UserError(f"--{option} is for a cascade export (several run directories, --pretrained or --cascade)")
     given, out = Path(args.run_dirs[0]), Path(args.out)
