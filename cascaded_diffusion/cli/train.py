@@ -97,8 +97,14 @@ def cmd_export_cascade(args: argparse.Namespace) -> int:
     from ..sharing import export_cascade
 
     options = cascade_export_options(args)
-    check_output_dir(args.out, "--out")
-    result = export_cascade(args.out, options.pop("run_dirs"), repo_id=args.repo, **options)
+    existed = Path(args.out).exists()
+    check_output_dir(args.out, "--out")  # creates it: a failed export then removes it again, leaving nothing
+    try:
+        result = export_cascade(args.out, options.pop("run_dirs"), repo_id=args.repo, **options)
+    except BaseException:
+        if not existed and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
+            Path(args.out).rmdir()
+        raise
     size = sum(entry["size"] for entry in result.files.values())
     print(f"exported the cascade {' -> '.join(result.stages)} to {result.out} ({size / 1e6:.1f} MB of weights, "
           f"manifest with sha256 per file, model card {result.out / 'README.md'}"
