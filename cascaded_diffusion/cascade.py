@@ -22,7 +22,7 @@ import torch
 
 from .fileio import images_to_tensor, tensor_to_images
 from .errors import UserError
-from .pretrained import pretrained_manifest, pretrained_stage_dirs
+from .pretrained import find_cascade
 from .rng import Generator, PerSampleGenerator
 from .stage import Stage
 
@@ -66,16 +66,18 @@ class Cascade:
         device: str | torch.device = "cpu",
         weights: str = "ema",
     ) -> "Cascade":
-        """The stages in ``run_dirs`` (run or exported stage directories, base first), or the bundled cascade
-        ``pretrained`` (EMA weights); one or the other."""
+        """The stages in ``run_dirs`` (run or exported stage directories, base first), or the cascade folder
+        ``pretrained`` (EMA weights): a bundled one by name (``"fashion-mnist"``), ``"hf://OWNER/REPO[@REVISION]"``
+        from the Hugging Face Hub or its cache, or the path of an exported one; one or the other. Exported and
+        downloaded folders are checked against their manifest's hashes before any file is loaded."""
         if pretrained and run_dirs:
-            raise UserError("give either run directories or --pretrained, not both")
+            raise UserError("give either run directories or a pretrained cascade, not both")
         truncated = False
         if pretrained:
-            run_dirs, weights = pretrained_stage_dirs(pretrained), "ema"
-            truncated = bool(pretrained_manifest(pretrained).get("sampling", {}).get("truncated", False))
+            folder = find_cascade(str(pretrained))
+            run_dirs, weights, truncated = folder.stage_dirs, "ema", folder.truncated
         if not run_dirs:
-            raise UserError("give one or more run directories (base first), or --pretrained NAME")
+            raise UserError("give one or more run directories (base first), or a pretrained cascade")
         return cls([Stage.load(p, device=device, weights=weights) for p in run_dirs], truncated=truncated)
 
     def compile(self, mode: str | None = None, backend: str = "inductor") -> "Cascade":
@@ -262,6 +264,47 @@ class Cascade:
                 handed_on = x.clamp(-1, 1)
                 handed_level = None
         return CascadeOutput(images=outputs[-1], stages=outputs, labels=labels)
+
+    def upscale(self, images, labels, *, seed: int = 0, keys: Sequence[int] | None = None, batch_size: int = 64,
+                progress: bool = False, **kwargs) -> list[np.ndarray]:
+        """Run every SR stage on given low-resolution images: ``images`` is a uint8 N x H x W x C array or a
+        sequence of PIL images / uint8 H x W [x C] arrays of any size, each brought to the first SR stage's input
+        size by the training data's rule (:func:`~cascaded_diffusion.imagefolder.preprocess_image`: channels
+        converted, ADM centre crop + resize; an image already at that size is used as it is). ``labels``: one
+        class per image (an int: all of them). Image k's noise depends on ``seed`` and ``keys[k]`` only (default
+        k), so it is the same whatever else is upscaled with it. Other keyword arguments go to :meth:`sample`
+        (``aug_levels``, ``steps``, ...). Returns uint8 NHWC arrays: the input as fed, then each SR stage's output."""
+        from PIL import Image
+
+        from .imagefolder import preprocess_image
+
+        if len(self.stages) < 2:
+            raise CascadeError("upscaling needs a cascade with at least one super-resolution stage")
+        first = self.stages[1]
+        mode = "RGB" if first.channels == 3 else "L"
+        fed = []
+        for image in images:
+            if not isinstance(image, Image.Image):
+                array = np.asarray(image)
+                if array.dtype != np.uint8 or array.ndim not in (2, 3):
+                    raise ValueError(f"upscale: expected uint8 H x W [x C] images, got {array.dtype} {array.shape}")
+                if array.shape[:2] == (first.low_res, first.low_res) and (array.shape[2:] or (1,))[0] == first.channels:
+                    fed.append(array.reshape(first.low_res, first.low_res, first.channels))
+                    continue
+                image = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+            fed.append(preprocess_image(image, first.low_res, mode))
+        low_res = np.stack(fed) if fed else np.zeros((0, first.low_res, first.low_res, first.channels), np.uint8)
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if labels.numel() not in (1, len(fed)):
+            raise CascadeError(f"got {labels.numel()} labels for {len(fed)} images")
+        labels = labels.expand(len(fed)).clone()
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+            raise CascadeError(f"labels must be classes 0..{self.num_classes - 1}, got {labels.tolist()}")
+        if not len(fed):
+            return [low_res]
+        stages, _ = sample_in_batches(self, labels, batch_size=batch_size, seed=seed, low_res=low_res, start_stage=1,
+                                      indices=keys, progress=progress, **kwargs)
+        return [low_res, *stages]
 
 
 def sample_in_batches(cascade: Cascade, labels: torch.Tensor, *, batch_size: int, seed: int,

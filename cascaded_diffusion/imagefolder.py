@@ -69,18 +69,24 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(((array * 255 + 32767) // 65535).astype(np.uint8))
 
 
+def preprocess_image(image: Image.Image, resolution: int, mode: str) -> np.ndarray:
+    """The training data's rule for one decoded image: 16-bit scaled to 8, converted to ``mode`` (``L`` or
+    ``RGB``; alpha dropped), then the ADM centre crop + resize to resolution x resolution x C uint8."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = to_8bit(image)
+    with warnings.catch_warnings():
+        # Palette images with transparency warn on RGB conversion; the alpha is meant to be dropped.
+        warnings.simplefilter("ignore", UserWarning)
+        image = image.convert(mode)
+    array = center_crop_resize(image, resolution)
+    return array[..., None] if array.ndim == 2 else array
+
+
 def decode_image(path: str, resolution: int, mode: str) -> np.ndarray:
     """Decode one image file and preprocess it to resolution x resolution x C uint8 (C from ``mode``)."""
     with Image.open(path) as image:
         image.load()  # raises on truncated data instead of decoding a partly grey image
-        if image.mode.startswith("I;16") or image.mode == "I":
-            image = to_8bit(image)
-        with warnings.catch_warnings():
-            # Palette images with transparency warn on RGB conversion; the alpha is meant to be dropped.
-            warnings.simplefilter("ignore", UserWarning)
-            image = image.convert(mode)
-    array = center_crop_resize(image, resolution)
-    return array[..., None] if array.ndim == 2 else array
+        return preprocess_image(image, resolution, mode)
 
 
 def decode_into(

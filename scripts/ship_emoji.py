@@ -80,12 +80,16 @@ def main() -> None:
                       "recognised": measured["recognised"], "memorisation": measured["memorisation"],
                       "feature_network": metrics.get("_feature_network"), "sampling": metrics["_meta"]["sampling"]},
         }
+        previous = args.bundle / "cascade.json"
+        if previous.is_file() and "card" in json.loads(previous.read_text()):
+            # the model card's facts (licences, data, class names) outlive a reship; its numbers come from "study"
+            manifest["card"] = json.loads(previous.read_text())["card"]
         (staged / "cascade.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if args.bundle.exists():
             args.bundle.rename(Path(tmp) / "old")
         staged.rename(args.bundle)
     print(f"shipped {choice['setting']} ({' + '.join(choice['stages'])}, s = {choice['aug_level']}): KID vs held-out "
-          f"{1e3 * kid:.2f}e-3 -> {args.bundle}")
+          f"{1e3 * kid:.2f}e-3 -> {args.bundle}; rewrite its model card: python scripts/write_bundle_cards.py")
 
 
 if __name__ == "__main__":

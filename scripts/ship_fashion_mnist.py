@@ -107,12 +107,16 @@ def main() -> None:
                       "num_samples": metrics["num_samples"], "feature_network": metrics.get("feature_network"),
                       "cas": cas.get("generated"), "cas_top1_over_classifier_seeds": cas_seeds},
         }
+        previous = args.bundle / "cascade.json"
+        if previous.is_file() and "card" in json.loads(previous.read_text()):
+            # the model card's facts (licences, data, class names) outlive a reship; its numbers come from "study"
+            manifest["card"] = json.loads(previous.read_text())["card"]
         (staged / "cascade.json").write_text(json.dumps(manifest, indent=2) + "\n")
         old = Path(tmp) / "old"
         args.bundle.rename(old)
         staged.rename(args.bundle)
     print(f"shipped {best}: base8 + {sr_run} (s = {level if augmented else 0}, measured with {args.sampler} {args.steps}) "
-          f"FID {metrics['fid']:.2f} -> {args.bundle}")
+          f"FID {metrics['fid']:.2f} -> {args.bundle}; rewrite its model card: python scripts/write_bundle_cards.py")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def _int_at_least(minimum: int):
 
 
 positive_int = _int_at_least(1)
+nonneg_int = _int_at_least(0)
 
 
 def nonneg_int_list(text: str) -> list[int]:

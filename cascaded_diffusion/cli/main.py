@@ -10,13 +10,13 @@ import zipfile
 from ..checkpoint import CheckpointError
 from ..errors import describe_os_error
 from ..training import NonFiniteLossError
-from . import evaluate, prepare, sample, train
+from . import evaluate, prepare, sample, share, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdm", description="Cascaded Diffusion Models")
     sub = parser.add_subparsers(dest="command", required=True)
-    for commands in (train, sample, prepare, evaluate):  # train, export | sample | prepare | stats, eval, ...
+    for commands in (train, sample, share, prepare, evaluate):  # train, export | sample | push, upscale | prepare | stats, ...
         commands.add_commands(sub)
     return parser
 

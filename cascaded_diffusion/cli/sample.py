@@ -51,6 +51,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UserError(f"--low-res-samples {args.low_res_samples}: no such file")
     inputs = {"--low-res-samples": args.low_res_samples, "--class-proportions": args.class_proportions}
     check_distinct_paths({"--out": args.out, "--grid": args.grid}, inputs)
+    if args.pretrained and args.run_dirs:
+        raise UserError("give either run directories or --pretrained, not both")
     with distributed_from_env(args.device) as (rank, world_size, local_rank):
         device = resolve_device(args.device, local_rank)
         precision = report_precision("sample", args.precision, device, rank)
@@ -120,7 +122,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def add_commands(sub) -> None:
     p = sub.add_parser("sample", help="sample from one stage or a cascade (base first)")
     p.add_argument("run_dirs", nargs="*", help="run or exported stage directories, base first")
-    p.add_argument("--pretrained", default=None, help="a bundled cascade, e.g. fashion-mnist")
+    p.add_argument("--pretrained", default=None, metavar="NAME",
+                   help="a bundled cascade (fashion-mnist, emoji), hf://OWNER/REPO[@REVISION] from the Hugging Face "
+                        "Hub or its cache (pip install -e '.[hub]'), or the path of an exported cascade folder")
     p.add_argument("--num", type=positive_int, default=64)
     p.add_argument("--out", required=True, help="output .npz (arr_0 uint8 NHWC, arr_1 labels)")
     p.add_argument("--grid", default=None, help="PNG grid: one row per class, every stage side by side")
