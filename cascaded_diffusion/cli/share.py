@@ -12,7 +12,7 @@ from ..checkpoint import STAGE_FILE, list_checkpoints
 from ..errors import UserError, check_output_dir
 from ..hardware import resolve_device
 from ..training import is_run_dir
-from .common import nonneg_int_list, positive_int, sampler_list
+from .common import add_precision_arg, nonneg_int_list, positive_int, report_precision, sampler_list
 from .train import add_cascade_export_args, cascade_export_options
 
 
@@ -52,18 +52,19 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         raise UserError("give --label N (every image) or --labels CSV (name,label per line)")
     labels = read_labels_csv(args.labels) if args.labels else None
     check_output_dir(args.out, "--out")
-    cascade = Cascade.load(run_dirs, pretrained=args.pretrained, device=resolve_device(args.device),
-                           weights=args.weights)
+    device = resolve_device(args.device)
+    cascade = Cascade.load(run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
     aug = cascade.aug_levels(args.aug_level)  # refused here, before any image is decoded, if the count is wrong
 
     def log(line: str) -> None:
         print(f"cdm upscale: {line}", file=sys.stderr)
 
+    precision = report_precision("upscale", args.precision, device)
     try:
         report = upscale_files(cascade, images, args.out, label=args.label, labels=labels, seed=args.seed,
                                overwrite=args.force, save_stages=args.save_stages, batch_size=args.batch_size,
                                log=log, progress=not args.quiet, aug_levels=aug, steps=args.steps,
-                               sampler=args.sampler, autocast=args.precision == "bf16")
+                               sampler=args.sampler, autocast=precision.bf16)
     except OutputsExistError as e:
         raise UserError(f"--out: {e}; pass --force to overwrite") from None
     done = len(report.written) // (1 + (len(cascade.stages) - 1 if args.save_stages else 0))
@@ -119,7 +120,7 @@ def add_commands(sub) -> None:
     p.add_argument("--sampler", type=sampler_list, default=None, help="ddpm | ddim | dpmpp per stage")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    add_precision_arg(p)
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_upscale)
