@@ -415,3 +415,39 @@ def test_a_diverged_loss_is_logged_as_strict_json(tmp_path, tiny, capsys):
     assert "non-finite" in capsys.readouterr().err
     for line in (run / "log.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in the log"))
+
+
+# --- 12. corrupt Inception weights, given or cached: one line, and the cache is re-checked against its name ------
+
+
+def _stats_args(tmp_path: Path, features: str) -> list[str]:
+    samples = tmp_path / "s.npz"
+    np.savez(samples, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    return ["stats", f"npz:{samples}", "--features", features, "--out", str(tmp_path / "st.npz"), "--device", "cpu"]
+
+
+def test_corrupt_inception_weights_given_or_cached_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from cascaded_diffusion.evaluation import inception
+
+    for name, payload in (("garbage.pth", os.urandom(4000)), ("cut.pth", b"PK\x03\x04cut short"),
+                          ("garbage.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")):
+        path = tmp_path / name
+        path.write_bytes(payload)
+        assert main(_stats_args(tmp_path, f"inception:{path}")) == 2
+        err = capsys.readouterr().err
+        assert f"{path} is not a readable weights file" in err and err.count("\n") == 1, err
+        assert "weights_only" not in err
+    # the cache: a readable file under the download's name whose bytes are not the download's
+    monkeypatch.delenv(inception.INCEPTION_WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("CDM_CACHE", str(tmp_path / "cache"))
+    cached = inception.default_inception_cache_path()
+    cached.parent.mkdir()
+    torch.save({"fc.weight": torch.zeros(1)}, cached)
+    with pytest.raises(inception.WeightsFileError, match="name says it starts with 6726825d"):
+        inception.resolve_inception_weights(download=False)
+    assert main(_stats_args(tmp_path, "inception")) == 2
+    err = capsys.readouterr().err
+    assert f"the cached weights {cached} have SHA-256" in err and "Delete it" in err and err.count("\n") == 1
+    assert cached.exists(), "a file the user may have put there is never deleted"
