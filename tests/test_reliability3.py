@@ -451,3 +451,36 @@ def test_corrupt_inception_weights_given_or_cached_are_one_line_errors(tmp_path,
     err = capsys.readouterr().err
     assert f"the cached weights {cached} have SHA-256" in err and "Delete it" in err and err.count("\n") == 1
     assert cached.exists(), "a file the user may have put there is never deleted"
+
+
+# --- 15. the smaller ones -------------------------------------------------------------------------------------
+
+
+def test_empty_aug_levels_are_refused_while_parsing(capsys):
+    for argv in (["sweep", "--aug-levels", "", "--ref", "x.npz", "--out", "m.json"],
+                 ["sample", "--pretrained", "fashion-mnist", "--aug-level", " , ", "--out", "s.npz"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "expected one or more comma-separated integers >= 0" in err and "min()" not in err
+
+
+def test_a_negative_or_mismatched_step_in_state_json_is_refused(tmp_path, tiny, capsys):
+    from cascaded_diffusion.checkpoint import latest_valid_checkpoint
+
+    cfg, _ = tiny
+    run = tmp_path / "run"
+    assert main(train_args(cfg, run, "train.steps=2", "train.ckpt_every=1")) == 0
+    first, second = run / "checkpoints" / "step_00000001", run / "checkpoints" / "step_00000002"
+    state = json.loads((second / "state.json").read_text())
+    (second / "state.json").write_text(json.dumps({**state, "step": 1}))  # e.g. copied from the older one
+    ckpt, corrupt = latest_valid_checkpoint(run)
+    assert ckpt == first and "its step 1 is not that of step_00000002" in corrupt[0][1]
+    state = json.loads((first / "state.json").read_text())
+    (first / "state.json").write_text(json.dumps({**state, "step": -5}))
+    capsys.readouterr()
+    assert main(train_args(cfg, run, "train.steps=4")) == 2
+    err = capsys.readouterr().err
+    assert "holds no valid checkpoint" in err and "its step -5 is not a step number >= 0" in err
+    assert err.count("\n") == 1
