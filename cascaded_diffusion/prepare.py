@@ -51,7 +51,8 @@ from . import __version__
 from .imagefolder import fingerprint, list_image_folder, to_8bit, warn_skipped
 from .readers import ImageArray, center_crop_resize
 from .errors import UserError, check_output_dir
-from .fileio import atomic_write_bytes, atomic_write_text, cache_dir as cache_root, open_lock_file
+from .fileio import (atomic_write_bytes, atomic_write_text, cache_dir as cache_root, cache_setting,
+                     check_cache_dir, open_lock_file)
 
 __all__ = [
     "PREPROCESSING",
@@ -684,6 +685,7 @@ def load_imagefolder_cached(
     cache directory (reused while the folder's fingerprint holds, prepared again when it changes)."""
     folder = folder.resolve()
     entry = cache_entry(folder, resolution, channels, cache_dir)
+    check_cache_dir(entry.parent, "data.cache_dir" if cache_dir is not None else cache_setting())
     workers = num_workers if num_workers is not None else min(32, os.cpu_count() or 1)
     if workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")

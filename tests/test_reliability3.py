@@ -484,3 +484,23 @@ def test_a_negative_or_mismatched_step_in_state_json_is_refused(tmp_path, tiny, 
     err = capsys.readouterr().err
     assert "holds no valid checkpoint" in err and "its step -5 is not a step number >= 0" in err
     assert err.count("\n") == 1
+
+
+def test_a_cdm_cache_that_is_a_file_is_named_not_blamed_on_out(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from cascaded_diffusion.evaluation import inception
+
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(tmp_path / "imgs" / "a" / f"{i}.png")
+    (tmp_path / "cachefile").write_text("not a directory")
+    monkeypatch.setenv("CDM_CACHE", str(tmp_path / "cachefile"))
+    assert main(["stats", f"imagefolder:{tmp_path / 'imgs'}", "--resolution", "8", "--features", "classifier",
+                 "--out", str(tmp_path / "st.npz"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"CDM_CACHE={tmp_path / 'cachefile'}" in err and "is a file" in err and "--out" not in err, err
+    monkeypatch.delenv(inception.INCEPTION_WEIGHTS_ENV, raising=False)
+    with pytest.raises(UserError, match="CDM_CACHE=.*is a file"):  # before any download is tried
+        inception.resolve_inception_weights(download=True)
+    assert not (tmp_path / "st.npz").exists()

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..fileio import atomic_replace, cache_dir, open_no_follow
+from ..fileio import atomic_replace, cache_dir, cache_setting, check_cache_dir, open_no_follow
 
 INCEPTION_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
@@ -455,6 +455,7 @@ def resolve_inception_weights(
         return path
     if not download:
         raise FileNotFoundError(_missing_weights_message(path, f"{path} does not exist and download=False"))
+    check_cache_dir(path.parent, cache_setting())  # CDM_CACHE a file: say so, not "downloading failed (File exists)"
     try:
         _download(INCEPTION_WEIGHTS_URL, path, timeout_s)
     except OSError as error:  # URLError, timeouts and HTTP errors are all OSErrors
