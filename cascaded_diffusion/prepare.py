@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .imagefolder import fingerprint, list_image_folder, to_8bit, warn_skipped
+from .imagefolder import fingerprint, list_image_folder, needs_8bit_scaling, to_8bit, warn_skipped
 from .readers import ImageArray, center_crop_resize
 from .errors import UserError, check_output_dir
 from .fileio import (atomic_write_bytes, atomic_write_text, cache_dir as cache_root, cache_setting,
@@ -109,7 +109,7 @@ def _open_converted(path: str, mode: str) -> Image.Image:
     """Decode one file to a PIL image of ``mode`` exactly as ``imagefolder.decode_image`` does before resizing."""
     with Image.open(path) as image:
         image.load()  # raises on truncated data instead of decoding a partly grey image
-        if image.mode.startswith("I;16") or image.mode == "I":
+        if needs_8bit_scaling(image):  # 16-bit and float images scaled, as imagefolder.preprocess_image does
             image = to_8bit(image)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # palette + transparency -> RGB drops the alpha

@@ -504,3 +504,25 @@ def test_a_cdm_cache_that_is_a_file_is_named_not_blamed_on_out(tmp_path, capsys,
     with pytest.raises(UserError, match="CDM_CACHE=.*is a file"):  # before any download is tried
         inception.resolve_inception_weights(download=True)
     assert not (tmp_path / "st.npz").exists()
+
+
+def test_float_tiffs_in_0_1_are_scaled_and_out_of_range_ones_refused(tmp_path):
+    from PIL import Image
+
+    from cascaded_diffusion.data import load_images
+    from cascaded_diffusion.prepare import load_prepared, prepare_dataset
+
+    folder = tmp_path / "images" / "only"
+    folder.mkdir(parents=True)
+    for i, level in enumerate([0.0, 0.25, 0.5, 1.0]):
+        Image.fromarray(np.full((8, 8), level, np.float32)).save(folder / f"{i}.tif")
+        assert Image.open(folder / f"{i}.tif").mode == "F"
+    Image.fromarray(np.full((8, 8), 200.0, np.float32)).save(folder / "4_levels.tif")  # 8-bit levels as floats
+    Image.fromarray(np.full((8, 8), -3.0, np.float32)).save(folder / "5_negative.tif")
+    expected = [0, 64, 128, 255, 200]
+    with pytest.warns(UserWarning, match="skipped 1 of 6"):
+        data = load_images(f"imagefolder:{tmp_path / 'images'}", 8, channels=1, use_cache=False, num_workers=1)
+    assert data.images[:, 0, 0, 0].tolist() == expected
+    result = prepare_dataset(tmp_path / "images", [8], tmp_path / "prepared", channels=3, workers=1)
+    assert "5_negative.tif" in result.skipped[0] and "values in [-3, -3]" in result.skipped[0]
+    assert load_prepared(tmp_path / "prepared", 8).images[:, 0, 0].tolist() == [[v] * 3 for v in expected]
