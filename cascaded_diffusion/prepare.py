@@ -402,6 +402,33 @@ def prepare_dataset(
     return PrepareResult(out, manifest, decoded, time.perf_counter() - start_time)
 
 
+def _size(num_bytes: float) -> str:
+    """GiB, or MiB / KiB below that (``0.00 GiB`` would hide how small the shortfall is)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes / 2**10:.1f} KiB"
+
+
+def _check_space_to_finish(out: Path, targets: list[tuple[int, str]], pending: int) -> None:
+    """Before a resumed preparation writes into its arrays: they are sparse memory maps, and a write into a page
+    the full disk cannot back kills the process with SIGBUS (exit 135, no message, no Python exception). What
+    still needs disk is the part of each array with no blocks yet (``st_blocks``); the check at the start covers
+    a fresh preparation, this one a resume after the disk filled up meanwhile."""
+    if not pending:
+        return
+    needed = 0
+    for _, path in targets:
+        info = os.stat(path)
+        needed += max(0, info.st_size - getattr(info, "st_blocks", 0) * 512)
+    free = shutil.disk_usage(out / PARTIAL).free
+    if needed > free:
+        raise UserError(
+            f"--out {out}: finishing the interrupted preparation ({pending} files to decode) needs {_size(needed)} "
+            f"more, but only {_size(free)} are free there; free some space and rerun the same command"
+        )
+
+
 def _start_partial(out: Path, plan: dict[str, Any], file_count: int, chunk_size: int) -> dict[str, Any]:
     partial = out / PARTIAL
     partial.mkdir()
@@ -411,8 +438,8 @@ def _start_partial(out: Path, plan: dict[str, Any], file_count: int, chunk_size:
     if needed > free:
         shutil.rmtree(partial, ignore_errors=True)
         raise UserError(
-            f"--out {out}: the arrays need {needed / 2**30:.2f} GiB for {file_count} files at "
-            f"{plan['resolutions']} px, but only {free / 2**30:.2f} GiB are free there"
+            f"--out {out}: the arrays need {_size(needed)} for {file_count} files at "
+            f"{plan['resolutions']} px, but only {_size(free)} are free there"
         )
     for resolution in plan["resolutions"]:  # sparse until written
         shape = (file_count, resolution, resolution, plan["channels"])
@@ -466,6 +493,7 @@ def _run(
                 _raise_corrupt(folder, done[chunk])
     jobs = [(c, str(folder), relpaths[c * size : (c + 1) * size], c * size, targets, mode) for c in pending]
     total = sum(len(job[2]) for job in jobs)
+    _check_space_to_finish(out, targets, total)
     workers = min(workers, len(jobs))
     with tqdm(total=len(relpaths), initial=len(relpaths) - total, desc=f"preparing {folder.name}", unit="img",
               disable=not progress, dynamic_ncols=True) as bar, open(journal, "a") as log:

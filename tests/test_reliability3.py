@@ -526,3 +526,42 @@ def test_float_tiffs_in_0_1_are_scaled_and_out_of_range_ones_refused(tmp_path):
     result = prepare_dataset(tmp_path / "images", [8], tmp_path / "prepared", channels=3, workers=1)
     assert "5_negative.tif" in result.skipped[0] and "values in [-3, -3]" in result.skipped[0]
     assert load_prepared(tmp_path / "prepared", 8).images[:, 0, 0].tolist() == [[v] * 3 for v in expected]
+
+
+# --- 13. a disk filled up before `cdm prepare` resumes: refused before the memory map is written ---------------
+
+
+def test_a_resumed_prepare_checks_free_space_before_writing_its_arrays(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from PIL import Image
+
+    from cascaded_diffusion import prepare
+
+    for c in ("a", "b"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((40, 40, 3), 30 * i, np.uint8)).save(tmp_path / "images" / c / f"{i}.png")
+    out = tmp_path / "prepared"
+    real = prepare._decode_chunk
+
+    def interrupted(job):
+        if job[0] == 1:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(prepare, "_decode_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_dataset(tmp_path / "images", [32], out, workers=1, chunk_size=2)
+    # the disk filled up meanwhile: 1 KiB left, while 6 files x 32*32*3 bytes are still unwritten
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage._replace(free=1024))
+    monkeypatch.setattr(prepare, "_decode_chunk", lambda job: pytest.fail("wrote into the arrays"))
+    assert main(["prepare", str(tmp_path / "images"), "--resolutions", "32", "--out", str(out), "--workers", "1",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "finishing the interrupted preparation (6 files to decode) needs" in err and "KiB more" in err
+    assert "only 1.0 KiB are free" in err and "0.00 GiB" not in err and err.count("\n") == 1
+    monkeypatch.undo()
+    result = prepare.prepare_dataset(tmp_path / "images", [32], out, workers=1)
+    assert result.decoded == 6 and result.manifest["num_images"] == 8
