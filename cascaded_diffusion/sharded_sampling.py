@@ -354,6 +354,8 @@ def sample_sharded(
     chunk_size = int(chunk_size or batch_size)
     if batch_size < 1 or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be >= 1")
+    _cascade.check_sampling_memory(cascade, num, batch_size, start_stage=start_stage, world_size=world_size,
+                                   labels_allocated=True)  # before a batch grows until the kernel kills us
     out = Path(out)
     shard_dir = shard_dir_for(out)
     stages_run = cascade.stages[start_stage:]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cascade import Cascade, balanced_labels, grid_indices
+from ..cascade import Cascade, SamplingMemoryError, balanced_labels, check_sampling_memory, grid_indices
 from ..data import load_images
 from ..distributed import distributed_from_env
 from ..errors import UserError, check_distinct_paths, check_output_dir, check_output_file
@@ -59,6 +59,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
         if args.compile:
             cascade.compile(mode=None if args.compile == "default" else args.compile)
+        start_stage = low_res_start_stage(cascade, args.low_res_samples) if args.low_res_samples else 0
+        try:  # before the labels or a batch are allocated: 10**8 of them grow until the kernel kills the process
+            check_sampling_memory(cascade, args.num, args.batch_size, start_stage=start_stage, world_size=world_size)
+        except SamplingMemoryError as e:
+            flag = "--batch-size" if e.option == "batch_size" else "--num"
+            raise UserError(f"{e.detail}; lower {flag} (it is {e.value})") from None
         if args.class_proportions:
             if args.class_label:
                 raise UserError("--class-label and --class-proportions exclude each other")
@@ -67,9 +73,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         else:
             labels = balanced_labels(args.num, cascade.num_classes, args.class_label)
         low_res = None
-        start_stage = 0
         if args.low_res_samples:
-            start_stage = low_res_start_stage(cascade, args.low_res_samples)
             first = cascade.stages[start_stage]
             data = load_images(f"npz:{args.low_res_samples}", first.low_res, channels=first.channels)
             if len(data.images) < args.num:
