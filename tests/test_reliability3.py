@@ -594,3 +594,42 @@ def test_a_batch_or_num_that_cannot_fit_is_refused_naming_the_flag(tmp_path, cap
         sample_sharded(cascade, np.zeros(10**5, np.int64), tmp_path / "s.npz", seed=0, batch_size=10**5)
     assert info.value.option == "batch_size"
     cascade_module.check_sampling_memory(cascade, 10**5, 64)  # what fits is not refused
+
+
+# --- 15. SIGTERM (a scheduler's grace period) and SIGINT save a checkpoint and say how to resume ----------------
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signalled_trainer_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny, sig, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg, _ = tiny
+    run = tmp_path / "run"
+    # ckpt_every far away: any checkpoint found is the one the signal caused
+    args = train_args(cfg, run, "train.steps=100000", "train.ckpt_every=100000", "train.log_every=1",
+                      "train.sample_every=0")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cascaded_diffusion.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "log.jsonl").exists() or '"loss"' not in (run / "log.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + getattr(signal, sig), err
+    saved = sorted((run / "checkpoints").glob("step_*"))
+    assert len(saved) == 1
+    step = json.loads((saved[0] / "state.json").read_text())["step"]
+    assert step >= 1 and saved[0].name == f"step_{step:08d}"
+    assert f"stopped by {sig} at step {step} of 100000; saved the checkpoint {saved[0]}" in err
+    assert "Rerun the same `cdm train` command to resume" in err and "Traceback" not in err
+    # and it resumes from there
+    assert main(train_args(cfg, run, f"train.steps={step + 1}", "train.sample_every=0")) == 0
+    assert f"resumed from {saved[0]} at step {step}" in capsys.readouterr().out
