@@ -322,7 +322,9 @@ def _pruning_reader(monkeypatch, run: Path):
         if not raced:
             raced.append(Path(ckpt).name)
             newer = Path(ckpt).with_name(f"step_{int(Path(ckpt).name[5:]) + 6:08d}")
-            shutil.copytree(ckpt, newer)  # the trainer's next checkpoint ...
+            shutil.copytree(ckpt, newer)  # the trainer's next checkpoint (its state.json names its own step) ...
+            state = json.loads((newer / "state.json").read_text())
+            (newer / "state.json").write_text(json.dumps({**state, "step": int(newer.name[5:])}))
             (Path(ckpt) / "state.json").unlink()  # ... and its pruning of this one, state.json first
             shutil.rmtree(ckpt)
         return real(ckpt, stem, device)
@@ -337,7 +339,7 @@ def test_sampling_and_export_retry_when_the_chosen_checkpoint_is_pruned(trained,
 
     raced = _pruning_reader(monkeypatch, trained)
     stage = Stage.load(trained)
-    assert raced == ["step_00000003"] and stage.step == 3  # read from the copy, step_00000009
+    assert raced == ["step_00000003"] and stage.step == 9  # read from the newer one, step_00000009
     assert not [w for w in recwarn if "unreadable" in str(w.message)]
     raced.clear()
     assert main(["export", str(trained), "--out", str(tmp_path / "exported")]) == 0
