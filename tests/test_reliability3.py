@@ -575,6 +575,7 @@ def test_a_resumed_prepare_checks_free_space_before_writing_its_arrays(tmp_path,
 def test_a_batch_or_num_that_cannot_fit_is_refused_naming_the_flag(tmp_path, capsys, monkeypatch):
     import cascaded_diffusion.cascade as cascade_module
     import cascaded_diffusion.cli.sample as sample_cli
+    from cascaded_diffusion import hardware
     from cascaded_diffusion.sharded_sampling import sample_sharded
 
     monkeypatch.setattr(cascade_module, "sample_in_batches", lambda *a, **k: pytest.fail("sampled"))
@@ -585,17 +586,17 @@ def test_a_batch_or_num_that_cannot_fit_is_refused_naming_the_flag(tmp_path, cap
     err = capsys.readouterr().err.splitlines()[-1]
     assert "a batch of 100000000 samples needs at least" in err and err.endswith("lower --batch-size (it is 100000000)")
     # the labels of --num alone, on a machine with 1 GiB available; a small batch is not blamed
-    monkeypatch.setattr(cascade_module, "available_memory", lambda device="cpu": 2**30)
+    monkeypatch.setattr(hardware, "available_memory", lambda device="cpu": 2**30)
     assert main(base + ["--num", str(10**8), "--batch-size", "8"]) == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert f"{10**8} samples need at least" in err and err.endswith(f"lower --num (it is {10**8})")
     assert not (tmp_path / "s.npz").exists() and not (tmp_path / "s.npz.shards").exists()
     # the library names its own argument (still on the machine with 1 GiB available)
     cascade = cascade_module.Cascade.load(pretrained="fashion-mnist", device="cpu")
-    with pytest.raises(cascade_module.SamplingMemoryError, match=r"lower batch_size \(it is 100000\)") as info:
+    with pytest.raises(hardware.SamplingMemoryError, match=r"lower batch_size \(it is 100000\)") as info:
         sample_sharded(cascade, np.zeros(10**5, np.int64), tmp_path / "s.npz", seed=0, batch_size=10**5)
     assert info.value.option == "batch_size"
-    cascade_module.check_sampling_memory(cascade, 10**5, 64)  # what fits is not refused
+    hardware.check_sampling_memory(cascade, 10**5, 64)  # what fits is not refused
 
 
 # --- 15. SIGTERM (a scheduler's grace period) and SIGINT save a checkpoint and say how to resume ----------------

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cascade import Cascade, SamplingMemoryError, balanced_labels, check_sampling_memory, grid_indices
+from ..cascade import Cascade, balanced_labels, grid_indices
 from ..data import load_images
 from ..distributed import distributed_from_env
 from ..errors import UserError, check_distinct_paths, check_output_dir, check_output_file
 from ..fileio import grid_by_class, npz_array_shape, save_grid
-from ..hardware import resolve_device
+from ..hardware import SamplingMemoryError, check_sampling_memory, resolve_device
 from ..sharded_sampling import sample_sharded
 from .common import (add_sampling_args, check_image_path, class_proportions_labels, nonneg_int_list, positive_int,
                      report_precision)
