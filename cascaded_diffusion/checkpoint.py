@@ -151,6 +151,14 @@ def verify_checkpoint(checkpoint_dir: str | Path, stems: tuple[str, ...] = TRAIN
     state = load_state(ckpt)
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{ckpt / STATE_FILE} is corrupt: no step or config")
+    # the step decides the learning rate, the data position and where training stops: one that is negative or
+    # differs from the directory's name (an edit, a copy between checkpoints) would resume somewhere else
+    step = state["step"]
+    named = ckpt.name[len("step_"):] if ckpt.name.startswith("step_") else None
+    if isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{ckpt / STATE_FILE} is corrupt: its step {step!r} is not a step number >= 0")
+    if named is not None and named.isdigit() and int(named) != step:
+        raise CheckpointError(f"{ckpt / STATE_FILE} is corrupt: its step {step} is not that of {ckpt.name}")
     for stem in stems:
         _check_safetensors_file(ckpt / f"{stem}.safetensors")
     return state

@@ -44,6 +44,26 @@ def cache_dir(kind: str = "") -> Path:
     return base / kind
 
 
+def check_cache_dir(directory: str | os.PathLike, setting: str) -> None:
+    """Refuse a cache location under a regular file before anything tries to create it there, naming the
+    ``setting`` that chose it (``CDM_CACHE=...``, ``data.cache_dir``): the directory's own creation error would
+    otherwise be reported against whatever option the cache happens to be used for (``--out``)."""
+    from .errors import UserError  # (errors is a leaf module; imported here to keep fileio's imports minimal)
+
+    for path in (Path(directory), *Path(directory).parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                raise UserError(f"{setting}: the cache directory {directory} cannot be created, {path} is a file "
+                                "(or a broken link), not a directory; point it at a directory")
+            return
+
+
+def cache_setting() -> str:
+    """How the user chose the cache root, for messages: ``CDM_CACHE=...`` or the default's path."""
+    root = os.environ.get("CDM_CACHE")
+    return f"CDM_CACHE={root}" if root else f"the default cache {cache_dir()}"
+
+
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -1,6 +1,6 @@
 """Devices: which one a command runs on, its global math settings, the precision its networks run in (bf16
-autocast or fp32, :func:`choose_precision`), and what a measurement ran on, in words (recorded with every
-benchmark and sampler-curve result)."""
+autocast or fp32, :func:`choose_precision`), what a measurement ran on, in words (recorded with every
+benchmark and sampler-curve result), and how much memory it has left (:func:`check_sampling_memory`)."""
 
 from __future__ import annotations
 
@@ -174,3 +174,87 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def available_memory(device: str | torch.device = "cpu") -> int | None:
+    """Bytes that can still be allocated on ``device``: a CUDA device's free memory, or for the host the
+    kernel's ``MemAvailable`` capped by a cgroup (v2) limit, as in a container or a batch job. None where it
+    cannot be told (another OS): then nothing is refused on an estimate."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            used = int(open("/sys/fs/cgroup/memory.current").read().strip())
+            found.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+class SamplingMemoryError(UserError):
+    """Sampling would need more memory than is available; ``option`` is the argument to lower (``batch_size``
+    or ``num``), so a command line can name its own flag."""
+
+    def __init__(self, detail: str, option: str, value: int):
+        super().__init__(f"{detail}; lower {option} (it is {value})")
+        self.detail, self.option, self.value = detail, option, value
+
+
+# Bytes per sample that sampling keeps for the whole run whatever the batch: the int64 labels, their sorted copy,
+# the numpy copy, the indices left to sample and the merge's row map.
+_BYTES_PER_LABEL = 40
+
+
+def check_sampling_memory(cascade, num: int, batch_size: int, *, start_stage: int = 0,
+                          world_size: int = 1, labels_allocated: bool = False) -> None:
+    """Refuse, before anything is allocated, for a :class:`~cascaded_diffusion.cascade.Cascade`, a ``num``/``batch_size`` whose memory certainly does not fit.
+
+    The estimate is a lower bound, so nothing feasible is refused: per sample of a batch, the sampler's float32
+    state (the current x, the network's output and the next x; an SR stage also holds its upsampled
+    conditioning) for the largest stage, plus two uint8 copies of every stage's output until the chunk is
+    written; per sample of ``num``, the label bookkeeping. Without a check ``--batch-size 10**8`` grows until
+    the kernel kills the process. ``labels_allocated``: the labels exist already (their memory is no longer
+    available), so only the batch is checked. Raises :class:`SamplingMemoryError` naming the argument to lower."""
+    stages = cascade.stages[start_stage:]
+    batch = min(batch_size, -(-num // max(1, world_size)))
+    state = max(4 * s.channels * s.resolution ** 2 * (4 if s.is_sr else 3) for s in stages)
+    outputs = 2 * sum(s.channels * s.resolution ** 2 for s in stages)
+    device = cascade.stages[0].device
+    on_device = device.type == "cuda"
+    host = available_memory("cpu")
+    largest = max(s.resolution for s in stages)
+    if on_device:  # the sampler's state is on the GPU, the outputs and the labels on the host
+        free = available_memory(device)
+        if free is not None and batch * state > free:
+            raise SamplingMemoryError(
+                f"a batch of {batch} samples needs at least {_gib(batch * state)} of {device} memory for the "
+                f"sampler's state at {largest}px, but {_gib(free)} are free", "batch_size", batch_size)
+        batch_host = batch * outputs
+    else:
+        batch_host = batch * (state + outputs)
+    if host is None:
+        return
+    if batch_host > host:
+        raise SamplingMemoryError(
+            f"a batch of {batch} samples needs at least {_gib(batch_host)} of memory (the sampler's state and the "
+            f"images at up to {largest}px), but {_gib(host)} are available", "batch_size", batch_size)
+    if not labels_allocated and batch_host + num * _BYTES_PER_LABEL > host:
+        raise SamplingMemoryError(
+            f"{num} samples need at least {_gib(num * _BYTES_PER_LABEL)} of memory for their labels and indices "
+            f"besides {_gib(batch_host)} for a batch, but {_gib(host)} are available", "num", num)
+
+
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"

@@ -60,9 +60,26 @@ def fingerprint(folder: Path, entries: list[tuple[str, int]]) -> dict[str, Any]:
     return {"file_count": len(entries), "total_bytes": total_bytes, "mtimes_hash": digest.hexdigest()}
 
 
+def needs_8bit_scaling(image: Image.Image) -> bool:
+    return image.mode.startswith("I;16") or image.mode in ("I", "F")
+
+
 def to_8bit(image: Image.Image) -> Image.Image:
     """A 16-bit grayscale image (PIL modes ``I;16*``, and ``I`` as 16-bit PNGs open) scaled to 8-bit ``L``:
-    v -> round(v * 255 / 65535). PIL's own conversion would clip every value above 255 to white."""
+    v -> round(v * 255 / 65535). PIL's own conversion would clip every value above 255 to white.
+
+    A float image (mode ``F``, e.g. a 32-bit float TIFF) in [0, 1] is scaled v -> round(v * 255): PIL would
+    truncate it to 0 or 1, a black image. One whose values exceed 1 but stay in [0, 255] is taken as 8-bit
+    levels; anything else (negative, above 255, NaN) is refused as unreadable rather than guessed."""
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and not np.isfinite(values).all():
+            raise ValueError("float image with NaN or infinite values")
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if low < 0 or high > 255:
+            raise ValueError(f"float image with values in [{low:g}, {high:g}]; expected [0, 1] (or [0, 255])")
+        scale = 255.0 if high <= 1 else 1.0
+        return Image.fromarray(np.rint(values * scale).astype(np.uint8))
     array = np.asarray(image).astype(np.int64)
     if image.mode == "I" and array.size and (array.min() < 0 or array.max() > 65535):
         raise ValueError(f"32-bit integer image with values in [{array.min()}, {array.max()}]; expected 8 or 16 bits")
@@ -72,7 +89,7 @@ def to_8bit(image: Image.Image) -> Image.Image:
 def preprocess_image(image: Image.Image, resolution: int, mode: str) -> np.ndarray:
     """The training data's rule for one decoded image: 16-bit scaled to 8, converted to ``mode`` (``L`` or
     ``RGB``; alpha dropped), then the ADM centre crop + resize to resolution x resolution x C uint8."""
-    if image.mode.startswith("I;16") or image.mode == "I":
+    if needs_8bit_scaling(image):
         image = to_8bit(image)
     with warnings.catch_warnings():
         # Palette images with transparency warn on RGB conversion; the alpha is meant to be dropped.

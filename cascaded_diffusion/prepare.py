@@ -48,10 +48,11 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .imagefolder import fingerprint, list_image_folder, to_8bit, warn_skipped
+from .imagefolder import fingerprint, list_image_folder, needs_8bit_scaling, to_8bit, warn_skipped
 from .readers import ImageArray, center_crop_resize
 from .errors import UserError, check_output_dir
-from .fileio import atomic_write_bytes, atomic_write_text, cache_dir as cache_root, open_lock_file
+from .fileio import (atomic_write_bytes, atomic_write_text, cache_dir as cache_root, cache_setting,
+                     check_cache_dir, open_lock_file)
 
 __all__ = [
     "PREPROCESSING",
@@ -108,7 +109,7 @@ def _open_converted(path: str, mode: str) -> Image.Image:
     """Decode one file to a PIL image of ``mode`` exactly as ``imagefolder.decode_image`` does before resizing."""
     with Image.open(path) as image:
         image.load()  # raises on truncated data instead of decoding a partly grey image
-        if image.mode.startswith("I;16") or image.mode == "I":
+        if needs_8bit_scaling(image):  # 16-bit and float images scaled, as imagefolder.preprocess_image does
             image = to_8bit(image)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # palette + transparency -> RGB drops the alpha
@@ -401,6 +402,33 @@ def prepare_dataset(
     return PrepareResult(out, manifest, decoded, time.perf_counter() - start_time)
 
 
+def _size(num_bytes: float) -> str:
+    """GiB, or MiB / KiB below that (``0.00 GiB`` would hide how small the shortfall is)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes / 2**10:.1f} KiB"
+
+
+def _check_space_to_finish(out: Path, targets: list[tuple[int, str]], pending: int) -> None:
+    """Before a resumed preparation writes into its arrays: they are sparse memory maps, and a write into a page
+    the full disk cannot back kills the process with SIGBUS (exit 135, no message, no Python exception). What
+    still needs disk is the part of each array with no blocks yet (``st_blocks``); the check at the start covers
+    a fresh preparation, this one a resume after the disk filled up meanwhile."""
+    if not pending:
+        return
+    needed = 0
+    for _, path in targets:
+        info = os.stat(path)
+        needed += max(0, info.st_size - getattr(info, "st_blocks", 0) * 512)
+    free = shutil.disk_usage(out / PARTIAL).free
+    if needed > free:
+        raise UserError(
+            f"--out {out}: finishing the interrupted preparation ({pending} files to decode) needs {_size(needed)} "
+            f"more, but only {_size(free)} are free there; free some space and rerun the same command"
+        )
+
+
 def _start_partial(out: Path, plan: dict[str, Any], file_count: int, chunk_size: int) -> dict[str, Any]:
     partial = out / PARTIAL
     partial.mkdir()
@@ -410,8 +438,8 @@ def _start_partial(out: Path, plan: dict[str, Any], file_count: int, chunk_size:
     if needed > free:
         shutil.rmtree(partial, ignore_errors=True)
         raise UserError(
-            f"--out {out}: the arrays need {needed / 2**30:.2f} GiB for {file_count} files at "
-            f"{plan['resolutions']} px, but only {free / 2**30:.2f} GiB are free there"
+            f"--out {out}: the arrays need {_size(needed)} for {file_count} files at "
+            f"{plan['resolutions']} px, but only {_size(free)} are free there"
         )
     for resolution in plan["resolutions"]:  # sparse until written
         shape = (file_count, resolution, resolution, plan["channels"])
@@ -465,6 +493,7 @@ def _run(
                 _raise_corrupt(folder, done[chunk])
     jobs = [(c, str(folder), relpaths[c * size : (c + 1) * size], c * size, targets, mode) for c in pending]
     total = sum(len(job[2]) for job in jobs)
+    _check_space_to_finish(out, targets, total)
     workers = min(workers, len(jobs))
     with tqdm(total=len(relpaths), initial=len(relpaths) - total, desc=f"preparing {folder.name}", unit="img",
               disable=not progress, dynamic_ncols=True) as bar, open(journal, "a") as log:
@@ -684,6 +713,7 @@ def load_imagefolder_cached(
     cache directory (reused while the folder's fingerprint holds, prepared again when it changes)."""
     folder = folder.resolve()
     entry = cache_entry(folder, resolution, channels, cache_dir)
+    check_cache_dir(entry.parent, "data.cache_dir" if cache_dir is not None else cache_setting())
     workers = num_workers if num_workers is not None else min(32, os.cpu_count() or 1)
     if workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")

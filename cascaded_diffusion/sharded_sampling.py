@@ -38,6 +38,7 @@ from .cascade import Cascade
 from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir as _fsync_dir, TMP_INFIX, make_temp_file, open_lock_file, open_no_follow, unlink_quietly
 from .distributed import distributed_context, distributed_from_env  # noqa: F401 (re-exported)
 from .errors import UserError
+from .hardware import check_sampling_memory
 
 __all__ = [
     "ShardManifestError",
@@ -354,6 +355,8 @@ def sample_sharded(
     chunk_size = int(chunk_size or batch_size)
     if batch_size < 1 or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be >= 1")
+    check_sampling_memory(cascade, num, batch_size, start_stage=start_stage, world_size=world_size,
+                          labels_allocated=True)  # before a batch grows until the kernel kills us
     out = Path(out)
     shard_dir = shard_dir_for(out)
     stages_run = cascade.stages[start_stage:]

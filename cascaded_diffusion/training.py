@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -62,6 +63,43 @@ from .stage import Stage, build_augmentation, build_diffusion, build_network
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the run stopped and the last good checkpoint is kept."""
+
+
+class TrainingStopped(Exception):
+    """Training was asked to stop (SIGTERM from a scheduler, SIGINT from Ctrl-C): the step under way was
+    finished and saved as a checkpoint, so rerunning the same command resumes exactly there."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """Record SIGTERM and SIGINT instead of dying at once: a batch scheduler's SIGTERM before its SIGKILL
+    is a grace period meant for saving, and Ctrl-C loses up to ``ckpt_every`` steps otherwise. Yields a list
+    that receives the signal number; a second signal stops at once (KeyboardInterrupt; the checkpoint writes
+    are atomic, so that is safe too). Only the main thread can take signals: elsewhere nothing changes."""
+    requested: list[int] = []
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        print(f"received {signal.Signals(signum).name}: finishing this step and saving a checkpoint (send it "
+              "again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @dataclass
@@ -528,11 +566,34 @@ class Trainer:
 
             bar = tqdm(total=t.steps, initial=self.step, desc=cfg.stage.name, dynamic_ncols=True)
         self.net.train()
+        try:
+            with _stop_requests() as stop:
+                self._loop(end_step, start_step, stop, log_path, writer, bar, ckpt)
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+        return TrainSummary(self.run_dir, self.step, latest_checkpoint(self.run_dir), self._last_loss)
+
+    def _stop_requested(self, stop: list[int]) -> int:
+        """The signal that asked this run to stop (0: none). Under torchrun every rank must stop after the same
+        step (saving is collective), so the ranks agree on it: a one-number all-reduce per step."""
+        signum = stop[0] if stop else 0
+        if self.world_size > 1:
+            flag = torch.tensor([signum], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum
+
+    def _loop(self, end_step: int, start_step: int, stop: list[int], log_path: Path, writer, bar,
+              last_ckpt: Path | None) -> None:
+        cfg = self.config
+        t = cfg.train
         loss_sum = torch.zeros((), device=self.device)
         norm_sum = torch.zeros((), device=self.device)
         count = 0
-        last_loss = None
-        last_ckpt = ckpt
+        self._last_loss = last_loss = None
         tick = time.perf_counter()
         images_per_step = t.batch_size * t.grad_accum * self.world_size
         while self.step < end_step:
@@ -558,7 +619,7 @@ class Trainer:
                 }
                 if not math.isfinite(mean_loss):
                     self._stop_nonfinite(record, log_path, last_ckpt)
-                last_loss = mean_loss
+                self._last_loss = last_loss = mean_loss
                 if self.is_main:
                     with open(log_path, "a") as f:
                         f.write(_json_line(record))
@@ -573,18 +634,19 @@ class Trainer:
                 tick = time.perf_counter()
             if bar is not None:
                 bar.update(1)
-            if self.step % t.ckpt_every == 0 or at_end or self.step in t.keep_steps:
+            signum = self._stop_requested(stop)
+            if self.step % t.ckpt_every == 0 or at_end or self.step in t.keep_steps or signum:
                 if not _all_finite(self.net):
                     self._stop_nonfinite({"step": self.step, "loss": float("nan")}, log_path, last_ckpt)
                 last_ckpt = self.save() or last_ckpt
+            if signum:
+                name = signal.Signals(signum).name
+                raise TrainingStopped(
+                    f"stopped by {name} at step {self.step} of {t.steps}; saved the checkpoint {last_ckpt}. "
+                    "Rerun the same `cdm train` command to resume from it", signum)
             if self.is_main and ((t.sample_every and self.step % t.sample_every == 0) or self.step == t.steps):
                 if self.step != start_step:
                     self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png")
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-        return TrainSummary(self.run_dir, self.step, latest_checkpoint(self.run_dir), last_loss)
 
     def _stop_nonfinite(self, record: dict, log_path: Path, last_ckpt: Path | None) -> None:
         if self.is_main:

@@ -6,7 +6,6 @@ port (torch.save and safetensors) and loads it through every supported route.
 
 from __future__ import annotations
 
-import pickle
 
 import numpy as np
 import pytest
@@ -215,7 +214,10 @@ def test_failed_download_gives_instructions_and_leaves_no_file(tmp_path, monkeyp
 def test_cache_path_is_used_when_present(weights, tmp_path, monkeypatch) -> None:
     monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    cached = tmp_path / ".cache" / "cascaded_diffusion" / INCEPTION_WEIGHTS_FILENAME
+    # the cached file is checked against the hash prefix in its name: name the random weights after their own hash
+    prefix = inception_module.file_sha256(weights["pth"], length=8)
+    monkeypatch.setattr(inception_module, "INCEPTION_WEIGHTS_FILENAME", f"pt_inception-test-{prefix}.pth")
+    cached = tmp_path / ".cache" / "cascaded_diffusion" / f"pt_inception-test-{prefix}.pth"
     cached.parent.mkdir(parents=True)
     cached.symlink_to(weights["pth"])
     assert inception_module.resolve_inception_weights(download=False) == cached
@@ -238,5 +240,5 @@ class NotATensor:
 def test_never_unpickles_arbitrary_objects(tmp_path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"fc.weight": NotATensor()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(inception_module.WeightsFileError, match="UnpicklingError"):  # refused, not unpickled
         load_inception(path)

@@ -322,7 +322,9 @@ def _pruning_reader(monkeypatch, run: Path):
         if not raced:
             raced.append(Path(ckpt).name)
             newer = Path(ckpt).with_name(f"step_{int(Path(ckpt).name[5:]) + 6:08d}")
-            shutil.copytree(ckpt, newer)  # the trainer's next checkpoint ...
+            shutil.copytree(ckpt, newer)  # the trainer's next checkpoint (its state.json names its own step) ...
+            state = json.loads((newer / "state.json").read_text())
+            (newer / "state.json").write_text(json.dumps({**state, "step": int(newer.name[5:])}))
             (Path(ckpt) / "state.json").unlink()  # ... and its pruning of this one, state.json first
             shutil.rmtree(ckpt)
         return real(ckpt, stem, device)
@@ -337,7 +339,7 @@ def test_sampling_and_export_retry_when_the_chosen_checkpoint_is_pruned(trained,
 
     raced = _pruning_reader(monkeypatch, trained)
     stage = Stage.load(trained)
-    assert raced == ["step_00000003"] and stage.step == 3  # read from the copy, step_00000009
+    assert raced == ["step_00000003"] and stage.step == 9  # read from the newer one, step_00000009
     assert not [w for w in recwarn if "unreadable" in str(w.message)]
     raced.clear()
     assert main(["export", str(trained), "--out", str(tmp_path / "exported")]) == 0
@@ -415,3 +417,222 @@ def test_a_diverged_loss_is_logged_as_strict_json(tmp_path, tiny, capsys):
     assert "non-finite" in capsys.readouterr().err
     for line in (run / "log.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in the log"))
+
+
+# --- 12. corrupt Inception weights, given or cached: one line, and the cache is re-checked against its name ------
+
+
+def _stats_args(tmp_path: Path, features: str) -> list[str]:
+    samples = tmp_path / "s.npz"
+    np.savez(samples, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    return ["stats", f"npz:{samples}", "--features", features, "--out", str(tmp_path / "st.npz"), "--device", "cpu"]
+
+
+def test_corrupt_inception_weights_given_or_cached_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from cascaded_diffusion.evaluation import inception
+
+    for name, payload in (("garbage.pth", os.urandom(4000)), ("cut.pth", b"PK\x03\x04cut short"),
+                          ("garbage.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")):
+        path = tmp_path / name
+        path.write_bytes(payload)
+        assert main(_stats_args(tmp_path, f"inception:{path}")) == 2
+        err = capsys.readouterr().err
+        assert f"{path} is not a readable weights file" in err and err.count("\n") == 1, err
+        assert "weights_only" not in err
+    # the cache: a readable file under the download's name whose bytes are not the download's
+    monkeypatch.delenv(inception.INCEPTION_WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("CDM_CACHE", str(tmp_path / "cache"))
+    cached = inception.default_inception_cache_path()
+    cached.parent.mkdir()
+    torch.save({"fc.weight": torch.zeros(1)}, cached)
+    with pytest.raises(inception.WeightsFileError, match="name says it starts with 6726825d"):
+        inception.resolve_inception_weights(download=False)
+    assert main(_stats_args(tmp_path, "inception")) == 2
+    err = capsys.readouterr().err
+    assert f"the cached weights {cached} have SHA-256" in err and "Delete it" in err and err.count("\n") == 1
+    assert cached.exists(), "a file the user may have put there is never deleted"
+
+
+# --- 15. the smaller ones -------------------------------------------------------------------------------------
+
+
+def test_empty_aug_levels_are_refused_while_parsing(capsys):
+    for argv in (["sweep", "--aug-levels", "", "--ref", "x.npz", "--out", "m.json"],
+                 ["sample", "--pretrained", "fashion-mnist", "--aug-level", " , ", "--out", "s.npz"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "expected one or more comma-separated integers >= 0" in err and "min()" not in err
+
+
+def test_a_negative_or_mismatched_step_in_state_json_is_refused(tmp_path, tiny, capsys):
+    from cascaded_diffusion.checkpoint import latest_valid_checkpoint
+
+    cfg, _ = tiny
+    run = tmp_path / "run"
+    assert main(train_args(cfg, run, "train.steps=2", "train.ckpt_every=1")) == 0
+    first, second = run / "checkpoints" / "step_00000001", run / "checkpoints" / "step_00000002"
+    state = json.loads((second / "state.json").read_text())
+    (second / "state.json").write_text(json.dumps({**state, "step": 1}))  # e.g. copied from the older one
+    ckpt, corrupt = latest_valid_checkpoint(run)
+    assert ckpt == first and "its step 1 is not that of step_00000002" in corrupt[0][1]
+    state = json.loads((first / "state.json").read_text())
+    (first / "state.json").write_text(json.dumps({**state, "step": -5}))
+    capsys.readouterr()
+    assert main(train_args(cfg, run, "train.steps=4")) == 2
+    err = capsys.readouterr().err
+    assert "holds no valid checkpoint" in err and "its step -5 is not a step number >= 0" in err
+    assert err.count("\n") == 1
+
+
+def test_a_cdm_cache_that_is_a_file_is_named_not_blamed_on_out(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from cascaded_diffusion.evaluation import inception
+
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(tmp_path / "imgs" / "a" / f"{i}.png")
+    (tmp_path / "cachefile").write_text("not a directory")
+    monkeypatch.setenv("CDM_CACHE", str(tmp_path / "cachefile"))
+    assert main(["stats", f"imagefolder:{tmp_path / 'imgs'}", "--resolution", "8", "--features", "classifier",
+                 "--out", str(tmp_path / "st.npz"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"CDM_CACHE={tmp_path / 'cachefile'}" in err and "is a file" in err and "--out" not in err, err
+    monkeypatch.delenv(inception.INCEPTION_WEIGHTS_ENV, raising=False)
+    with pytest.raises(UserError, match="CDM_CACHE=.*is a file"):  # before any download is tried
+        inception.resolve_inception_weights(download=True)
+    assert not (tmp_path / "st.npz").exists()
+
+
+def test_float_tiffs_in_0_1_are_scaled_and_out_of_range_ones_refused(tmp_path):
+    from PIL import Image
+
+    from cascaded_diffusion.data import load_images
+    from cascaded_diffusion.prepare import load_prepared, prepare_dataset
+
+    folder = tmp_path / "images" / "only"
+    folder.mkdir(parents=True)
+    for i, level in enumerate([0.0, 0.25, 0.5, 1.0]):
+        Image.fromarray(np.full((8, 8), level, np.float32)).save(folder / f"{i}.tif")
+        assert Image.open(folder / f"{i}.tif").mode == "F"
+    Image.fromarray(np.full((8, 8), 200.0, np.float32)).save(folder / "4_levels.tif")  # 8-bit levels as floats
+    Image.fromarray(np.full((8, 8), -3.0, np.float32)).save(folder / "5_negative.tif")
+    expected = [0, 64, 128, 255, 200]
+    with pytest.warns(UserWarning, match="skipped 1 of 6"):
+        data = load_images(f"imagefolder:{tmp_path / 'images'}", 8, channels=1, use_cache=False, num_workers=1)
+    assert data.images[:, 0, 0, 0].tolist() == expected
+    result = prepare_dataset(tmp_path / "images", [8], tmp_path / "prepared", channels=3, workers=1)
+    assert "5_negative.tif" in result.skipped[0] and "values in [-3, -3]" in result.skipped[0]
+    assert load_prepared(tmp_path / "prepared", 8).images[:, 0, 0].tolist() == [[v] * 3 for v in expected]
+
+
+# --- 13. a disk filled up before `cdm prepare` resumes: refused before the memory map is written ---------------
+
+
+def test_a_resumed_prepare_checks_free_space_before_writing_its_arrays(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from PIL import Image
+
+    from cascaded_diffusion import prepare
+
+    for c in ("a", "b"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((40, 40, 3), 30 * i, np.uint8)).save(tmp_path / "images" / c / f"{i}.png")
+    out = tmp_path / "prepared"
+    real = prepare._decode_chunk
+
+    def interrupted(job):
+        if job[0] == 1:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(prepare, "_decode_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_dataset(tmp_path / "images", [32], out, workers=1, chunk_size=2)
+    # the disk filled up meanwhile: 1 KiB left, while 6 files x 32*32*3 bytes are still unwritten
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage._replace(free=1024))
+    monkeypatch.setattr(prepare, "_decode_chunk", lambda job: pytest.fail("wrote into the arrays"))
+    assert main(["prepare", str(tmp_path / "images"), "--resolutions", "32", "--out", str(out), "--workers", "1",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "finishing the interrupted preparation (6 files to decode) needs" in err and "KiB more" in err
+    assert "only 1.0 KiB are free" in err and "0.00 GiB" not in err and err.count("\n") == 1
+    monkeypatch.undo()
+    result = prepare.prepare_dataset(tmp_path / "images", [32], out, workers=1)
+    assert result.decoded == 6 and result.manifest["num_images"] == 8
+
+
+# --- 14. a batch or a --num that cannot fit in memory is refused before anything is allocated ------------------
+
+
+def test_a_batch_or_num_that_cannot_fit_is_refused_naming_the_flag(tmp_path, capsys, monkeypatch):
+    import cascaded_diffusion.cascade as cascade_module
+    import cascaded_diffusion.cli.sample as sample_cli
+    from cascaded_diffusion import hardware
+    from cascaded_diffusion.sharded_sampling import sample_sharded
+
+    monkeypatch.setattr(cascade_module, "sample_in_batches", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setattr(sample_cli, "balanced_labels", lambda *a, **k: pytest.fail("labels were allocated"))
+    base = ["sample", "--pretrained", "fashion-mnist", "--out", str(tmp_path / "s.npz"), "--device", "cpu", "--quiet"]
+    # 10**8 samples of 32x32 in one batch: over a terabyte of sampler state, on any machine
+    assert main(base + ["--num", str(10**8), "--batch-size", str(10**8)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "a batch of 100000000 samples needs at least" in err and err.endswith("lower --batch-size (it is 100000000)")
+    # the labels of --num alone, on a machine with 1 GiB available; a small batch is not blamed
+    monkeypatch.setattr(hardware, "available_memory", lambda device="cpu": 2**30)
+    assert main(base + ["--num", str(10**8), "--batch-size", "8"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert f"{10**8} samples need at least" in err and err.endswith(f"lower --num (it is {10**8})")
+    assert not (tmp_path / "s.npz").exists() and not (tmp_path / "s.npz.shards").exists()
+    # the library names its own argument (still on the machine with 1 GiB available)
+    cascade = cascade_module.Cascade.load(pretrained="fashion-mnist", device="cpu")
+    with pytest.raises(hardware.SamplingMemoryError, match=r"lower batch_size \(it is 100000\)") as info:
+        sample_sharded(cascade, np.zeros(10**5, np.int64), tmp_path / "s.npz", seed=0, batch_size=10**5)
+    assert info.value.option == "batch_size"
+    hardware.check_sampling_memory(cascade, 10**5, 64)  # what fits is not refused
+
+
+# --- 15. SIGTERM (a scheduler's grace period) and SIGINT save a checkpoint and say how to resume ----------------
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signalled_trainer_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny, sig, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg, _ = tiny
+    run = tmp_path / "run"
+    # ckpt_every far away: any checkpoint found is the one the signal caused
+    args = train_args(cfg, run, "train.steps=100000", "train.ckpt_every=100000", "train.log_every=1",
+                      "train.sample_every=0")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cascaded_diffusion.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "log.jsonl").exists() or '"loss"' not in (run / "log.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + getattr(signal, sig), err
+    saved = sorted((run / "checkpoints").glob("step_*"))
+    assert len(saved) == 1
+    step = json.loads((saved[0] / "state.json").read_text())["step"]
+    assert step >= 1 and saved[0].name == f"step_{step:08d}"
+    assert f"stopped by {sig} at step {step} of 100000; saved the checkpoint {saved[0]}" in err
+    assert "Rerun the same `cdm train` command to resume" in err and "Traceback" not in err
+    # and it resumes from there
+    assert main(train_args(cfg, run, f"train.steps={step + 1}", "train.sample_every=0")) == 0
+    assert f"resumed from {saved[0]} at step {step}" in capsys.readouterr().out

@@ -56,6 +56,8 @@ nonneg_int = _int_at_least(0)
 
 def nonneg_int_list(text: str) -> list[int]:
     values = int_list(text)
+    if not values:  # an empty list would reach min() or a per-stage count check far from the option
+        raise argparse.ArgumentTypeError(f"expected one or more comma-separated integers >= 0, got {text!r}")
     if any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
     return values

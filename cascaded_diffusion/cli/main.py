@@ -9,7 +9,7 @@ import zipfile
 
 from ..checkpoint import CheckpointError
 from ..errors import describe_os_error
-from ..training import NonFiniteLossError
+from ..training import NonFiniteLossError, TrainingStopped
 from . import evaluate, prepare, sample, share, train
 
 
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except TrainingStopped as e:  # a checkpoint was saved: say where and how to resume; 128 + N as for the signal
+        print(f"cdm {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"cdm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -13,7 +13,7 @@ from ..data import load_images
 from ..distributed import distributed_from_env
 from ..errors import UserError, check_distinct_paths, check_output_dir, check_output_file
 from ..fileio import grid_by_class, npz_array_shape, save_grid
-from ..hardware import resolve_device
+from ..hardware import SamplingMemoryError, check_sampling_memory, resolve_device
 from ..sharded_sampling import sample_sharded
 from .common import (add_sampling_args, check_image_path, class_proportions_labels, nonneg_int_list, positive_int,
                      report_precision)
@@ -59,6 +59,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
         if args.compile:
             cascade.compile(mode=None if args.compile == "default" else args.compile)
+        start_stage = low_res_start_stage(cascade, args.low_res_samples) if args.low_res_samples else 0
+        try:  # before the labels or a batch are allocated: 10**8 of them grow until the kernel kills the process
+            check_sampling_memory(cascade, args.num, args.batch_size, start_stage=start_stage, world_size=world_size)
+        except SamplingMemoryError as e:
+            flag = "--batch-size" if e.option == "batch_size" else "--num"
+            raise UserError(f"{e.detail}; lower {flag} (it is {e.value})") from None
         if args.class_proportions:
             if args.class_label:
                 raise UserError("--class-label and --class-proportions exclude each other")
@@ -67,9 +73,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         else:
             labels = balanced_labels(args.num, cascade.num_classes, args.class_label)
         low_res = None
-        start_stage = 0
         if args.low_res_samples:
-            start_stage = low_res_start_stage(cascade, args.low_res_samples)
             first = cascade.stages[start_stage]
             data = load_images(f"npz:{args.low_res_samples}", first.low_res, channels=first.channels)
             if len(data.images) < args.num:

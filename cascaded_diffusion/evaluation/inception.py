@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..fileio import atomic_replace, cache_dir, open_no_follow
+from ..errors import UserError
+from ..fileio import atomic_replace, cache_dir, cache_setting, check_cache_dir, open_no_follow
 
 INCEPTION_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
@@ -357,17 +358,51 @@ def _download(url: str, destination: Path, timeout_s: float) -> None:
     atomic_replace(destination, fetch)  # a partial or refused download never lands at the final path
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a ``.pth`` file without unpickling arbitrary objects."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+class WeightsFileError(UserError):
+    """A weights file that cannot be read (truncated, corrupt, not a state dict) or fails its name's hash."""
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a ``.pth`` file without unpickling arbitrary objects.
+
+    A file that cannot be read raises :class:`WeightsFileError` (one line): torch's own message for a damaged
+    file is a page of advice to pass ``weights_only=False``, which would be wrong advice for a corrupt file
+    and dangerous for a foreign one."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError):
+        raise  # not the file's content: a path error is already one line, memory is reported as such
+    except Exception as e:  # noqa: BLE001 - anything the deserialisers raise means "not readable weights"
+        raise WeightsFileError(
+            f"{path} is not a readable weights file ({type(e).__name__}): it is truncated, corrupt or not a "
+            f"state dict. Download it again ({INCEPTION_WEIGHTS_URL}) or redo the conversion"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not contain a plain state dict of tensors")
+        raise WeightsFileError(f"{path} does not contain a plain state dict of tensors")
     return state
+
+
+def check_cached_weights(path: Path) -> None:
+    """A weights file in the cache whose name carries a SHA-256 prefix (``...-6726825d.pth``) must still match
+    it: a cache damaged later (a disk error, a half copy, another file put there) is refused, naming the file,
+    instead of giving wrong features or a traceback. Hashing ~100 MB takes well under a second, little next to
+    feature extraction."""
+    expected = expected_sha256_prefix(path.name)
+    if expected is None:
+        return
+    actual = file_sha256(path, length=64)
+    if not actual.startswith(expected):
+        raise WeightsFileError(
+            f"the cached weights {path} have SHA-256 {actual[:16]}..., but their name says it starts with "
+            f"{expected}: the file is corrupt or not the expected one. Delete it (it is downloaded again on the "
+            "next run) or pass the path of a good copy"
+        )
 
 
 def load_inception_state_dict(model: FIDInceptionV3, state: dict[str, torch.Tensor], origin: str = "state dict") -> None:
@@ -416,9 +451,11 @@ def resolve_inception_weights(
         return path
     path = default_inception_cache_path()
     if path.is_file():
+        check_cached_weights(path)
         return path
     if not download:
         raise FileNotFoundError(_missing_weights_message(path, f"{path} does not exist and download=False"))
+    check_cache_dir(path.parent, cache_setting())  # CDM_CACHE a file: say so, not "downloading failed (File exists)"
     try:
         _download(INCEPTION_WEIGHTS_URL, path, timeout_s)
     except OSError as error:  # URLError, timeouts and HTTP errors are all OSErrors
