@@ -65,6 +65,10 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the run stopped and the last good checkpoint is kept."""
 
 
+# steps between the ranks' agreement on a stop signal under torchrun (see Trainer._stop_requested)
+STOP_SYNC_EVERY = 10
+
+
 class TrainingStopped(Exception):
     """Training was asked to stop (SIGTERM from a scheduler, SIGINT from Ctrl-C): the step under way was
     finished and saved as a checkpoint, so rerunning the same command resumes exactly there."""
@@ -578,9 +582,13 @@ class Trainer:
 
     def _stop_requested(self, stop: list[int]) -> int:
         """The signal that asked this run to stop (0: none). Under torchrun every rank must stop after the same
-        step (saving is collective), so the ranks agree on it: a one-number all-reduce per step."""
+        step (saving is collective), so the ranks agree on it with a one-number all-reduce -- only every
+        ``STOP_SYNC_EVERY`` steps, since reading its result waits for the device: a stop is taken at most that
+        many steps late, well inside a scheduler's grace period."""
         signum = stop[0] if stop else 0
         if self.world_size > 1:
+            if self.step % STOP_SYNC_EVERY:
+                return 0
             flag = torch.tensor([signum], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             signum = int(flag.item())
