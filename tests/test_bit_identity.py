@@ -12,7 +12,7 @@ bf16, another summation order), and the test compares within round-off instead: 
 difference of 0.05, uint8 to 2 levels — still far below any change of the samplers' math (one DDIM step fewer
 moves the pretrained bf16 case by a mean of 0.68; an AMX machine and an AVX-512-BF16 one differ by 0.022).
 
-Issue 29 made the networks run on fixed micro-batches of 8 on a CPU, which moved the fp32 round-off of the
+Issue 29 made the networks run on fixed micro-batches of 16 on a CPU, which moved the fp32 round-off of the
 pretrained case by ~1e-6: the library cases are recorded by that commit since (record_machine.py)."""
 
 from __future__ import annotations
