@@ -190,7 +190,8 @@ def test_second_request_while_sampling_is_told_busy(server):
     with pytest.raises(DemoBusy):  # the engine itself refuses a second caller too
         engine.try_acquire()
         engine.try_acquire()
-    engine._lock.release()
+    engine.release()
+    assert http(url + "/api/sample", b'{"class": 3}')[0] == 200
 
 
 # --- the page in a real browser -------------------------------------------------------------------------

@@ -72,11 +72,23 @@ def build_app(engine: DemoEngine):
             return error(400, str(e))
         except DemoBusy as e:
             return error(409, str(e))
+        started = False
+
+        def work():
+            nonlocal started
+            started = True
+            return engine.sample(params, acquired=True)  # releases the engine when it ends, however it ends
+
         try:
             # off the event loop, so /api/progress and other requests are answered meanwhile; a client that
-            # goes away does not cancel the thread (anyio waits for it), and the engine is released when it ends
-            result = await anyio.to_thread.run_sync(lambda: engine.sample(params, acquired=True))
-        except Exception as e:  # a bug, not the user's: the traceback goes to the server's log, not the page
+            # goes away does not cancel a running thread (anyio waits for it)
+            result = await anyio.to_thread.run_sync(work)
+        except BaseException as e:
+            if not started:  # cancelled before the thread ran: nobody else will release the engine
+                engine.release()
+            if not isinstance(e, Exception):
+                raise
+            # a bug, not the user's: the traceback goes to the server's log, not the page
             traceback.print_exc(file=sys.stderr)
             return error(500, f"sampling failed ({type(e).__name__}: {e}); see the server's log")
         return JSONResponse(result)

@@ -193,6 +193,11 @@ class DemoEngine:
                            "when it is done")
         self._progress = {"busy": True, "stage": None, "step": 0, "total": 0, "fraction": 0.0}
 
+    def release(self) -> None:
+        """Give back a reservation of :meth:`try_acquire` that no :meth:`sample` used."""
+        self._progress = {**self._progress, "busy": False}
+        self._lock.release()
+
     def sample(self, request: DemoRequest, *, acquired: bool = False,
                on_step: Callable[[SamplerStep], None] | None = None) -> dict[str, Any]:
         """Draw the sample (holding the engine; ``acquired``: :meth:`try_acquire` was already called) and return
@@ -202,8 +207,7 @@ class DemoEngine:
         try:
             return self._sample(request, on_step)
         finally:
-            self._progress = {**self._progress, "busy": False}
-            self._lock.release()
+            self.release()
 
     def _sample(self, request: DemoRequest, on_step) -> dict[str, Any]:
         cascade, n = self.cascade, len(self.cascade.stages)
