@@ -34,6 +34,10 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     parser.add_argument("--settle", type=float, default=8.0, help="seconds for the charts to draw")
+    parser.add_argument("--tags", default="samples|loss_q|ema_rate|train/lr|train/loss$|eval/kid$",
+                        help="regex of the cards to show (TensorBoard's tag filter)")
+    parser.add_argument("--height", type=int, default=1480, help="page height in pixels (the dashboard scrolls "
+                                                                   "inside itself, so the picture is the viewport)")
     args = parser.parse_args()
 
     from playwright.sync_api import sync_playwright
@@ -51,10 +55,14 @@ def main() -> int:
                 time.sleep(0.5)
         with tempfile.TemporaryDirectory() as profile, sync_playwright() as p:
             context = p.chromium.launch_persistent_context(profile, executable_path=args.chromium, headless=True,
-                                                           viewport={"width": 1400, "height": 1000}, args=ARGS)
+                                                           viewport={"width": 1400, "height": args.height}, args=ARGS)
             page = context.new_page()
             page.goto(url + "#timeseries")
             page.wait_for_selector("text=samples", timeout=60_000)
+            page.fill("input[placeholder='Filter tags (regex)']", args.tags)
+            settings = page.locator("button:has-text('Settings')")
+            if page.locator("text=Horizontal Axis").is_visible() and settings.count():
+                settings.first.click()  # the settings pane opens by default; the cards need the room
             time.sleep(args.settle)
             page.screenshot(path=args.out, full_page=True)
             context.close()
