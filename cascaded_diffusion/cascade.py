@@ -13,7 +13,7 @@ Every check that can fail is done in ``validate()`` before any sampling compute.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +24,7 @@ from .fileio import images_to_tensor, tensor_to_images
 from .errors import UserError
 from .pretrained import find_cascade
 from .rng import Generator, PerSampleGenerator
+from .samplers import StepCallback
 from .stage import Stage
 
 
@@ -36,6 +37,9 @@ class CascadeOutput:
     images: torch.Tensor  # final stage output in [-1, 1]
     stages: list[torch.Tensor] = field(default_factory=list)  # every stage's output, low to high resolution
     labels: torch.Tensor | None = None
+    # per stage run: the low-resolution input it was conditioned on, at the previous stage's resolution, as the
+    # network received it (noised at level s, or the truncated z_s, or clean); None for the base stage
+    conditioning: list[torch.Tensor | None] = field(default_factory=list)
 
 
 def _per_stage(value, n: int, name: str) -> list:
@@ -185,6 +189,7 @@ class Cascade:
         start_stage: int = 0,
         autocast: bool | None = None,
         progress: bool = False,
+        callback: StepCallback | None = None,
     ) -> CascadeOutput:
         """Sample ``len(labels)`` images through the cascade.
 
@@ -197,6 +202,8 @@ class Cascade:
         stage k-1, or ground-truth low-resolution images) to stage k — used by the augmentation sweep.
         ``autocast``: True = bf16 autocast, False = fp32, None (default) = bf16 only where the hardware does it
         natively (:func:`~.hardware.choose_precision`).
+        ``callback``: called after every sampler step of every stage with a
+        :class:`~cascaded_diffusion.samplers.SamplerStep` whose ``stage`` is the stage's index.
         """
         n = len(self.stages)
         truncated = self.default_truncated if truncated is None else truncated
@@ -227,6 +234,7 @@ class Cascade:
         device = self.stages[0].device
         labels = labels.to(device)
         outputs: list[torch.Tensor] = []
+        conditioning: list[torch.Tensor | None] = []
         handed_on: torch.Tensor | None = low_res.to(device) if low_res is not None else None
         handed_level: torch.Tensor | None = None
         for i in range(start_stage, n):
@@ -243,6 +251,10 @@ class Cascade:
                         cond = stage.augmentation.apply(cond, cond_level, generator=generator)
             else:
                 cond = cond_level = None
+            conditioning.append(cond)
+            stage_callback = None
+            if callback is not None:
+                stage_callback = lambda step, i=i: callback(replace(step, stage=i))  # noqa: E731
             x = stage.sample(
                 labels,
                 low_res=cond,
@@ -255,6 +267,7 @@ class Cascade:
                 stop_t=stop_t,
                 autocast=autocast,
                 progress=progress,
+                callback=stage_callback,
             )
             outputs.append(x.clamp(-1, 1) if stop_t < 0 else x)
             if stop_t >= 0:
@@ -263,7 +276,7 @@ class Cascade:
             else:
                 handed_on = x.clamp(-1, 1)
                 handed_level = None
-        return CascadeOutput(images=outputs[-1], stages=outputs, labels=labels)
+        return CascadeOutput(images=outputs[-1], stages=outputs, labels=labels, conditioning=conditioning)
 
     def upscale(self, images, labels, *, seed: int = 0, keys: Sequence[int] | None = None, batch_size: int = 64,
                 progress: bool = False, **kwargs) -> list[np.ndarray]:

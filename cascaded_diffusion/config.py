@@ -130,6 +130,11 @@ class TrainSection:
     sample_steps: int = 50
     tensorboard: bool = False
     progress: bool = True
+    # periodic small-sample KID of the EMA weights against the stage's training data (watch.py); 0 = off. Written
+    # to a stored config only when on, so run directories and bundles made before these keys keep their bytes
+    eval_every: int = 0
+    eval_num: int = 64
+    eval_features: str = ""  # "classifier[:PATH|NAME]" or "inception[:WEIGHTS]"; required when eval_every > 0
 
 
 @dataclass
@@ -158,6 +163,9 @@ class StageConfig:
         # written only when false: run directories and bundles made before the option keep their bytes
         if values["model"].get("middle_attention", True):
             values["model"].pop("middle_attention", None)
+        if not values["train"].get("eval_every"):
+            for key in ("eval_every", "eval_num", "eval_features"):
+                values["train"].pop(key, None)
         return values
 
     def to_json(self) -> str:
@@ -314,6 +322,14 @@ def _validate_counts(config: StageConfig, fail) -> None:
     for key in ("sample_every", "sample_steps", "warmup_steps"):
         if getattr(t, key) < 0:
             fail(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if t.eval_every < 0:
+        fail("train.eval_every", f"must be >= 0 (0 = off), got {t.eval_every}")
+    if t.eval_every and t.eval_num < 2:
+        fail("train.eval_num", f"must be >= 2 (KID compares sets of at least 2 images), got {t.eval_num}")
+    if t.eval_every and t.eval_features.partition(":")[0] not in ("classifier", "inception"):
+        fail("train.eval_features", "train.eval_every > 0 needs a feature network: \"classifier\" (the shipped "
+             "Fashion-MNIST one), \"classifier:NAME_OR_PATH\" or \"inception[:WEIGHTS]\"; got "
+             f"{t.eval_features!r}")
     for key in ("lr", "weight_decay", "grad_clip"):
         if not math.isfinite(getattr(t, key)):
             fail(f"train.{key}", f"must be a finite number, got {getattr(t, key)}")

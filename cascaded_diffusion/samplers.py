@@ -12,6 +12,7 @@ network times are precomputed on the device, so the loop never synchronises host
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -23,6 +24,26 @@ from .rng import Generator, randn
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 SAMPLE_VARIANCES = ("auto", *VARIANCES)  # "auto": learned when the model learns it, else fixed_large
 NetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SamplerStep:
+    """What a sampling ``callback`` is told after each network evaluation (progress bars, previews, logging).
+
+    ``step`` counts the steps done (1 .. ``total``); ``t`` is the index the network was evaluated at; ``x`` is the
+    sample after the step and ``pred_x0`` the step's x̂0, both on the sampling device (reading them synchronises
+    with it, so a callback that only reports progress should not touch them). ``stage`` is the cascade stage
+    (0-based) when :meth:`~cascaded_diffusion.cascade.Cascade.sample` runs the loop, else None."""
+
+    step: int
+    total: int
+    t: int
+    x: torch.Tensor
+    pred_x0: torch.Tensor
+    stage: int | None = None
+
+
+StepCallback = Callable[[SamplerStep], None]
 
 
 # --- classifier-free guidance ----------------------------------------------------------------------------
@@ -108,6 +129,7 @@ def sample(
     device: str | torch.device | None = None,
     progress: bool = False,
     return_pred_x0: bool = False,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run the reverse process of ``diffusion`` for a batch of ``shape`` (N, C, …) in float32.
 
@@ -128,6 +150,7 @@ def sample(
             batch from its own stream, so each sample is independent of the batch it is in).
         device: where to sample (default: x_start's device, else the CPU).
         return_pred_x0: also return the last step's x̂0.
+        callback: called with a :class:`SamplerStep` after every step (it must not change the tensors).
 
     Returns:
         x (N, C, …), or (x, x̂0) with ``return_pred_x0``.
@@ -192,6 +215,8 @@ def sample(
             x = _ddim_step(x0, eps, a_t, a_s, eta, generator)
         else:
             x, dpm_state = _dpmpp_2m_step(x, x0, a_t, a_s, dpm_state)
+        if callback is not None:
+            callback(SamplerStep(step=i + 1, total=len(seq), t=t, x=x, pred_x0=x0))
     return (x, x0) if return_pred_x0 else x
 
 

@@ -28,7 +28,7 @@ from .diffusion import GaussianDiffusion, make_beta_schedule
 from .errors import UserError
 from .hardware import bf16_autocast, choose_precision
 from .rng import Generator
-from .samplers import make_cfg_model_fn, sample
+from .samplers import StepCallback, make_cfg_model_fn, sample
 from .unet import UNet, UNetConfig
 
 
@@ -281,9 +281,11 @@ class Stage:
         x_start: torch.Tensor | None = None,
         autocast: bool | None = None,
         progress: bool = False,
+        callback: StepCallback | None = None,
     ) -> torch.Tensor:
         """Sample ``len(labels)`` images in [-1, 1] (or a noisy x_{stop_t} when ``stop_t >= 0``).
-        ``autocast``: True = bf16, False = fp32, None (default) = the hardware's choice (see :meth:`model_fn`)."""
+        ``autocast``: True = bf16, False = fp32, None (default) = the hardware's choice (see :meth:`model_fn`).
+        ``callback``: called after every sampler step (:class:`~cascaded_diffusion.samplers.SamplerStep`)."""
         defaults = self.config.sample
         sampler = sampler or defaults.sampler
         steps = defaults.steps if steps is None else steps
@@ -312,4 +314,5 @@ class Stage:
             generator=generator,
             device=self.device,
             progress=progress,
+            callback=callback,
         )

@@ -59,6 +59,7 @@ from .mirror import flip_warning
 from .readers import ImageArray, ResolutionMismatch
 from .hardware import bf16_autocast, choose_precision, configure_cuda_backends, resolve_device
 from .stage import Stage, build_augmentation, build_diffusion, build_network
+from .watch import LossByTimestep, PeriodicKID
 
 
 class NonFiniteLossError(RuntimeError):
@@ -314,6 +315,7 @@ class Trainer:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.ema = EMA(self.net, t.ema_rate, t.ema_warmup)
         self.diffusion = build_diffusion(cfg)
+        self.loss_by_t = LossByTimestep(self.diffusion.num_timesteps, self.device)
         self.augmentation = build_augmentation(cfg)
         opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
         opt_kwargs: dict[str, Any] = dict(lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
@@ -439,7 +441,9 @@ class Trainer:
                 out = net(x_t, t_scaled, y=y, aug_level=aug_level, low_res=low_res)
             return out.float()
 
-        return self.diffusion.training_losses(model_fn, x0, t, noise=noise)["loss"].mean()
+        losses = self.diffusion.training_losses(model_fn, x0, t, noise=noise)["loss"]
+        self.loss_by_t.add(t, losses)  # bookkeeping only: the loss trained on is the same mean as before
+        return losses.mean()
 
     def _crop(self, x0: torch.Tensor, low_res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Aligned random crops of the high-res images and of their conditioning images, one per example.
@@ -499,7 +503,8 @@ class Trainer:
 
     # --- sample grid -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_grid(self, path: Path, per_class: int = 8) -> None:
+    def sample_grid(self, path: Path, per_class: int = 8) -> np.ndarray:
+        """Write the grid of EMA samples (one row per class) to ``path`` and return it (uint8 H x W x C)."""
         cfg = self.config
         stage = Stage(cfg, self.ema.model, self.device, source=str(self.run_dir))
         k = cfg.stage.num_classes
@@ -521,7 +526,9 @@ class Trainer:
         if cfg.is_sr:
             columns.append(tensor_to_images(real))
         # one row per class; for SR each sample shows low-res | sample | real
-        save_grid(grid_by_class(columns, labels.cpu().numpy(), per_class=per_class)[None], path, nrow=1, padding=0)
+        grid = grid_by_class(columns, labels.cpu().numpy(), per_class=per_class)
+        save_grid(grid[None], path, nrow=1, padding=0)
+        return grid
 
     # --- the loop --------------------------------------------------------------------------------------
     def train(self) -> TrainSummary:
@@ -562,6 +569,9 @@ class Trainer:
             self._write_config()
             _append_log_event(log_path, "resume" if self.step else "start", self.step)
         writer = _tensorboard(self.run_dir) if (t.tensorboard and self.is_main) else None
+        # built before the first step: a bad feature network is refused now, not after eval_every steps
+        evaluator = PeriodicKID(cfg, self.data, self.device, self.precision.bf16) if (t.eval_every and self.is_main) \
+            else None
         start_step = self.step
         end_step = t.steps if self.stop_after is None else min(t.steps, start_step + self.stop_after)
         bar = None
@@ -572,7 +582,7 @@ class Trainer:
         self.net.train()
         try:
             with _stop_requests() as stop:
-                self._loop(end_step, start_step, stop, log_path, writer, bar, ckpt)
+                self._loop(end_step, start_step, stop, log_path, writer, bar, ckpt, evaluator)
         finally:
             if bar is not None:
                 bar.close()
@@ -595,7 +605,7 @@ class Trainer:
         return signum
 
     def _loop(self, end_step: int, start_step: int, stop: list[int], log_path: Path, writer, bar,
-              last_ckpt: Path | None) -> None:
+              last_ckpt: Path | None, evaluator: PeriodicKID | None) -> None:
         cfg = self.config
         t = cfg.train
         loss_sum = torch.zeros((), device=self.device)
@@ -611,11 +621,11 @@ class Trainer:
             count += 1
             at_end = self.step == end_step
             if self.step % t.log_every == 0 or at_end:
-                stats = torch.stack([loss_sum, norm_sum])
+                stats = torch.cat([torch.stack([loss_sum, norm_sum]), self.loss_by_t.take()])
                 if self.world_size > 1:
                     dist.all_reduce(stats)
-                    stats /= self.world_size
-                mean_loss, mean_norm = (stats / count).tolist()
+                    stats /= self.world_size  # the quartile means are ratios: the same scale on sums and counts
+                mean_loss, mean_norm = (stats[:2] / count).tolist()
                 elapsed = time.perf_counter() - tick
                 record = {
                     "step": self.step,
@@ -623,6 +633,9 @@ class Trainer:
                     "grad_norm": mean_norm,
                     "lr": self._lr_at(self.step - 1),
                     "img_per_s": count * images_per_step / max(elapsed, 1e-9),
+                    # the EMA decay used at this step: below ema_rate while train.ema_warmup ramps it up
+                    "ema_rate": self.ema.rate_at(self.step - 1),
+                    **LossByTimestep.means(stats[2:].tolist()),
                     "time": time.time(),
                 }
                 if not math.isfinite(mean_loss):
@@ -632,8 +645,9 @@ class Trainer:
                     with open(log_path, "a") as f:
                         f.write(_json_line(record))
                     if writer is not None:
-                        for key in ("loss", "grad_norm", "lr", "img_per_s"):
-                            writer.add_scalar(f"train/{key}", record[key], self.step)
+                        for key, value in record.items():
+                            if key not in ("step", "time"):
+                                writer.add_scalar(f"train/{key}", value, self.step)
                     if bar is not None:
                         bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['img_per_s']:.0f}")
                 loss_sum.zero_()
@@ -654,7 +668,21 @@ class Trainer:
                     "Rerun the same `cdm train` command to resume from it", signum)
             if self.is_main and ((t.sample_every and self.step % t.sample_every == 0) or self.step == t.steps):
                 if self.step != start_step:
-                    self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png")
+                    grid = self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png")
+                    if writer is not None:  # the same grid as the PNG, in the tracker
+                        writer.add_image("samples", grid, self.step, dataformats="HWC")
+            if evaluator is not None and (self.step % t.eval_every == 0 or self.step == t.steps):
+                if self.step != start_step:
+                    self._evaluate(evaluator, log_path, writer)
+
+    def _evaluate(self, evaluator: PeriodicKID, log_path: Path, writer) -> None:
+        """KID of the EMA weights now: its own line in log.jsonl (``"kid"``; no ``"loss"``) and eval/ scalars."""
+        result = evaluator(self.ema.model, self.step)
+        with open(log_path, "a") as f:
+            f.write(_json_line(result))
+        if writer is not None:
+            for key in ("kid", "kid_std", "eval_seconds"):
+                writer.add_scalar(f"eval/{key}", result[key], self.step)
 
     def _stop_nonfinite(self, record: dict, log_path: Path, last_ckpt: Path | None) -> None:
         if self.is_main:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from cascaded_diffusion.diffusion import GaussianDiffusion, make_beta_schedule, prediction_target
-from cascaded_diffusion.samplers import make_cfg_model_fn, sample, timestep_sequence
+from cascaded_diffusion.samplers import SamplerStep, make_cfg_model_fn, sample, timestep_sequence
 
 MU = torch.tensor([0.3, -0.5, 0.0])
 VAR = torch.tensor([0.25, 0.64, 1.0])
@@ -298,6 +298,21 @@ def test_sampling_loop_makes_no_host_reads(sampler):
     out = sample(d, lambda x, t: torch.cat([x * t.view(-1, 1, 1, 1), x.tanh()], 1), (2, 3, 4, 4),
                  sampler=sampler, eta=0.5, device="meta", stop_t=3)
     assert out.device.type == "meta" and out.shape == (2, 3, 4, 4)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
+def test_callback_sees_every_step_and_does_not_change_the_result(sampler):
+    d = cosine(100)
+    model = OptimalGaussianModel(d)
+    kwargs = dict(sampler=sampler, eta=1.0, steps=7, stop_t=9, shape=(4, 3, 2, 2))
+    plain = sample(d, model, generator=torch.Generator().manual_seed(0), **kwargs)
+    steps: list[SamplerStep] = []
+    out = sample(d, model, generator=torch.Generator().manual_seed(0), callback=steps.append, **kwargs)
+    assert torch.equal(out, plain)  # the callback observes; it draws no numbers and changes nothing
+    assert [s.step for s in steps] == list(range(1, 8)) and {s.total for s in steps} == {7}
+    assert [s.t for s in steps] == timestep_sequence(99, 9, 7)
+    assert torch.equal(steps[-1].x, out) and steps[0].stage is None
+    assert all(s.pred_x0.shape == (4, 3, 2, 2) for s in steps)
 
 
 def test_progress_bar_runs(capsys):

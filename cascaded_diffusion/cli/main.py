@@ -10,13 +10,13 @@ import zipfile
 from ..checkpoint import CheckpointError
 from ..errors import describe_os_error
 from ..training import NonFiniteLossError, TrainingStopped
-from . import evaluate, prepare, sample, share, train
+from . import demo, evaluate, prepare, sample, share, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdm", description="Cascaded Diffusion Models")
     sub = parser.add_subparsers(dest="command", required=True)
-    for commands in (train, sample, share, prepare, evaluate):  # train, export | sample | push, upscale | prepare | stats, ...
+    for commands in (train, sample, share, prepare, evaluate, demo):  # train, export | sample | push, upscale | ... | demo
         commands.add_commands(sub)
     return parser
 
