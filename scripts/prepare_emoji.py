@@ -108,15 +108,24 @@ def default_cache_dir() -> Path:
 
 def npm_pack(version: str, cache_dir: Path) -> Path:
     """The package tarball for ``version``: from ``cache_dir`` if there, else fetched with ``npm pack``."""
-    target = cache_dir / f"{PACKAGE}-{version}.tgz"
+    filename = f"{PACKAGE}-{version}.tgz"
+    return npm_pack_spec(f"{PACKAGE}@{version}", filename, cache_dir,
+                         without_npm=f"download {filename} and pass --tarball")
+
+
+def npm_pack_spec(spec: str, filename: str, cache_dir: Path, check_name: bool = False,
+                  without_npm: str | None = None) -> Path:
+    """``cache_dir/filename``, fetched with ``npm pack SPEC`` when not there yet (``check_name``: refuse a tarball
+    that npm names otherwise, e.g. a scoped package's; ``without_npm``: what to do instead, when npm is missing)."""
+    target = cache_dir / filename
     if target.is_file():
         return target
     npm = shutil.which("npm")
     if npm is None:
-        sys.exit(f"npm not found: install Node.js/npm, or download {PACKAGE}-{version}.tgz and pass --tarball")
+        sys.exit(f"npm not found: install Node.js/npm, or {without_npm or f'put {filename} ({spec}) into {cache_dir}'}")
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".npm-pack-") as tmp:
-        cmd = [npm, "pack", f"{PACKAGE}@{version}", "--ignore-scripts", "--json", "--pack-destination", tmp]
+        cmd = [npm, "pack", spec, "--ignore-scripts", "--json", "--pack-destination", tmp]
         print("running:", " ".join(cmd), flush=True)
         result = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
         if result.returncode != 0:
@@ -124,6 +133,8 @@ def npm_pack(version: str, cache_dir: Path) -> Path:
         packed = list(Path(tmp).glob("*.tgz"))
         if len(packed) != 1:
             sys.exit(f"npm pack wrote {len(packed)} .tgz files, expected one:\n{result.stdout}")
+        if check_name and packed[0].name != filename:
+            sys.exit(f"npm pack {spec} wrote {packed[0].name}, expected {filename}")
         os.replace(packed[0], target)
     return target
 
@@ -278,16 +289,17 @@ def write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
-def check_output_dir(out: Path) -> None:
-    """Refuse a non-empty OUT that this script did not write (its train/ and test/ are pruned)."""
+def check_output_dir(out: Path, generator: str = GENERATOR) -> None:
+    """Refuse a non-empty OUT that ``generator`` (this script by default) did not write (its train/ and test/ are
+    pruned)."""
     if not out.exists() or not any(out.iterdir()):
         return
     try:
         manifest = json.loads((out / "manifest.json").read_text())
     except (OSError, ValueError):
         manifest = None
-    if not isinstance(manifest, dict) or manifest.get("generator") != GENERATOR:
-        sys.exit(f"{out} is not empty and has no manifest.json from {GENERATOR}; choose a new or empty --out")
+    if not isinstance(manifest, dict) or manifest.get("generator") != generator:
+        sys.exit(f"{out} is not empty and has no manifest.json from {generator}; choose a new or empty --out")
 
 
 def prune(out: Path, expected: set[Path], expected_dirs: set[Path]) -> int:

@@ -30,16 +30,12 @@ then Unicode order). Re-running writes nothing that is already right; stale file
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -93,30 +89,8 @@ KNOWN_SHA256 = {
 }
 
 
-def npm_pack(spec: str, filename: str, cache_dir: Path) -> Path:
-    """The tarball of ``spec`` from ``cache_dir``, else fetched there with ``npm pack``."""
-    target = cache_dir / filename
-    if target.is_file():
-        return target
-    npm = shutil.which("npm")
-    if npm is None:
-        sys.exit(f"npm not found: install Node.js/npm, or put {filename} ({spec}) into {cache_dir}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".npm-pack-") as tmp:
-        cmd = [npm, "pack", spec, "--ignore-scripts", "--json", "--pack-destination", tmp]
-        print("running:", " ".join(cmd), flush=True)
-        result = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
-        if result.returncode != 0:
-            sys.exit(f"npm pack failed (exit {result.returncode}):\n{result.stderr.strip()}")
-        packed = list(Path(tmp).glob("*.tgz"))
-        if len(packed) != 1 or packed[0].name != filename:
-            sys.exit(f"npm pack {spec} wrote {[p.name for p in packed]}, expected {filename}")
-        os.replace(packed[0], target)
-    return target
-
-
 def checked_tarball(spec: str, filename: str, cache_dir: Path) -> tuple[Path, str]:
-    path = npm_pack(spec, filename, cache_dir)
+    path = emoji64.npm_pack_spec(spec, filename, cache_dir, check_name=True)
     digest = emoji64.sha256_file(path)
     known = KNOWN_SHA256.get(filename)
     if known and digest != known:
@@ -209,17 +183,6 @@ def select_items(entries: list[dict], svgs: dict[str, dict[str, str]]) -> tuple[
     return items, missing
 
 
-def check_output_dir(out: Path) -> None:
-    if not out.exists() or not any(out.iterdir()):
-        return
-    try:
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        manifest = None
-    if not isinstance(manifest, dict) or manifest.get("generator") != GENERATOR:
-        sys.exit(f"{out} is not empty and has no manifest.json from {GENERATOR}; choose a new or empty --out")
-
-
 def attribution_text(designs: list[str]) -> str:
     lines = ["# Emoji artwork in this data set (and in models trained on it)", ""]
     for d in designs:
@@ -233,7 +196,7 @@ def attribution_text(designs: list[str]) -> str:
 
 def build(args: argparse.Namespace) -> dict:
     out = Path(os.path.expanduser(args.out)).resolve()
-    check_output_dir(out)
+    emoji64.check_output_dir(out, GENERATOR)
     cache = Path(args.cache_dir)
     designs = args.designs
     tarballs = {d: checked_tarball(DESIGNS[d]["spec"], DESIGNS[d]["tarball"], cache) for d in designs}
