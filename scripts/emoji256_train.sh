@@ -5,6 +5,7 @@
 #   scripts/emoji256_train.sh top      # sr64to256 (blur) and sr64to256_noaug
 #   scripts/emoji256_train.sh lower    # base16 and sr16to64 (noise)
 #   scripts/emoji256_train.sh rest     # sr16to64_noaug and sr64to256_noise
+#   FIRST_CPU=1 scripts/emoji256_train.sh base16   # any run names (configs/emoji256/NAME.toml), one core each
 #
 # RUNS (default /work/runs/emoji256), DATA (default /work/data: emoji256/, emoji256-train/, emoji256-test/) and
 # CODE (default: this checkout; the runs of 2026-12-07 use a frozen worktree of commit 5fd358b at /work/frozen256,
@@ -16,12 +17,17 @@ RUNS="${RUNS:-/work/runs/emoji256}"
 DATA="${DATA:-/work/data}"
 export PYTHONPATH="$CODE" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 cd "$CODE"
-case "${1:-}" in
-  top) pair=(sr64to256 sr64to256_noaug) ;;
-  lower) pair=(base16 sr16to64) ;;
-  rest) pair=(sr16to64_noaug sr64to256_noise) ;;
-  *) echo "usage: $0 top|lower|rest" >&2; exit 2 ;;
-esac
+pair=()
+for arg in "$@"; do
+  case "$arg" in
+    top) pair+=(sr64to256 sr64to256_noaug) ;;
+    lower) pair+=(base16 sr16to64) ;;
+    rest) pair+=(sr16to64_noaug sr64to256_noise) ;;
+    *) [ -f "configs/emoji256/$arg.toml" ] || { echo "usage: $0 top|lower|rest|RUN_NAME..." >&2; exit 2; }
+       pair+=("$arg") ;;
+  esac
+done
+[ "${#pair[@]}" -gt 0 ] || { echo "usage: $0 top|lower|rest|RUN_NAME..." >&2; exit 2; }
 if [ ! -f "$DATA/emoji256-train/manifest.json" ] || [ ! -f "$DATA/emoji256-test/manifest.json" ]; then
   python scripts/prepare_emoji256.py --out "$DATA/emoji256"
   for split in train test; do
@@ -30,10 +36,10 @@ if [ ! -f "$DATA/emoji256-train/manifest.json" ] || [ ! -f "$DATA/emoji256-test/
   done
 fi
 mkdir -p "$RUNS"
-cpu=0
+cpu="${FIRST_CPU:-0}"
 for name in "${pair[@]}"; do
   nohup taskset -c "$cpu" python -m cascaded_diffusion.cli train "configs/emoji256/$name.toml" --out "$RUNS/$name" \
     --set "data.source=prepared:$DATA/emoji256-train" --set train.progress=false > "$RUNS/$name.out" 2>&1 &
-  cpu=$(( (cpu + 1) % $(nproc) ))
+  cpu=$(( (cpu + 1) % $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) ))  # nproc alone obeys OMP_NUM_THREADS=1
 done
 wait
