@@ -9,9 +9,10 @@ were removed; docs/performance.md keeps their numbers.
 Part 1 times each against the op it replaces at the shapes of the bundled Fashion-MNIST cascade and the cpu-32
 benchmark model, in bf16 and fp32, interleaved (ABBA), and reports the largest difference between the two
 results (0 means bit-identical). ``scale_shift`` is also timed forward + backward, as training runs it.
-Part 2 runs one forward of each bundled stage network (bf16 autocast, no autograd: what sampling does) with the
-fast paths on and patched out, interleaved; ``--cascade`` also times whole cascade samples both ways, and
-``--train`` training steps of the cpu-32 benchmark model (where only ``scale_shift`` applies).
+Part 2 runs one forward of each bundled stage network (no autograd: what sampling does; in each of
+``--model-dtypes``, bf16 meaning bf16 autocast) with the fast paths on and patched out, interleaved; ``--cascade``
+also times whole cascade samples both ways (bf16), and ``--train`` training steps of the cpu-32 benchmark model in
+each of ``--model-dtypes`` (where only ``scale_shift`` applies).
 The last line of output is one JSON object.
 
 Examples::
@@ -128,7 +129,7 @@ def run_op_case(op: str, mode: str, shape: tuple[int, ...], dtype: torch.dtype, 
             "fast_ms": fast_ms, "plain_ms": plain_ms, "speedup": plain_ms / fast_ms, "max_abs_diff": diff}
 
 
-def run_networks(cascade: Cascade, batch: int, reps: int) -> list[dict]:
+def run_networks(cascade: Cascade, batch: int, reps: int, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     results = []
     g = torch.Generator().manual_seed(0)
     for stage in cascade.stages:
@@ -141,14 +142,14 @@ def run_networks(cascade: Cascade, batch: int, reps: int) -> list[dict]:
             low = torch.randn(batch, cfg.low_res_channels, stage.low_res, stage.low_res, generator=g)
 
         def forward() -> torch.Tensor:
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 return net(x, t, y=y, low_res=low)
 
         plain_forward = with_plain_ops(forward)
         diff = (forward().float() - plain_forward().float()).abs().max().item()
         fast_ms, plain_ms = (1e3 * m for m in medians(interleaved({"fast": forward, "plain": plain_forward}, reps)))
         results.append({"stage": stage.config.stage.name, "resolution": cfg.resolution, "batch": batch,
-                        "fast_ms": fast_ms, "plain_ms": plain_ms, "speedup": plain_ms / fast_ms,
+                        "dtype": str(dtype).removeprefix("torch."), "fast_ms": fast_ms, "plain_ms": plain_ms, "speedup": plain_ms / fast_ms,
                         "max_abs_diff": diff})
     return results
 
@@ -201,7 +202,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per variant")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--dtypes", default="bf16,fp32")
+    p.add_argument("--dtypes", default="bf16,fp32", help="dtypes of the op cases")
+    p.add_argument("--model-dtypes", default=None,
+                   help="dtypes of the network forwards and training steps (default: --dtypes)")
     p.add_argument("--pretrained", default="fashion-mnist")
     p.add_argument("--skip-ops", action="store_true")
     p.add_argument("--skip-networks", action="store_true")
@@ -209,10 +212,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train", action="store_true", help="also time cpu-32 training steps in each dtype (slow)")
     args = p.parse_args(argv)
     names = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    try:
-        args.dtypes = [names[d.strip()] for d in args.dtypes.split(",") if d.strip()]
-    except KeyError as err:
-        p.error(f"--dtypes: unknown {err}; choose from bf16, fp32")
+    for flag in ("dtypes", "model_dtypes"):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        try:
+            setattr(args, flag, [names[d.strip()] for d in value.split(",") if d.strip()])
+        except KeyError as err:
+            p.error(f"--{flag.replace('_', '-')}: unknown {err}; choose from bf16, fp32")
+    if args.model_dtypes is None:
+        args.model_dtypes = args.dtypes
     return args
 
 
@@ -234,9 +243,10 @@ def main(argv=None) -> dict:
     if not args.skip_networks or args.cascade:
         cascade = Cascade.load(pretrained=args.pretrained)
         if not args.skip_networks:
-            result["networks"] = run_networks(cascade, args.batch_size, args.reps)
+            result["networks"] = [r for dtype in args.model_dtypes
+                                  for r in run_networks(cascade, args.batch_size, args.reps, dtype)]
             for r in result["networks"]:
-                print(f"{r['stage']:16s} forward, bf16, batch {r['batch']}: fast {r['fast_ms']:.1f} ms  "
+                print(f"{r['stage']:16s} forward, {r['dtype']}, batch {r['batch']}: fast {r['fast_ms']:.1f} ms  "
                       f"plain {r['plain_ms']:.1f} ms  {r['speedup']:.3f}x  max diff {r['max_abs_diff']:.3g}",
                       flush=True)
         if args.cascade:
@@ -245,7 +255,7 @@ def main(argv=None) -> dict:
                   f"  plain {r['plain_s']:.2f} s  {r['speedup']:.3f}x", flush=True)
     if args.train:
         result["train"] = []
-        for dtype in args.dtypes:
+        for dtype in args.model_dtypes:
             r = run_training(dtype, args.batch_size, args.reps)
             result["train"].append(r)
             print(f"train cpu-32 {r['dtype']}, batch {r['batch']}: fast {r['fast_img_per_s']:.2f} img/s  "

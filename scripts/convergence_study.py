@@ -23,19 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # stage_costs
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # stage_costs, cdm_call
+from cdm_call import cdm  # noqa: E402
 
 SAMPLER = ("dpmpp", "20,10")  # base steps, SR (or single-model) steps
-
-
-def cdm(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "cascaded_diffusion.cli", *args], check=True)
 
 
 def checkpoints(run: Path) -> list[Path]:

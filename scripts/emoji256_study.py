@@ -36,13 +36,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers
+from cdm_call import cdm  # noqa: E402
 
 RUNS = ("base16", "sr16to64", "sr16to64_noaug", "sr64to256", "sr64to256_noaug", "sr64to256_noise")
 # (setting A, setting B): each row of the ablation table is KID(A) - KID(B), paired
@@ -54,11 +56,6 @@ PAIRS = (
     ("x64_noaug", "x64_aug", "middle stage: none − noise (at 64 px)"),
     ("x256_blur_on_noaug", "x256_blur", "middle stage: none − noise (seen at 256 px)"),
 )
-
-
-def cdm(*args: str) -> None:
-    print("+ cdm", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "cascaded_diffusion.cli", *args], check=True)
 
 
 def save_subset(src: Path, dst: Path, num: int) -> Path:
@@ -123,7 +120,7 @@ def main() -> None:
         if not path.exists():
             start = time.time()
             cdm("sample", *stages, "--num", str(num), "--out", str(path), "--seed", str(seed), "--quiet",
-                "--device", "cpu", *(extra if "--sampler" in extra else (*sampling(len(stages)), *extra)))
+                "--device", "cpu", *(extra if "--sampler" in extra else (*sampling(len(stages)), *extra)), echo=True)
             timings[name] = time.time() - start
             (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
         return path

@@ -30,19 +30,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers
+from cdm_call import cdm  # noqa: E402
+
 RUNS = ("base16", "sr16to32", "sr16to32_noaug", "sr32to64", "sr32to64_noblur")
-
-
-def cdm(*args: str) -> None:
-    print("+ cdm", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "cascaded_diffusion.cli", *args], check=True)
 
 
 def stage_dir(runs: Path, name: str, step: int | None) -> str:
@@ -100,7 +97,7 @@ def main() -> None:
         if not path.exists():
             start = time.time()
             cdm("sample", *stages, "--num", str(args.num if num is None else num), "--out", str(path), "--seed",
-                str(seed), "--quiet", "--device", "cpu", *sampling(len(stages)), *extra)
+                str(seed), "--quiet", "--device", "cpu", *sampling(len(stages)), *extra, echo=True)
             timings[name] = time.time() - start
         return path
 

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers
+from cdm_call import cdm  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "fashion-mnist" / "sr8to32.toml"
 BASE = ROOT / "cascaded_diffusion" / "pretrained" / "fashion-mnist" / "base8"
@@ -45,12 +48,6 @@ ARMS: dict[str, tuple[dict[str, str], int]] = {
         {"train.crop": "16", "train.batch_size": "64", "diffusion.loss_weighting": '"min_snr"',
          "conditioning.s_max": "500", "model.channels": "24"}, 100),
 }
-
-
-def cdm(*args: str, log: Path) -> None:
-    with open(log, "a") as f:
-        subprocess.run([sys.executable, "-m", "cascaded_diffusion.cli", *args], check=True, stdout=f,
-                       stderr=subprocess.STDOUT)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -5,9 +5,6 @@ and get a paired bootstrap, and a rerun samples nothing new."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,16 +56,14 @@ def tiny_runs(tmp_path_factory):
     return tmp, clf
 
 
-def test_emoji256_study_pairs_every_ablation_and_resumes(tiny_runs):
+def test_emoji256_study_pairs_every_ablation_and_resumes(tiny_runs, run_script):
     tmp, clf = tiny_runs
-    cmd = [sys.executable, str(ROOT / "scripts/emoji256_study.py"), "--runs", str(tmp / "runs"), "--data",
-           str(tmp / "data"), "--features", f"classifier:{clf[16]}", "--features-256", f"classifier:{clf[256]}",
-           "--num", "6", "--num-256", "3", "--steps", "2,2,2", "--levels", "10", "--top-samplers", "dpmpp:1",
-           "--bootstrap", "3", "--grid-per-class", "1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = ["--runs", tmp / "runs", "--data", tmp / "data", "--features", f"classifier:{clf[16]}",
+           "--features-256", f"classifier:{clf[256]}", "--num", "6", "--num-256", "3", "--steps", "2,2,2",
+           "--levels", "10", "--top-samplers", "dpmpp:1", "--bootstrap", "3", "--grid-per-class", "1"]
     study = tmp / "runs" / "study"
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr[-3000:]
+    status, _ = run_script("emoji256_study.py", *cmd)
+    assert status == 0
     results = json.loads((study / "metrics.json").read_text())
     tops = {"x256_blur", "x256_noaug", "x256_noise", "gt256_blur", "gt256_noaug", "gt256_noise",
             "x256_blur_on_noaug", "x256_blur_dpmpp1"}
@@ -93,7 +88,7 @@ def test_emoji256_study_pairs_every_ablation_and_resumes(tiny_runs):
     assert "Paired ablations" in (study / "tables.md").read_text()
     assert (study / "grid_stages.png").stat().st_size > 500
     mtimes = {p.name: p.stat().st_mtime_ns for p in study.glob("*.npz")}
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "+ cdm sample" not in again.stdout
+    status, again = run_script("emoji256_study.py", *cmd)
+    assert status == 0
+    assert "+ cdm sample" not in again
     assert {p.name: p.stat().st_mtime_ns for p in study.glob("*.npz")} == mtimes

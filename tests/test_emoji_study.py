@@ -4,10 +4,7 @@ every setting is sampled from the right inputs, scored against both splits, and 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,22 +48,20 @@ def tiny_runs(tmp_path_factory):
     return tmp, clf
 
 
-def test_emoji_study_runs_every_setting_and_resumes(tiny_runs):
+def test_emoji_study_runs_every_setting_and_resumes(tiny_runs, run_script):
     tmp, clf = tiny_runs
-    cmd = [sys.executable, str(ROOT / "scripts/emoji_study.py"), "--runs", str(tmp / "runs"), "--data",
-           str(tmp / "data"), "--features", f"classifier:{clf}", "--num", "6", "--steps", "3,2,2", "--levels", "0,10",
-           "--grid-per-class", "1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = ["--runs", tmp / "runs", "--data", tmp / "data", "--features", f"classifier:{clf}", "--num", "6",
+           "--steps", "3,2,2", "--levels", "0,10", "--grid-per-class", "1"]
     study = tmp / "runs" / "study"
     # the 16 -> 32 part alone (while the 32 -> 64 runs train): nothing at 64, and the full run adds the rest
-    partial = subprocess.run(cmd + ["--max-resolution", "32"], env=env, capture_output=True, text=True)
-    assert partial.returncode == 0, partial.stderr[-3000:]
+    status, _ = run_script("emoji_study.py", *cmd, "--max-resolution", "32")
+    assert status == 0
     assert not list(study.glob("x64_*.npz")) and not (study / "grid_stages.png").exists()
     partial_results = json.loads((study / "metrics.json").read_text())
     assert "x32_aug_s10" in partial_results and not any(k.startswith("x64") for k in partial_results)
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr[-3000:]
-    sampled = [line for line in first.stdout.splitlines() if line.startswith("+ cdm sample")]
+    status, first = run_script("emoji_study.py", *cmd)
+    assert status == 0
+    sampled = [line for line in first.splitlines() if line.startswith("+ cdm sample")]
     assert sampled and all("x64_" in line or "grid_stages" in line for line in sampled), sampled
     results = json.loads((study / "metrics.json").read_text())
     expected = {"base16", "x32_aug", "x32_noaug", "x32_aug_s0", "x32_aug_s10", "gt32_aug_s0", "gt32_aug_s10",
@@ -93,19 +88,18 @@ def test_emoji_study_runs_every_setting_and_resumes(tiny_runs):
         assert f["arr_1"].tolist() == base_labels and f["arr_0"].shape == (6, 64, 64, 3)
     assert (study / "grid_stages.png").stat().st_size > 500 and "| x64_aug_blur | 64 |" in (study / "tables.md").read_text()
     mtimes = {p.name: p.stat().st_mtime_ns for p in study.glob("*.npz")}
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "+ cdm sample" not in again.stdout  # every sample file reused
+    status, again = run_script("emoji_study.py", *cmd)
+    assert status == 0
+    assert "+ cdm sample" not in again  # every sample file reused
     assert {p.name: p.stat().st_mtime_ns for p in study.glob("*.npz")} == mtimes
 
     # ship: the lower held-out KID per SR stage, the classifier beside the stages, loadable as a cascade
     bundle = tmp / "bundle" / "emoji"
     clf_json = clf.with_suffix(".json")
     assert clf_json.is_file()
-    shipped = subprocess.run([sys.executable, str(ROOT / "scripts/ship_emoji.py"), str(tmp / "runs"), "--classifier",
-                              str(clf), "--bundle", str(bundle), "--default-steps", "2,2,2"],
-                             env=env, capture_output=True, text=True)
-    assert shipped.returncode == 0, shipped.stderr[-3000:]
+    status, _ = run_script("ship_emoji.py", tmp / "runs", "--classifier", clf, "--bundle", bundle,
+                           "--default-steps", "2,2,2")
+    assert status == 0
     manifest = json.loads((bundle / "cascade.json").read_text())
     kid = {k: results[k]["vs_test"]["kid"]["mean"] for k in ("x64_aug_blur", "x64_noaug_blur", "x64_aug_noblur")}
     assert manifest["stages"][0] == "base16"
