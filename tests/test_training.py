@@ -118,7 +118,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     cfg_path = tmp_path / "tiny.toml"
     cfg_path.write_text(config.to_toml())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "cascaded_diffusion.cli", "train", str(cfg_path), "--out", str(tmp_path / "ddp"), "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
