@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import StageConfig
-from .pretrained import STAGE_FILES
+from .pretrained import ATTRIBUTION_FILE, STAGE_FILES
 
 LIBRARY_NAME = "cascaded-diffusion"
 CARD_FILE = "README.md"
@@ -331,6 +331,8 @@ def render_card(root: str | Path, manifest: dict, *, load_names: Sequence[str], 
                   + (f"; {data['attribution']}" if data.get("attribution") else "")]
         if data.get("preprocessing"):
             lines.append(f"- preprocessing: {data['preprocessing']}")
+        if (root / ATTRIBUTION_FILE).is_file():
+            lines.append(f"- attribution: [{ATTRIBUTION_FILE}]({ATTRIBUTION_FILE}), shipped with the weights")
     else:
         sources = sorted({s["config"].data.source for s in stages})
         lines.append(f"- `{'`, `'.join(sources)}` (the stages' data.source); licence not stated")
@@ -343,5 +345,8 @@ def render_card(root: str | Path, manifest: dict, *, load_names: Sequence[str], 
               "- `STAGE/model.safetensors` (EMA weights) and `STAGE/stage.json` (the resolved training config)"]
     if (root / "classifier.safetensors").is_file():
         lines.append("- `classifier.safetensors`, `classifier.json`: the classifier whose features the metrics use")
+    if (root / ATTRIBUTION_FILE).is_file():
+        lines.append(f"- `{ATTRIBUTION_FILE}`: the credit the training data's licences require; keep it with the "
+                     "weights")
     lines += [f"- `{CARD_FILE}` (this card)" + (f", `{grid}`" if grid else ""), ""]
     return "\n".join(lines)

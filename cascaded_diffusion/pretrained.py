@@ -23,6 +23,9 @@ PRETRAINED_ROOT = Path(__file__).parent / "pretrained"
 MANIFEST = "cascade.json"
 STAGE_FILES = ("stage.json", "model.safetensors")
 CLASSIFIER_FILES = ("classifier.json", "classifier.safetensors")
+# The attribution the training data's licences require (e.g. CC-BY's credit line): not read by the loader, but it
+# travels with the weights wherever the folder is exported or pushed, under the same hash check.
+ATTRIBUTION_FILE = "ATTRIBUTION.md"
 
 
 class CascadeIntegrityError(UserError):
@@ -71,10 +74,10 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def loaded_files(root: Path, manifest: dict) -> list[str]:
     """The files (relative, ``/``-separated) the loader reads from a cascade folder: every stage's two files and
-    the bundled classifier's if there is one. The model card and its grid are not among them: a card edited on
+    the bundled classifier's if there is one; with them the data's attribution file, if there is one. The model card and its grid are not among them: a card edited on
     the Hub must not make the weights unloadable."""
     files = [f"{stage}/{name}" for stage in manifest.get("stages", []) for name in STAGE_FILES]
-    return files + [name for name in CLASSIFIER_FILES if (root / name).is_file()]
+    return files + [name for name in (*CLASSIFIER_FILES, ATTRIBUTION_FILE) if (root / name).is_file()]
 
 
 def hash_files(root: Path, relpaths: list[str]) -> dict[str, dict]:

@@ -348,3 +348,25 @@ def test_shipped_bundles_have_their_model_card(bundle):
     assert f"cdm sample --pretrained {bundle} --num 64" in written
     for stage in manifest["stages"]:
         assert f"`{stage}`" in written
+
+
+def test_attribution_file_travels_with_the_weights_under_the_hash_check(fm_export, tmp_path):
+    """A cascade trained on attribution-licensed data (CC-BY, CC BY-SA) ships the credit line: an export of it
+    copies ATTRIBUTION.md, hashes it like the weights, names it on the card, and an altered copy is refused."""
+    source = tmp_path / "with_attribution"
+    shutil.copytree(fm_export, source)
+    text = "Twemoji graphics (c) Twitter, Inc and other contributors, CC-BY 4.0\n"
+    (source / "ATTRIBUTION.md").write_text(text)
+    manifest = json.loads((source / "cascade.json").read_text())
+    manifest["files"]["ATTRIBUTION.md"] = {"sha256": hashlib.sha256(text.encode()).hexdigest(),
+                                           "size": len(text.encode())}
+    (source / "cascade.json").write_text(json.dumps(manifest))
+    out = tmp_path / "exported"
+    export_cascade(out, pretrained=str(source), grid_per_class=0)
+    assert (out / "ATTRIBUTION.md").read_text() == text
+    assert "ATTRIBUTION.md" in json.loads((out / "cascade.json").read_text())["files"]
+    card = (out / "README.md").read_text()
+    assert "[ATTRIBUTION.md](ATTRIBUTION.md)" in card and "- `ATTRIBUTION.md`" in card
+    (out / "ATTRIBUTION.md").write_text(text.replace("CC-BY", "public domain"))
+    with pytest.raises(CascadeIntegrityError, match="ATTRIBUTION.md"):
+        verify_cascade_dir(out)
