@@ -92,3 +92,31 @@ def test_emoji256_study_pairs_every_ablation_and_resumes(tiny_runs, run_script):
     assert status == 0
     assert "+ cdm sample" not in again
     assert {p.name: p.stat().st_mtime_ns for p in study.glob("*.npz")} == mtimes
+
+    # ship: the lower held-out KID decides each stage; the top stage's sampler comes from its curve; the bundle
+    # carries the 256 px classifier and the data's attribution, and loads as a 16 -> 64 -> 256 cascade
+    attribution = tmp / "ATTRIBUTION.md"
+    attribution.write_text("Twemoji graphics CC-BY 4.0 ...\n")
+    bundle = tmp / "bundle" / "emoji-256"
+    status, shipped = run_script("ship_emoji256.py", tmp / "runs", "--classifier", clf[256], "--attribution",
+                                 attribution, "--bundle", bundle)
+    assert status == 0 and "shipped" in shipped
+    manifest = json.loads((bundle / "cascade.json").read_text())
+    kid = {k: results[k]["vs_test"]["kid"]["mean"] for k in ("x256_blur", "x256_noaug", "x256_noise",
+                                                             "x256_blur_on_noaug")}
+    assert manifest["stages"][1] == ("sr16to64" if kid["x256_blur"] <= kid["x256_blur_on_noaug"] else "sr16to64_noaug")
+    top = min(("x256_blur", "x256_noaug", "x256_noise"), key=kid.get)
+    assert manifest["stages"][2] == {"x256_blur": "sr64to256", "x256_noaug": "sr64to256_noaug",
+                                     "x256_noise": "sr64to256_noise"}[top]
+    assert (bundle / "ATTRIBUTION.md").read_text() == attribution.read_text()
+    assert (bundle / "classifier.safetensors").read_bytes() == clf[256].read_bytes()
+    from cascaded_diffusion.cascade import Cascade
+
+    cascade = Cascade.load([str(bundle / s) for s in manifest["stages"]], device="cpu")
+    assert cascade.resolutions == [16, 64, 256]
+    # the study sampled with --steps 2,2,2: base and middle keep it; the top stage's point is on its curve
+    assert [s.config.sample.steps for s in cascade.stages[:2]] == [2, 2]
+    chosen = manifest["study"]["top_sampler"]
+    assert (chosen["sampler"], chosen["steps"]) in {("dpmpp", 1), ("dpmpp", 2)}
+    assert (cascade.stages[2].config.sample.sampler, cascade.stages[2].config.sample.steps) == (
+        chosen["sampler"], chosen["steps"])
