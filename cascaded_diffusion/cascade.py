@@ -20,8 +20,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .fileio import images_to_tensor, tensor_to_images
-from .errors import UserError
+from .images import images_to_tensor, tensor_to_images
+from .errors import UserError, naming
 from .pretrained import find_cascade
 from .rng import Generator, PerSampleGenerator
 from .samplers import StepCallback
@@ -278,6 +278,64 @@ class Cascade:
                 handed_level = None
         return CascadeOutput(images=outputs[-1], stages=outputs, labels=labels, conditioning=conditioning)
 
+    def labels_for(self, num: int | None = None, labels=None, class_labels: Sequence[int] | None = None) -> torch.Tensor:
+        """The class of every sample of a run: ``labels`` as given (one class per sample), or ``num`` labels with
+        ``class_labels`` cycled (default: every class equally often), sorted by class (:func:`balanced_labels`, what
+        ``cdm sample --num N`` samples)."""
+        if labels is None:
+            if num is None:
+                raise ValueError("give the number of samples (num) or their labels")
+            return balanced_labels(num, self.num_classes, class_labels)
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+        if num is not None and num != len(labels):
+            raise ValueError(f"num is {num}, but {len(labels)} labels were given")
+        if class_labels is not None:
+            raise ValueError("give either labels or class_labels, not both")
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+            raise ValueError(f"labels must be classes 0..{self.num_classes - 1}, got {sorted(set(labels.tolist()))}")
+        return labels
+
+    def generate(
+        self,
+        num: int | None = None,
+        labels=None,
+        seed: int = 0,
+        batch_size: int = 64,
+        *,
+        class_labels: Sequence[int] | None = None,
+        steps=None,
+        sampler=None,
+        guidance=None,
+        eta=None,
+        aug_levels: Sequence[int] | None = None,
+        truncated: bool | None = None,
+        autocast: bool | None = None,
+        progress: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``num`` images (or one per entry of ``labels``) as uint8 N x H x W x C, with their int64 labels: the very
+        bytes ``cdm sample --num N --seed S`` writes with the same settings (on the same kind of device), whatever
+        ``batch_size`` (sample k depends on ``seed`` and k only).
+
+        ``class_labels``: sample these classes in turn instead of all of them (``cdm sample --class-label``).
+        ``steps``, ``sampler``, ``guidance``, ``eta``: one value or one per stage (default: each stage's recorded
+        ``[sample]`` settings); ``aug_levels``, ``truncated``, ``autocast``: as :meth:`sample`."""
+        labels = self.labels_for(num, labels, class_labels)
+        if not len(labels):
+            raise ValueError("nothing to sample: num is 0")
+        stages, labels_np = sample_in_batches(self, labels, batch_size=batch_size, seed=seed, progress=progress,
+                                              **self.sampling_options(steps=steps, sampler=sampler, guidance=guidance,
+                                                                      eta=eta, aug_levels=aug_levels,
+                                                                      truncated=truncated, autocast=autocast))
+        return stages[-1], labels_np.astype(np.int64)
+
+    def sampling_options(self, *, steps=None, sampler=None, guidance=None, eta=None, aug_levels=None,
+                         truncated: bool | None = None, autocast: bool | None = None) -> dict:
+        """The keyword arguments of :meth:`sample` a sampling run records: ``truncated`` decided (None: the
+        cascade's :attr:`default_truncated`), the others as given (None: each stage's default)."""
+        return dict(steps=steps, sampler=sampler, guidance=guidance, eta=eta,
+                    truncated=self.default_truncated if truncated is None else bool(truncated),
+                    aug_levels=aug_levels, autocast=autocast)
+
     def upscale(self, images, labels, *, seed: int = 0, keys: Sequence[int] | None = None, batch_size: int = 64,
                 progress: bool = False, **kwargs) -> list[np.ndarray]:
         """Run every SR stage on given low-resolution images: ``images`` is a uint8 N x H x W x C array or a
@@ -323,29 +381,14 @@ class Cascade:
 def sample_in_batches(cascade: Cascade, labels: torch.Tensor, *, batch_size: int, seed: int,
                       low_res: np.ndarray | None = None, start_stage: int = 0, progress: bool = False,
                       indices: Sequence[int] | None = None, noise_device: str | torch.device | None = None,
-                      distributed: bool = False, **kwargs) -> tuple[list[np.ndarray], np.ndarray]:
+                      **kwargs) -> tuple[list[np.ndarray], np.ndarray]:
     """Sample ``labels`` through ``cascade`` ``batch_size`` at a time; sample k's noise depends only on
     ``seed`` and its index ``indices[k]`` (default k), so the result does not depend on ``batch_size`` (see
     :mod:`cascaded_diffusion.rng`). ``low_res`` (uint8 NHWC, one per label) with ``start_stage`` feeds given
     images to that stage. ``noise_device``: where the per-sample generators draw (default: the cascade's
-    device). ``distributed``: every rank of the initialised process group calls this with the same arguments,
-    samples every world-size-th sample and gets all of them back (the same arrays as one process). Other
-    keyword arguments go to :meth:`Cascade.sample`. Returns (one uint8 NHWC array per stage run, labels as
-    numpy)."""
-    if distributed:
-        from .distributed import all_gather_rows, distributed_context, my_positions
-
-        if 1 < distributed_context()[1] <= len(labels):  # (fewer samples than ranks: every rank samples all)
-            n = len(labels)
-            mine = my_positions(n)
-            all_indices = np.arange(n) if indices is None else np.asarray(list(indices), dtype=np.int64)
-            stages, _ = sample_in_batches(
-                cascade, labels[torch.from_numpy(mine)], batch_size=batch_size, seed=seed,
-                low_res=None if low_res is None else np.asarray(low_res)[mine], start_stage=start_stage,
-                progress=progress and distributed_context()[0] == 0, indices=all_indices[mine].tolist(),
-                noise_device=noise_device, **kwargs,
-            )
-            return all_gather_rows(stages, n), labels.numpy()
+    device). Other keyword arguments go to :meth:`Cascade.sample`. Returns (one uint8 NHWC array per stage run,
+    labels as numpy). Over many processes: :func:`~cascaded_diffusion.distributed.over_ranks` of it (each
+    sample depends on its index alone), or :func:`~cascaded_diffusion.sharded_sampling.sample_sharded`."""
     device = cascade.stages[0].device
     noise_device = device if noise_device is None else torch.device(noise_device)
     indices = list(range(len(labels))) if indices is None else [int(i) for i in indices]
@@ -381,7 +424,8 @@ def balanced_labels(num: int, num_classes: int, class_labels: Sequence[int] | No
     if class_labels:
         for c in class_labels:
             if not 0 <= c < num_classes:
-                raise ValueError(f"--class-label {c} is outside [0, {num_classes})")
+                raise naming(ValueError, "{option} {c} is outside [0, {num_classes})", {"option": "class_labels"}, c=c,
+                             num_classes=num_classes)
         pool = torch.tensor(list(class_labels), dtype=torch.long)
     else:
         pool = torch.arange(num_classes, dtype=torch.long)

@@ -25,12 +25,10 @@ An exported stage (``export_stage``) is a directory with ``model.safetensors`` (
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -41,10 +39,11 @@ from safetensors.torch import load_file, save
 
 from .fileio import (
     TMP_FILE_PATTERN,
+    FileLock,
+    LockBusy,
     atomic_write_bytes,
     atomic_write_text,
     fsync_dir,
-    open_lock_file,
     unlink_quietly,
     write_bytes_durably,
 )
@@ -200,6 +199,51 @@ def read_newest_checkpoint(
                           "tries); the trainer is pruning faster than it can be read: retry, or raise train.keep_last")
 
 
+def resolve_checkpoint(
+    path: str | Path,
+    read: Callable[[Path], T] | None = None,
+    *,
+    stems: tuple[str, ...] = TRAINING_STEMS,
+    set_aside: bool = False,
+    required: bool = True,
+    warn: Callable[[str], None] | None = None,
+    expected: str = "a run directory written by `cdm train` (with checkpoints/step_*/) or one of its checkpoints",
+) -> tuple[T | Path | None, Path | None]:
+    """The one way to pick a checkpoint: ``(read(ckpt), ckpt)`` (``read`` defaults to returning ``ckpt``) for
+    ``path`` itself when it is one checkpoint directory (``state.json`` in it), else for the newest checkpoint of
+    the run directory ``path`` whose ``stems`` pass :func:`verify_checkpoint`, retried while a trainer prunes
+    (:func:`read_newest_checkpoint`).
+
+    Newer corrupt checkpoints are skipped, each with a warning (``warn``, default :func:`warnings.warn`), or with
+    ``set_aside`` (the run's own trainer, holding its lock) renamed ``corrupt-step_*`` and announced on stderr.
+    No checkpoint at all: :class:`CheckpointError` (saying the run holds ``expected``), or ``(None, None)`` where
+    not ``required``; only corrupt ones: always :class:`CheckpointError`, and nothing is renamed."""
+    import warnings
+
+    path = Path(path)
+    read = read if read is not None else (lambda ckpt: ckpt)
+    if (path / STATE_FILE).is_file():
+        return read(path), path
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    result, ckpt, corrupt = read_newest_checkpoint(path, stems, read)
+    if ckpt is None and corrupt:
+        raise CheckpointError(f"{path} holds no valid checkpoint: " + "; ".join(reason for _, reason in corrupt)
+                              + (". Nothing was changed; move the run directory away to start over." if set_aside
+                                 else ""))
+    for bad, reason in corrupt:
+        if set_aside:
+            aside = set_aside_checkpoint(bad)
+            print(f"warning: {reason}; renamed {bad.name} to {aside.name} and resuming from the newest valid "
+                  f"checkpoint, {ckpt.name}", file=sys.stderr, flush=True)
+        else:
+            message = f"skipping the unreadable checkpoint {bad} ({reason}); using {ckpt}"
+            warn(message) if warn is not None else warnings.warn(message, stacklevel=2)
+    if ckpt is None and required:
+        raise CheckpointError(f"{path} holds no checkpoint: expected {expected}")
+    return result, ckpt
+
+
 _TMP_FILE = re.compile(TMP_FILE_PATTERN)
 
 
@@ -244,63 +288,32 @@ LOCK_FILE = ".lock"
 
 
 class RunLock:
-    """An exclusive ``flock`` on ``RUN/.lock``, held while a trainer writes the run directory.
-
-    The kernel drops the lock when the process exits, however it exits (``kill -9`` included), so a stale lock
-    never blocks a resume; the file itself stays and records the last holder. A second trainer is refused with
-    :class:`~cascaded_diffusion.errors.RunLockedError` naming the holder's pid and host. The file descriptor is
-    not inherited by exec'ed children. On a network file system the lock is as good as its ``flock`` support
-    (Linux NFS emulates it with byte-range locks, which work across hosts)."""
+    """The run directory's :class:`~cascaded_diffusion.fileio.FileLock` (``RUN/.lock``), held while a trainer writes
+    the run directory. A stale lock never blocks a resume; the file stays and records the last holder. A second
+    trainer is refused with :class:`~cascaded_diffusion.errors.RunLockedError` naming the holder's pid and host.
+    On a network file system the lock is as good as its ``flock`` support (Linux NFS emulates it with byte-range
+    locks, which work across hosts)."""
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
-        self._fd: int | None = None
+        self._lock = FileLock(self.path)
 
     def acquire(self) -> "RunLock":
-        from .errors import RunLockedError
+        from .errors import RunLockedError, naming
 
         try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not a POSIX system: no locking
-            return self
-        fd = open_lock_file(self.path)  # never through a symlink, only a regular file
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise RunLockedError(
-                f"{self.run_dir} is in use by another trainer ({self._describe_holder()}). Two trainers on one run "
-                "directory would overwrite each other's checkpoints: wait for it to finish or stop it, or train "
-                "into another --out directory."
-            ) from None
-        info = (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-                             "argv": sys.argv}) + "\n").encode()
-        try:  # written over the old record, then cut to length: a full disk never leaves it empty
-            if os.pwrite(fd, info, 0) != len(info):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            os.ftruncate(fd, len(info))
-        except OSError as e:
-            os.close(fd)
-            raise OSError(e.errno, f"could not record this trainer in the lock file ({e.strerror or e})",
-                          str(self.path)) from None
-        self._fd = fd
+            self._lock.acquire()
+        except LockBusy as busy:
+            raise naming(RunLockedError,
+                         "{run_dir} is in use by another trainer ({holder}). Two trainers on one run directory would "
+                         "overwrite each other's checkpoints: wait for it to finish or stop it, or train into another "
+                         "{option} directory.", {"option": "run_dir"}, run_dir=self.run_dir,
+                         holder=busy.holder or f"holder unknown: {self.path} has no readable pid yet") from None
         return self
 
-    def _describe_holder(self) -> str:
-        try:
-            info = json.loads(self.path.read_text())
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
-            return f"pid {info['pid']} on host {info['host']}, since {since}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return f"holder unknown: {self.path} has no readable pid yet"
-
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
+        self._lock.release()
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

@@ -24,7 +24,8 @@ from typing import Any
 from .augment import AUGMENTATIONS
 from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTIONS
 from .samplers import SAMPLE_VARIANCES, SAMPLERS
-from .unet_config import LOW_RES_UPSAMPLE_MODES, ModelOptions
+from .unet_config import LOW_RES_UPSAMPLE_MODES, ModelOptions, UNetConfig, UNetConfigError
+from .errors import naming
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -222,13 +223,7 @@ class StageConfig:
             fail("diffusion.timesteps", f"must be >= 2, got {d.timesteps}")
         if d.loss == "hybrid" and not d.learn_sigma:
             fail("diffusion.loss", "\"hybrid\" trains learned variances: set diffusion.learn_sigma = true")
-        levels = len(m.channel_mult)
-        if not m.channel_mult or any(x < 1 for x in m.channel_mult):
-            fail("model.channel_mult", f"must be a non-empty list of positive ints, got {m.channel_mult}")
-        if s.resolution // 2 ** (levels - 1) < 1:
-            fail("model.channel_mult", f"{len(m.channel_mult)} levels downsample {s.resolution}px below 1px")
-        if m.channels < 1 or m.num_res_blocks < 1:
-            fail("model.channels", "channels and num_res_blocks must be >= 1")
+        _validate_network(self, fail)
         if m.norm_groups >= 1 and m.channels // m.norm_groups < 2:
             warnings.warn(
                 f"{source}: model.norm_groups = {m.norm_groups} puts one channel in each group at the first level "
@@ -237,8 +232,6 @@ class StageConfig:
                 "(ADM: 128 channels in 32 groups), e.g. 8 for 32 channels.",
                 stacklevel=3,
             )
-        if not 0.0 <= m.dropout < 1.0:
-            fail("model.dropout", f"must be in [0, 1), got {m.dropout}")
         if not 0.0 <= m.label_dropout < 1.0:
             fail("model.label_dropout", f"must be in [0, 1), got {m.label_dropout}")
         if c.augmentation == "noise":
@@ -294,6 +287,16 @@ class StageConfig:
         """The network takes the augmentation level s (an SR stage with noise augmentation)."""
         return self.is_sr and self.conditioning.augmentation == "noise"
 
+    def unet_config(self) -> UNetConfig:
+        """The stage's network: its ``[model]`` options plus what the stage fixes (image size and channels,
+        classes, learned variances, and for an SR stage the low-res input and its augmentation level)."""
+        s = self.stage
+        return UNetConfig.from_options(
+            self.model, resolution=s.resolution, channels=s.channels, num_classes=s.num_classes,
+            learn_sigma=self.diffusion.learn_sigma, use_aug_level=self.uses_aug_level,
+            low_res_channels=s.channels if self.is_sr else 0, low_res_upsample=self.conditioning.upsample,
+        )
+
     def architecture(self) -> dict[str, Any]:
         """The keys that fix the network's shape: changing them makes old weights unusable."""
         return {
@@ -312,6 +315,23 @@ class StageConfig:
             noise = ("noise_schedule", "noise_timesteps") if c.augmentation == "noise" else ()
             meaning["conditioning"] = {k: getattr(c, k) for k in ("upsample", "augmentation", *noise)}
         return meaning
+
+
+# The config key of each UNetConfig field that is not ``model.<field>``
+_NETWORK_KEYS = {"model_channels": "model.channels", "resolution": "stage.resolution", "in_channels": "stage.channels",
+                 "out_channels": "stage.channels", "low_res_channels": "stage.channels",
+                 "num_classes": "stage.num_classes", "low_res_upsample": "conditioning.upsample"}
+
+
+def _validate_network(config: StageConfig, fail) -> None:
+    """The ``[model]`` section with what the stage fixes, checked once, by the network's own validation
+    (:meth:`UNetConfig.validate`), its errors named by their config key."""
+    try:
+        config.unet_config()
+    except UNetConfigError as e:
+        fail(_NETWORK_KEYS.get(e.field, f"model.{e.field}"), e.detail)
+    except TypeError as e:  # a list where a number belongs, and the like
+        fail("model", str(e))
 
 
 def _validate_counts(config: StageConfig, fail) -> None:
@@ -428,11 +448,12 @@ def _toml_value(value: Any) -> str:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``section.key=value`` (value in TOML syntax; bare words are strings)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected section.key=value")
+        raise naming(ConfigError, "{option} {text!r}: expected section.key=value", {"option": "overrides"}, text=text)
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"--set {text!r}: the key must look like section.key (e.g. train.lr)")
+        raise naming(ConfigError, "{option} {text!r}: the key must look like section.key (e.g. train.lr)",
+                     {"option": "overrides"}, text=text)
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -446,7 +467,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         (section, key), value = parse_override(text)
         merged.setdefault(section, {})
         if not isinstance(merged[section], dict):
-            raise ConfigError(f"--set {text!r}: [{section}] is not a table")
+            raise naming(ConfigError, "{option} {text!r}: [{section}] is not a table", {"option": "overrides"},
+                         text=text, section=section)
         if section == "train" and key in ("bf16", "precision"):
             # an override replaces the file's setting in either spelling (old train.bf16, new train.precision)
             merged[section].pop("precision" if key == "bf16" else "bf16", None)

@@ -86,24 +86,36 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(((array * 255 + 32767) // 65535).astype(np.uint8))
 
 
-def preprocess_image(image: Image.Image, resolution: int, mode: str) -> np.ndarray:
-    """The training data's rule for one decoded image: 16-bit scaled to 8, converted to ``mode`` (``L`` or
-    ``RGB``; alpha dropped), then the ADM centre crop + resize to resolution x resolution x C uint8."""
+def convert_image(image: Image.Image, mode: str) -> Image.Image:
+    """A decoded image as the training data holds it before resizing: 16-bit and float images scaled to 8 bits,
+    then converted to ``mode`` (``L`` or ``RGB``; alpha dropped)."""
     if needs_8bit_scaling(image):
         image = to_8bit(image)
     with warnings.catch_warnings():
         # Palette images with transparency warn on RGB conversion; the alpha is meant to be dropped.
         warnings.simplefilter("ignore", UserWarning)
-        image = image.convert(mode)
-    array = center_crop_resize(image, resolution)
+        return image.convert(mode)
+
+
+def open_image(path: str, mode: str) -> Image.Image:
+    """Decode one image file, completely (truncated data raises instead of decoding a partly grey image), and
+    :func:`convert_image` it: the one decoder of image folders and of ``cdm prepare``."""
+    with Image.open(path) as image:
+        image.load()
+        return convert_image(image, mode)
+
+
+def preprocess_image(image: Image.Image, resolution: int, mode: str) -> np.ndarray:
+    """The training data's rule for one decoded image: :func:`convert_image`, then the ADM centre crop + resize
+    to resolution x resolution x C uint8."""
+    array = center_crop_resize(convert_image(image, mode), resolution)
     return array[..., None] if array.ndim == 2 else array
 
 
 def decode_image(path: str, resolution: int, mode: str) -> np.ndarray:
     """Decode one image file and preprocess it to resolution x resolution x C uint8 (C from ``mode``)."""
-    with Image.open(path) as image:
-        image.load()  # raises on truncated data instead of decoding a partly grey image
-        return preprocess_image(image, resolution, mode)
+    array = center_crop_resize(open_image(path, mode), resolution)
+    return array[..., None] if array.ndim == 2 else array
 
 
 def decode_into(

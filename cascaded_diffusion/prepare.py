@@ -39,20 +39,18 @@ import shutil
 import struct
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image
 
-from . import __version__
-from .imagefolder import fingerprint, list_image_folder, needs_8bit_scaling, to_8bit, warn_skipped
+from .version import __version__
+from .imagefolder import fingerprint, list_image_folder, open_image, warn_skipped
 from .readers import ImageArray, center_crop_resize
-from .errors import UserError, check_output_dir
-from .fileio import (atomic_write_bytes, atomic_write_text, cache_dir as cache_root, cache_setting,
-                     check_cache_dir, open_lock_file)
+from .errors import UserError, check_output_dir, naming
+from .fileio import (FileLock, LockBusy, atomic_write_bytes, atomic_write_text, cache_dir as cache_root,
+                     cache_setting, check_cache_dir)
 
 __all__ = [
     "PREPROCESSING",
@@ -70,6 +68,7 @@ MANIFEST = "manifest.json"
 LABELS = "labels.npy"
 PARTIAL = ".partial"
 LOCK = ".prepare.lock"
+OUT = {"option": "out"}  # the setting naming the output directory, as errors name it
 DEFAULT_CHUNK_SIZE = 256  # files per resumable unit of work (ImageNet: ~5,000 chunks)
 PREPROCESSING = (
     "ADM/BigGAN: decode, 16-bit grey scaled to 8 bits, convert to RGB (or L); BOX-halve while the short side "
@@ -105,18 +104,6 @@ class PrepareResult:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _open_converted(path: str, mode: str) -> Image.Image:
-    """Decode one file to a PIL image of ``mode`` exactly as ``imagefolder.decode_image`` does before resizing."""
-    with Image.open(path) as image:
-        image.load()  # raises on truncated data instead of decoding a partly grey image
-        if needs_8bit_scaling(image):  # 16-bit and float images scaled, as imagefolder.preprocess_image does
-            image = to_8bit(image)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # palette + transparency -> RGB drops the alpha
-            image = image.convert(mode)
-    return image
-
-
 _WORKER_ARRAYS: dict[str, np.memmap] = {}  # per process: the partial arrays, opened once
 
 
@@ -140,7 +127,7 @@ def _decode_chunk(job: tuple) -> tuple[int, dict[int, str]]:
     arrays = [(resolution, _partial_array(path)) for resolution, path in targets]
     for offset, relpath in enumerate(relpaths):
         try:
-            image = _open_converted(os.path.join(folder, relpath), mode)
+            image = open_image(os.path.join(folder, relpath), mode)
             for resolution, array in arrays:
                 pixels = center_crop_resize(image, resolution)
                 array[start + offset] = pixels.reshape(array.shape[1:])
@@ -206,27 +193,18 @@ def _fsync_file(path: Path) -> None:
 
 @contextlib.contextmanager
 def _locked(out: Path, wait: bool) -> Iterator[None]:
-    """Hold ``out/.prepare.lock`` (flock; dropped by the kernel however the process ends)."""
+    """Hold ``out/.prepare.lock`` (a :class:`~cascaded_diffusion.fileio.FileLock` without a holder's record)."""
+    lock = FileLock(out / LOCK, record=False)
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no locking
-        yield
-        return
-    fd = open_lock_file(out / LOCK)  # never through a symlink
+        lock.acquire(wait=wait, on_wait=lambda: print(f"waiting for another process preparing {out} ...",
+                                                      file=sys.stderr, flush=True))
+    except LockBusy:
+        raise naming(UserError, "{out} is being prepared by another process (its lock {lock} is held); wait for it "
+                     "to finish, or prepare into another {option}", OUT, out=out, lock=out / LOCK) from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            if not wait:
-                raise UserError(
-                    f"{out} is being prepared by another process (its lock {out / LOCK} is held); wait for it "
-                    "to finish, or prepare into another --out"
-                ) from None
-            print(f"waiting for another process preparing {out} ...", file=sys.stderr, flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -363,8 +341,9 @@ def prepare_dataset(
     }
     out = Path(os.path.expanduser(os.fspath(out)))
     if out.resolve() == folder or folder in out.resolve().parents:
-        raise UserError(f"--out {out} is inside the image folder {folder}; its arrays would become part of the source")
-    check_output_dir(out, "--out")
+        raise naming(UserError, "{option} {out} is inside the image folder {folder}; its arrays would become part of "
+                     "the source", OUT, out=out, folder=folder)
+    check_output_dir(out, "out")
     with _locked(out, wait_for_lock):
         manifest = _read_json(out / MANIFEST)
         if manifest is not None:
@@ -373,28 +352,25 @@ def prepare_dataset(
                 read_manifest(out)  # complete and consistent
                 return PrepareResult(out, manifest, 0, time.perf_counter() - start_time, already_prepared=True)
             if not replace_stale:
-                raise UserError(
-                    f"--out {out} already holds a prepared dataset and {_describe_mismatch(manifest, plan)}; "
-                    "prepare into another --out, or remove it first"
-                )
+                raise naming(UserError, "{option} {out} already holds a prepared dataset and {mismatch}; prepare "
+                             "into another {option}, or remove it first", OUT, out=out,
+                             mismatch=_describe_mismatch(manifest, plan))
             _remove_ours(out)
         partial_plan = _read_json(out / PARTIAL / "plan.json")
         if partial_plan is not None:
             if any(partial_plan.get(k) != plan[k] for k in (*_IDENTITY_KEYS, "resolutions")):
                 if not replace_stale:
-                    raise UserError(
-                        f"--out {out} holds an interrupted preparation, and {_describe_mismatch(partial_plan, plan)}; "
-                        f"rerun the original command to finish it, or remove {out} first"
-                    )
+                    raise naming(UserError, "{option} {out} holds an interrupted preparation, and {mismatch}; rerun "
+                                 "the original command to finish it, or remove {out} first", OUT, out=out,
+                                 mismatch=_describe_mismatch(partial_plan, plan))
                 _remove_ours(out)
                 partial_plan = None
         if partial_plan is None:
             foreign = _foreign_entries(out)
             if foreign:
-                raise UserError(
-                    f"--out {out} is not empty and holds no prepared dataset ({', '.join(foreign[:3])}"
-                    f"{', ...' if len(foreign) > 3 else ''}); give a new or empty directory"
-                )
+                raise naming(UserError, "{option} {out} is not empty and holds no prepared dataset ({foreign}); give "
+                             "a new or empty directory", OUT, out=out,
+                             foreign=", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else ""))
             _remove_ours(out)  # arrays left by a preparation whose .partial was removed by hand
             partial_plan = _start_partial(out, plan, len(entries), int(chunk_size))
         decoded = _run(out, folder, relpaths, partial_plan, int(workers), on_corrupt, progress)
@@ -423,10 +399,9 @@ def _check_space_to_finish(out: Path, targets: list[tuple[int, str]], pending: i
         needed += max(0, info.st_size - getattr(info, "st_blocks", 0) * 512)
     free = shutil.disk_usage(out / PARTIAL).free
     if needed > free:
-        raise UserError(
-            f"--out {out}: finishing the interrupted preparation ({pending} files to decode) needs {_size(needed)} "
-            f"more, but only {_size(free)} are free there; free some space and rerun the same command"
-        )
+        raise naming(UserError, "{option} {out}: finishing the interrupted preparation ({pending} files to decode) "
+                     "needs {needed} more, but only {free} are free there; free some space and rerun the same command",
+                     OUT, out=out, pending=pending, needed=_size(needed), free=_size(free))
 
 
 def _start_partial(out: Path, plan: dict[str, Any], file_count: int, chunk_size: int) -> dict[str, Any]:
@@ -437,10 +412,9 @@ def _start_partial(out: Path, plan: dict[str, Any], file_count: int, chunk_size:
     free = shutil.disk_usage(partial).free
     if needed > free:
         shutil.rmtree(partial, ignore_errors=True)
-        raise UserError(
-            f"--out {out}: the arrays need {_size(needed)} for {file_count} files at "
-            f"{plan['resolutions']} px, but only {_size(free)} are free there"
-        )
+        raise naming(UserError, "{option} {out}: the arrays need {needed} for {count} files at {resolutions} px, but "
+                     "only {free} are free there", OUT, out=out, needed=_size(needed), count=file_count,
+                     resolutions=plan["resolutions"], free=_size(free))
     for resolution in plan["resolutions"]:  # sparse until written
         shape = (file_count, resolution, resolution, plan["channels"])
         array = np.lib.format.open_memmap(partial / array_name(resolution, plan["channels"]), mode="w+",
@@ -663,15 +637,14 @@ def load_prepared(
     manifest = read_manifest(data_dir)
     have = sorted(int(r) for r in manifest["arrays"])
     if channels is not None and channels != manifest["channels"]:
-        raise UserError(
-            f"prepared dataset {data_dir} holds {manifest['channels']}-channel images, the stage needs {channels}; "
-            f"prepare it with --channels {channels}"
-        )
+        raise naming(UserError, "prepared dataset {data_dir} holds {have}-channel images, the stage needs {channels}; "
+                     "prepare it with {option} {channels}", {"option": "channels"}, data_dir=data_dir,
+                     have=manifest["channels"], channels=channels)
     if resolution not in have:
-        raise UserError(
-            f"prepared dataset {data_dir} holds resolutions {', '.join(f'{r}px' for r in have)}, not {resolution}px; "
-            f"prepare it with --resolutions {','.join(str(r) for r in sorted({*have, resolution}))} (into a new --out)"
-        )
+        raise naming(UserError, "prepared dataset {data_dir} holds resolutions {have}, not {resolution}px; prepare "
+                     "it with {option} {wanted} (into a new {out})", {"option": "resolutions", "out": "out"},
+                     data_dir=data_dir, have=", ".join(f"{r}px" for r in have), resolution=resolution,
+                     wanted=",".join(str(r) for r in sorted({*have, resolution})))
     skipped = manifest.get("skipped", [])
     if skipped and on_corrupt == "error":
         raise ValueError(

@@ -33,32 +33,32 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import __version__
+from .version import __version__
 from .augment import downsample
 from .checkpoint import (
-    CheckpointError,
     LOCK_FILE,
     RunLock,
     clean_run_dir,
     latest_checkpoint,
-    latest_valid_checkpoint,
     load_state,
     load_tensors,
     load_weights_into,
+    resolve_checkpoint,
     optimizer_state_from_flat,
     optimizer_state_to_flat,
     save_checkpoint,
-    set_aside_checkpoint,
 )
 from .config import ConfigError, StageConfig
 from .data import load_images
-from .fileio import atomic_write_text, grid_by_class, images_to_tensor, save_grid, tensor_to_images
-from .errors import UserError, check_output_dir
+from .distributed import join_process_group
+from .fileio import atomic_write_text
+from .images import grid_by_class, images_to_tensor, save_grid, tensor_to_images
+from .errors import UserError, check_output_dir, naming
 from .loader import BatchStream, PrefetchLoader
 from .mirror import flip_warning
 from .readers import ImageArray, ResolutionMismatch
-from .hardware import bf16_autocast, choose_precision, configure_cuda_backends, resolve_device
-from .stage import Stage, build_augmentation, build_diffusion, build_network
+from .hardware import choose_precision, configure_cuda_backends, resolve_device
+from .stage import Stage, build_augmentation, build_diffusion, build_network, network_call
 from .watch import LossByTimestep, PeriodicKID
 
 
@@ -115,14 +115,6 @@ class TrainSummary:
     last_loss: float | None
 
 
-# --- distributed setup -----------------------------------------------------------------------------------
-
-
-def distributed_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
 # --- EMA -------------------------------------------------------------------------------------------------
 
 
@@ -173,12 +165,9 @@ class Trainer:
             )
         self.config = config
         self.run_dir = Path(run_dir)
-        self.rank, self.world_size, self.local_rank = distributed_env()
+        self.rank, self.world_size, self.local_rank, _ = join_process_group(device)
         self.is_main = self.rank == 0
         self.stop_after = stop_after
-        if self.world_size > 1 and not dist.is_initialized():
-            backend = "nccl" if (device or "auto") != "cpu" and torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
         self.device = resolve_device(device, self.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -200,7 +189,7 @@ class Trainer:
         if self.is_main:
             try:
                 check_run_dir_is_ours(self.run_dir, self._config_path)  # before anything is created or cleaned
-                check_output_dir(self.run_dir, "--out")
+                check_output_dir(self.run_dir, "run_dir")
                 self._lock = RunLock(self.run_dir).acquire()
                 removed = clean_run_dir(self.run_dir)
                 if removed:
@@ -220,19 +209,9 @@ class Trainer:
         return self._check_run_dir(ckpt)
 
     def _select_checkpoint(self) -> Path | None:
-        """The newest valid checkpoint; newer corrupt ones (truncated safetensors, broken state.json) are renamed
-        ``corrupt-step_*`` (kept for inspection) and the fallback is announced."""
-        ckpt, corrupt = latest_valid_checkpoint(self.run_dir)
-        if corrupt and ckpt is None:
-            raise CheckpointError(
-                f"{self.run_dir} holds no valid checkpoint: " + "; ".join(reason for _, reason in corrupt)
-                + ". Nothing was changed; move the run directory away to start over."
-            )
-        for path, reason in corrupt:
-            aside = set_aside_checkpoint(path)
-            print(f"warning: {reason}; renamed {path.name} to {aside.name} and resuming from the newest valid "
-                  f"checkpoint, {ckpt.name}", file=sys.stderr, flush=True)
-        return ckpt
+        """The newest valid checkpoint (None for a new run); newer corrupt ones (truncated safetensors, broken
+        state.json) are renamed ``corrupt-step_*`` (kept for inspection) and the fallback is announced."""
+        return resolve_checkpoint(self.run_dir, set_aside=True, required=False)[1]
 
     def _release_lock(self) -> None:
         lock = getattr(self, "_lock", None)
@@ -248,16 +227,14 @@ class Trainer:
         stored = StageConfig.from_dict(state["config"], source=str(ckpt / "state.json"))
         if stored.architecture() != self.config.architecture():
             diffs = _dict_diff(stored.architecture(), self.config.architecture())
-            raise ConfigError(
-                f"{self.run_dir} already holds a run with a different network ({'; '.join(diffs)}). "
-                "Use a new --out directory, or the original config to resume."
-            )
+            raise naming(ConfigError, "{run_dir} already holds a run with a different network ({diffs}). Use a new "
+                         "{option} directory, or the original config to resume.", {"option": "run_dir"},
+                         run_dir=self.run_dir, diffs="; ".join(diffs))
         if stored.parameterization() != self.config.parameterization():
             diffs = _dict_diff(stored.parameterization(), self.config.parameterization())
-            raise ConfigError(
-                f"{self.run_dir} was trained with another parameterization ({'; '.join(diffs)}): its weights would "
-                "be read as the other one. Use a new --out directory, or the original settings to resume."
-            )
+            raise naming(ConfigError, "{run_dir} was trained with another parameterization ({diffs}): its weights would "
+                         "be read as the other one. Use a new {option} directory, or the original settings to resume.",
+                         {"option": "run_dir"}, run_dir=self.run_dir, diffs="; ".join(diffs))
         return ckpt
 
     def _load_data(self) -> ImageArray:
@@ -431,15 +408,10 @@ class Trainer:
                 x0, low_res = self._crop(x0, low_res)
         t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=gen, device=self.device)
         noise = torch.randn(x0.shape, generator=gen, device=self.device)
-        channels_last = cfg.train.channels_last
-        net = self.train_net
+        call = network_call(self.train_net, self.device, autocast=self.precision, channels_last=cfg.train.channels_last)
 
         def model_fn(x_t: torch.Tensor, t_scaled: torch.Tensor) -> torch.Tensor:
-            if channels_last:
-                x_t = x_t.contiguous(memory_format=torch.channels_last)
-            with bf16_autocast(self.device, self.precision):
-                out = net(x_t, t_scaled, y=y, aug_level=aug_level, low_res=low_res)
-            return out.float()
+            return call(x_t, t_scaled, y, aug_level, low_res)
 
         losses = self.diffusion.training_losses(model_fn, x0, t, noise=noise)["loss"]
         self.loss_by_t.add(t, losses)  # bookkeeping only: the loss trained on is the same mean as before
@@ -754,10 +726,9 @@ def check_run_dir_is_ours(run_dir: Path, config_path: Path | None = None) -> Non
         allowed.add(config_path.name)
     foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in allowed)
     if foreign:
-        raise UserError(
-            f"--out {run_dir} is not empty and is not a run directory of `cdm train` (it holds "
-            f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); give a new or empty directory"
-        )
+        raise naming(UserError, "{option} {run_dir} is not empty and is not a run directory of `cdm train` (it holds "
+                     "{foreign}); give a new or empty directory", {"option": "run_dir"}, run_dir=run_dir,
+                     foreign=", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else ""))
 
 
 def _append_log_event(path: Path, event: str, step: int) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from .augment import downsample
 from .config import StageConfig
-from .fileio import images_to_tensor, tensor_to_images
+from .images import images_to_tensor, tensor_to_images
 from .readers import ImageArray
 
 QUARTILES = 4

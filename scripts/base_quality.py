@@ -38,7 +38,7 @@ from cascaded_diffusion.evaluation import (
     kid,
 )
 from cascaded_diffusion.evaluation.evaluate import load_samples
-from cascaded_diffusion.fileio import images_to_tensor, tensor_to_images
+from cascaded_diffusion.images import images_to_tensor, tensor_to_images
 from cascaded_diffusion.mirror import ONE_WAY_THRESHOLD, MirrorPatterns, one_way_fractions
 
 

@@ -126,7 +126,7 @@ def crop_check(run: Path, num: int = 1000, seed: int = 0) -> dict:
 
     from cascaded_diffusion.augment import downsample
     from cascaded_diffusion.data import load_images
-    from cascaded_diffusion.fileio import images_to_tensor
+    from cascaded_diffusion.images import images_to_tensor
     from cascaded_diffusion.stage import Stage
 
     stage = Stage.load(run)

@@ -17,7 +17,7 @@ from cascaded_diffusion import prepare, readers
 from cascaded_diffusion.data import load_images
 from cascaded_diffusion.loader import BatchStream
 from cascaded_diffusion.readers import FASHION_MNIST_CLASSES, ImageArray
-from cascaded_diffusion.fileio import images_to_tensor, make_grid, save_grid, tensor_to_images
+from cascaded_diffusion.images import images_to_tensor, make_grid, save_grid, tensor_to_images
 
 FASHION_DIR = Path(readers.FASHION_MNIST_DEFAULT_DIR)
 needs_fashion_mnist = pytest.mark.skipif(

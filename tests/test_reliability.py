@@ -295,11 +295,11 @@ def no_compute(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("compute started before the output paths were checked")
 
-    import cascaded_diffusion.cascade as cascade_module  # sharded_sampling looks it up there at call time
     import cascaded_diffusion.evaluation.evaluate as evaluate_module
     import cascaded_diffusion.evaluation.features as features_module
+    from cascaded_diffusion.cascade import Cascade
 
-    monkeypatch.setattr(cascade_module, "sample_in_batches", forbidden)
+    monkeypatch.setattr(Cascade, "sample", forbidden)
     monkeypatch.setattr(features_module, "get_feature_extractor", forbidden)
     monkeypatch.setattr(evaluate_module, "reference_stats", forbidden)
     monkeypatch.setattr(Trainer, "_build", forbidden)
@@ -373,16 +373,16 @@ def test_atomic_write_failure_names_the_target_and_keeps_the_old_file(tmp_path, 
 
 def test_samples_are_kept_when_the_disk_fills_during_sampling(tmp_path, capsys, monkeypatch):
     """The finished samples stay in OUT.shards/ when the final npz cannot be written; the rerun only merges."""
-    import cascaded_diffusion.cascade as cascade_module
-    import cascaded_diffusion.sharded_sampling as sharded_module
+    import cascaded_diffusion.shards as shards_module
+    from cascaded_diffusion.cascade import Cascade
 
     out = tmp_path / "out" / "s.npz"
-    real_write = sharded_module.write_npz_streaming
+    real_write = shards_module.write_npz_streaming
 
     def full_disk(path, arrays):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(sharded_module, "write_npz_streaming", full_disk)
+    monkeypatch.setattr(shards_module, "write_npz_streaming", full_disk)
     args = ["sample", "--pretrained", "fashion-mnist", "--num", "2", "--steps", "2", "--out", str(out),
             "--device", "cpu", "--quiet"]
     assert main(args) == 2
@@ -393,8 +393,8 @@ def test_samples_are_kept_when_the_disk_fills_during_sampling(tmp_path, capsys, 
     def forbidden(*a, **k):
         raise AssertionError("the kept samples were sampled again")
 
-    monkeypatch.setattr(sharded_module, "write_npz_streaming", real_write)
-    monkeypatch.setattr(cascade_module, "sample_in_batches", forbidden)
+    monkeypatch.setattr(shards_module, "write_npz_streaming", real_write)
+    monkeypatch.setattr(Cascade, "sample", forbidden)
     assert main(args) == 0
     with np.load(out) as f:
         assert f["arr_0"].shape == (2, 32, 32, 1)
@@ -571,12 +571,12 @@ def test_16_bit_grayscale_pngs_are_scaled_not_clipped(tmp_path):
     MemoryError(),
 ])
 def test_out_of_memory_names_what_to_lower(error, tmp_path, capsys, monkeypatch, tiny):
-    import cascaded_diffusion.cascade as cascade_module  # sharded_sampling looks it up there at call time
+    from cascaded_diffusion.cascade import Cascade
 
     def oom(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(cascade_module, "sample_in_batches", oom)
+    monkeypatch.setattr(Cascade, "sample", oom)
     assert main(["sample", "--pretrained", "fashion-mnist", "--batch-size", "100000", "--out",
                  str(tmp_path / "x.npz"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
@@ -588,12 +588,12 @@ def test_out_of_memory_names_what_to_lower(error, tmp_path, capsys, monkeypatch,
 
 
 def test_a_genuine_bug_keeps_its_traceback(tmp_path, monkeypatch):
-    import cascaded_diffusion.cascade as cascade_module  # sharded_sampling looks it up there at call time
+    from cascaded_diffusion.cascade import Cascade
 
     def bug(*args, **kwargs):
         raise RuntimeError("an internal invariant broke")
 
-    monkeypatch.setattr(cascade_module, "sample_in_batches", bug)
+    monkeypatch.setattr(Cascade, "sample", bug)
     with pytest.raises(RuntimeError, match="internal invariant"):
         main(["sample", "--pretrained", "fashion-mnist", "--out", str(tmp_path / "x.npz"), "--device", "cpu"])
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cascaded_diffusion import fileio
+from cascaded_diffusion import fileio, images
 from cascaded_diffusion.checkpoint import RunLock, clean_run_dir
 from cascaded_diffusion.cli import main
 from cascaded_diffusion.config import StageConfig
 from cascaded_diffusion.errors import UserError
-from cascaded_diffusion.sharded_sampling import write_npz_streaming
+from cascaded_diffusion.fileio import write_npz_streaming
 
 from test_reliability import tiny_raw, train_args, write_data  # noqa: F401 (the tiny stage of round two)
 
@@ -56,7 +56,7 @@ def test_atomic_writes_never_follow_a_planted_temporary_link(tmp_path, writer):
     else:
         target = shared / "g.png"
         _plant_links(shared, target.name, victim)
-        fileio.save_grid(np.zeros((1, 4, 4, 1), np.uint8), target, nrow=1)
+        images.save_grid(np.zeros((1, 4, 4, 1), np.uint8), target, nrow=1)
     assert victim.read_text() == "precious"
     assert target.is_file() and not target.is_symlink()
     # the temporary file was unpredictable and is gone; the planted links are left alone
@@ -353,13 +353,13 @@ def test_sampling_and_export_retry_when_the_chosen_checkpoint_is_pruned(trained,
 def test_a_second_sampler_on_the_same_out_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
     import socket
 
-    import cascaded_diffusion.cascade as cascade_module
-    from cascaded_diffusion.sharded_sampling import _ShardLock, shard_dir_for
+    from cascaded_diffusion.cascade import Cascade
+    from cascaded_diffusion.shards import ShardDirectory, shard_dir_for
 
     out = tmp_path / "s.npz"
-    first = _ShardLock(shard_dir_for(out), out).acquire()  # as the first `cdm sample` holds it
+    first = ShardDirectory(out).lock()  # as the first `cdm sample` holds it
     (shard_dir_for(out) / ".chunk-x.npz.tmp-abcdefgh").write_bytes(b"the first one's chunk being written")
-    monkeypatch.setattr(cascade_module, "sample_in_batches", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setattr(Cascade, "sample", lambda *a, **k: pytest.fail("sampled"))
     args = ["sample", "--pretrained", "fashion-mnist", "--num", "2", "--steps", "2", "--out", str(out),
             "--device", "cpu", "--quiet"]
     assert main(args) == 2
@@ -399,9 +399,9 @@ def test_the_shipped_cascade_is_byte_identical_for_any_batch_size():
 
 
 def test_low_res_sample_labels_beyond_the_classes_are_refused_before_sampling(tmp_path, capsys, monkeypatch):
-    import cascaded_diffusion.cascade as cascade_module
+    from cascaded_diffusion.cascade import Cascade
 
-    monkeypatch.setattr(cascade_module, "sample_in_batches", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setattr(Cascade, "sample", lambda *a, **k: pytest.fail("sampled"))
     low = tmp_path / "low.npz"
     np.savez(low, arr_0=np.zeros((2, 8, 8, 1), np.uint8), arr_1=np.array([3, 12]))
     assert main(["sample", "--pretrained", "fashion-mnist", "--num", "2", "--low-res-samples", str(low),
@@ -574,12 +574,11 @@ def test_a_resumed_prepare_checks_free_space_before_writing_its_arrays(tmp_path,
 
 def test_a_batch_or_num_that_cannot_fit_is_refused_naming_the_flag(tmp_path, capsys, monkeypatch):
     import cascaded_diffusion.cascade as cascade_module
-    import cascaded_diffusion.cli.sample as sample_cli
     from cascaded_diffusion import hardware
     from cascaded_diffusion.sharded_sampling import sample_sharded
 
-    monkeypatch.setattr(cascade_module, "sample_in_batches", lambda *a, **k: pytest.fail("sampled"))
-    monkeypatch.setattr(sample_cli, "balanced_labels", lambda *a, **k: pytest.fail("labels were allocated"))
+    monkeypatch.setattr(cascade_module.Cascade, "sample", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setattr(cascade_module, "balanced_labels", lambda *a, **k: pytest.fail("labels were allocated"))
     base = ["sample", "--pretrained", "fashion-mnist", "--out", str(tmp_path / "s.npz"), "--device", "cpu", "--quiet"]
     # 10**8 samples of 32x32 in one batch: over a terabyte of sampler state, on any machine
     assert main(base + ["--num", str(10**8), "--batch-size", str(10**8)]) == 2

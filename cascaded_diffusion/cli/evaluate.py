@@ -47,7 +47,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             print(f"cdm stats: {FEATURES_FP32}", flush=True)
         start = time.time()
         stats = reference_stats(args.ref, extractor, resolution=args.resolution, channels=args.channels,
-                                num=args.num, distributed=world_size > 1)
+                                num=args.num)
     if rank != 0:
         return 0
     stats.save(out)  # atomic: a full disk or a kill leaves the previous file intact
@@ -66,12 +66,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"cdm eval: {FEATURES_FP32}", flush=True)
         try:
             reference = reference_stats(args.ref, extractor, resolution=images.shape[1], channels=images.shape[-1],
-                                        distributed=world_size > 1, resize="any" if args.resize else "exact")
+                                        resize="any" if args.resize else "exact")
         except ResolutionMismatch as e:  # e.g. the cascade's base output scored against its final resolution
             raise UserError(f"--ref {args.ref}: {e} to the samples' size; pass --resize to do that anyway") from None
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-        result = evaluate_images(images, reference, extractor, metrics, source=str(args.samples),
-                                 distributed=world_size > 1)
+        result = evaluate_images(images, reference, extractor, metrics, source=str(args.samples))
     if rank != 0:
         return 0
     result["reference"]["spec"] = args.ref
@@ -187,8 +186,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
         extractor = get_feature_extractor(args.features, device)
         final = cascade.stages[-1]
-        reference = reference_stats(args.ref, extractor, resolution=final.resolution, channels=final.channels,
-                                    distributed=world_size > 1)
+        reference = reference_stats(args.ref, extractor, resolution=final.resolution, channels=final.channels)
         ground_truth = None if args.no_ground_truth else (args.ground_truth or (args.ref if ":" in args.ref or not args.ref.endswith(".npz") else None))
         sampling = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
                         autocast=precision.bf16)
@@ -199,7 +197,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         result = augmentation_sweep(
             cascade, args.aug_levels, num=args.num, reference=reference, extractor=extractor, labels=labels,
             ground_truth=ground_truth, truncated=bool(args.truncated), seed=args.seed, batch_size=args.batch_size,
-            sampling={k: v for k, v in sampling.items() if v is not None}, distributed=world_size > 1,
+            sampling={k: v for k, v in sampling.items() if v is not None},
         )
     if rank != 0:
         return 0

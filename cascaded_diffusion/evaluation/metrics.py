@@ -22,6 +22,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy.special import xlogy
 
+from ..errors import naming
+
 STATS_FORMAT_VERSION = 1
 
 
@@ -223,16 +225,13 @@ def check_images_match(images_shape: tuple[int, ...], reference: FeatureStats, w
     h, w, c = (int(v) for v in images_shape[1:4])
     where = f"the reference statistics ({reference.source or 'unnamed'})"
     if reference.resolution is not None and (h, w) != (reference.resolution, reference.resolution):
-        raise ValueError(
-            f"{what} are {h}x{w} but {where} were computed at {reference.resolution}x{reference.resolution}; "
-            f"scores across resolutions are meaningless. Recompute the reference at {h}px "
-            f"(`cdm stats REF --resolution {h}`) or pass a dataset spec as --ref"
-        )
+        raise naming(ValueError, "{what} are {h}x{w} but {where} were computed at {r}x{r}; scores across "
+                     "resolutions are meaningless. Recompute the reference at {h}px or pass a dataset spec as {option}",
+                     {"option": "reference"}, what=what, h=h, w=w, where=where, r=reference.resolution)
     if reference.channels is not None and c != reference.channels:
-        raise ValueError(
-            f"{what} have {c} channel(s) but {where} were computed from {reference.channels}-channel images. "
-            f"Recompute the reference with `cdm stats REF --channels {c}` or pass a dataset spec as --ref"
-        )
+        raise naming(ValueError, "{what} have {c} channel(s) but {where} were computed from {rc}-channel images. "
+                     "Recompute the reference from {c}-channel images or pass a dataset spec as {option}",
+                     {"option": "reference"}, what=what, c=c, where=where, rc=reference.channels)
 
 
 def check_compatible(stats: FeatureStats, reference: FeatureStats) -> None:
