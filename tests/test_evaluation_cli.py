@@ -24,11 +24,11 @@ def fmnist():
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory, fmnist):
-    from cascaded_diffusion.evaluation import save_classifier, train_classifier
+    from cascaded_diffusion.evaluation import ClassifierRecipe, save_classifier, train_classifier
 
     train, _ = fmnist
-    model, _ = train_classifier(train.images[:3000], train.labels[:3000], 10, steps=60, batch_size=64,
-                                progress=False, seed=0)
+    model, _ = train_classifier(train.images[:3000], train.labels[:3000], 10,
+                                ClassifierRecipe(steps=60, batch_size=64, seed=0), progress=False)
     path = tmp_path_factory.mktemp("clf") / "clf.safetensors"
     save_classifier(model, path, metadata={"note": "test classifier"})
     return path

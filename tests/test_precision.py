@@ -212,8 +212,8 @@ def test_cdm_cas_and_classifier_follow_the_same_rule(option, monkeypatch, tmp_pa
     want = {None: False, "bf16": True, "fp32": False}[option]
     seen = []
 
-    def fake_cas(images, labels, test_images, test_labels, num_classes, **recipe):
-        seen.append(recipe["bf16"])
+    def fake_cas(images, labels, test_images, test_labels, num_classes, recipe, **kwargs):
+        seen.append(recipe.bf16)
         return {"top1": 0.5, "top5": 0.9, "n_train": len(images), "n_test": len(test_images)}
 
     monkeypatch.setattr(evaluate_cli, "classification_accuracy_score", fake_cas)
@@ -228,8 +228,8 @@ def test_cdm_cas_and_classifier_follow_the_same_rule(option, monkeypatch, tmp_pa
 
     trained = []
 
-    def fake_train(images, labels, num_classes, **kwargs):
-        trained.append(kwargs["bf16"])
+    def fake_train(images, labels, num_classes, recipe, **kwargs):
+        trained.append(recipe.bf16)
         raise RuntimeError("stop after the precision was passed")
 
     monkeypatch.setattr(evaluate_cli, "train_classifier", fake_train)
@@ -244,14 +244,15 @@ def test_classifier_recipe_defaults_to_auto(monkeypatch):
     """The Python API: train_classifier without bf16= records (and uses) the hardware's choice."""
     import numpy as np
 
-    from cascaded_diffusion.evaluation.classifier import ClassifierConfig, train_classifier
+    from cascaded_diffusion.evaluation.classifier import ClassifierConfig, ClassifierRecipe, train_classifier
 
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (8, 8, 8, 1), dtype=np.uint8), np.arange(8) % 2
     config = ClassifierConfig(num_classes=2, in_channels=1, resolution=8)
     for flags, want in ((ZEN3, False), (ZEN4, True)):
         mock_cpu(monkeypatch, flags)
-        _, history = train_classifier(images, labels, 2, steps=1, batch_size=4, progress=False, config=config)
+        _, history = train_classifier(images, labels, 2, ClassifierRecipe(steps=1, batch_size=4), progress=False,
+                                      config=config)
         assert history.recipe["bf16"] is want
 
 

@@ -16,7 +16,8 @@ from ..errors import UserError, check_distinct_paths, check_output_file
 from ..readers import ResolutionMismatch
 from ..evaluation.cas import classification_accuracy_score
 from ..evaluation.classifier.files import classifier_paths
-from ..evaluation.classifier import ClassifierConfig, evaluate_classifier, save_classifier, train_classifier
+from ..evaluation.classifier import (ClassifierConfig, ClassifierRecipe, evaluate_classifier, save_classifier,
+                                    train_classifier)
 from ..evaluation.evaluate import evaluate_images, load_samples, reference_stats
 from ..evaluation.features import get_feature_extractor
 from ..evaluation.sweep import augmentation_sweep, plot_sweep
@@ -95,14 +96,14 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
     start = time.time()
     device = resolve_device(args.device)
     precision = report_precision("classifier train", args.precision, device)
-    kwargs = dict(seed=args.seed, device=device, progress=True, config=config, flip=not args.no_flip,
-                  bf16=precision.bf16)
-    for name in ("epochs", "steps", "batch_size"):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
+    recipe = ClassifierRecipe(seed=args.seed, flip=not args.no_flip, bf16=precision.bf16,
+                              **{name: getattr(args, name) for name in ("epochs", "steps", "batch_size")
+                                 if getattr(args, name) is not None})
+    evaluation = {}
     if test is not None and args.eval_every_epoch:
-        kwargs.update(eval_images=test.images, eval_labels=test.labels)
-    model, history = train_classifier(train.images, train.labels, train.num_classes, **kwargs)
+        evaluation = dict(eval_images=test.images, eval_labels=test.labels)
+    model, history = train_classifier(train.images, train.labels, train.num_classes, recipe, config=config,
+                                      device=device, progress=True, **evaluation)
     minutes = (time.time() - start) / 60
     accuracy = None
     if test is not None:
@@ -145,11 +146,11 @@ def cmd_cas(args: argparse.Namespace) -> int:
         )
     device = resolve_device(args.device)
     precision = report_precision("cas", args.precision, device)
-    recipe = dict(seed=args.seed, device=device, bf16=precision.bf16)
-    if args.epochs is not None:
-        recipe["epochs"] = args.epochs
+    recipe = ClassifierRecipe(seed=args.seed, bf16=precision.bf16,
+                              **({"epochs": args.epochs} if args.epochs is not None else {}))
     start = time.time()
-    generated = classification_accuracy_score(images, labels, test.images, test.labels, num_classes, **recipe)
+    generated = classification_accuracy_score(images, labels, test.images, test.labels, num_classes, recipe,
+                                              device=device)
     result = {"samples": str(args.samples), "test": test.source, "generated": generated,
               "precision": precision.name}
     line = f"CAS on {test.source}: generated top-1 {100 * generated['top1']:.2f}% top-5 {100 * generated['top5']:.2f}%"
@@ -161,7 +162,8 @@ def cmd_cas(args: argparse.Namespace) -> int:
         rng = np.random.default_rng(args.seed)
         pick = np.sort(rng.choice(len(real.images), size=min(len(images), len(real.images)), replace=False))
         baseline = classification_accuracy_score(
-            np.asarray(real.images[pick]), np.asarray(real.labels[pick]), test.images, test.labels, num_classes, **recipe
+            np.asarray(real.images[pick]), np.asarray(real.labels[pick]), test.images, test.labels, num_classes, recipe,
+            device=device,
         )
         result["real"] = {**baseline, "source": real.source}
         line += f"; real-data baseline ({baseline['n_train']} images) top-1 {100 * baseline['top1']:.2f}% top-5 {100 * baseline['top5']:.2f}%"
