@@ -4,7 +4,7 @@ Layout of a run directory::
 
     RUN_DIR/.lock                         held (flock) by the trainer writing this run; pid and host inside
     RUN_DIR/config.toml                   resolved config of the run (human-readable)
-    RUN_DIR/log.jsonl                     one JSON object per logged step, appended (see training.read_log)
+    RUN_DIR/log.jsonl                     one JSON object per logged step, appended (see rundir.read_log)
     RUN_DIR/checkpoints/step_00001000/    one complete checkpoint
         model.safetensors  ema.safetensors  optimizer.safetensors  rng.safetensors  state.json
 

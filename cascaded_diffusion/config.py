@@ -111,7 +111,7 @@ class TrainSection:
     ema_warmup: bool = True  # rate min(ema_rate, (1+n)/(10+n)) so early EMA weights are usable
     # network precision: "auto" = bf16 autocast where the hardware does bf16 natively and it measured faster (CUDA
     # with bf16, CPUs with avx512_bf16 or AMX), fp32 elsewhere (hardware.choose_precision); "bf16" | "fp32" are
-    # obeyed as given. Configs before issue 27 said `bf16 = true/false`, read as "bf16"/"fp32" (_legacy_bf16).
+    # obeyed as given. Older configs said `bf16 = true/false`, read as "bf16"/"fp32" (_legacy_bf16).
     precision: str = field(default="auto", metadata=_choices("auto", "bf16", "fp32"))
     channels_last: bool = False
     compile: bool = False
@@ -362,7 +362,7 @@ def _validate_counts(config: StageConfig, fail) -> None:
 
 
 def _legacy_bf16(train: dict[str, Any], source: str) -> dict[str, Any]:
-    """``train.bf16 = true/false`` (configs, run directories and bundles written before issue 27) as
+    """``train.bf16 = true/false`` (configs, run directories and bundles written before train.precision existed) as
     ``train.precision = "bf16"/"fp32"``: an old run resumes, and an old bundle loads, in the precision it was
     made with. Both keys at once is refused, since they could disagree."""
     if "bf16" not in train:

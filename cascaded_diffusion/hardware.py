@@ -93,7 +93,7 @@ def cpu_bf16_support() -> tuple[bool, str]:
     ISA, which ``ONEDNN_MAX_CPU_ISA`` caps, is at least AVX-512 core: ``torch.ops.mkldnn._is_mkldnn_bf16_supported``),
     and ATen's own kernels run at AVX-512 (``ATEN_CPU_CAPABILITY`` caps them). Without any one of these, bf16
     convolutions and element-wise ops convert every operand in software and are several times slower than fp32
-    (16x for sampling on an AVX2-only Zen 3, issue 27)."""
+    (16x for sampling on an AVX2-only Zen 3)."""
     flags = _cpu_flags()
     has_instructions = bool(flags.get("avx512_bf16") or flags.get("amx_bf16") or flags.get("amx_tile"))
     if not has_instructions:

@@ -22,7 +22,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .cascade import Cascade, balanced_labels, sample_in_batches
+from .cascade import Cascade, sample_in_batches
+from .labels import balanced_labels
 from .checkpoint import STAGE_FILE, CheckpointError, export_stage, list_checkpoints, resolve_checkpoint
 from .errors import UserError
 from .fileio import atomic_write_bytes, atomic_write_text

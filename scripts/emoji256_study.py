@@ -36,13 +36,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cdm_command import cdm as run_cdm  # noqa: E402
 
 RUNS = ("base16", "sr16to64", "sr16to64_noaug", "sr64to256", "sr64to256_noaug", "sr64to256_noise")
 # (setting A, setting B): each row of the ablation table is KID(A) - KID(B), paired
@@ -57,8 +59,7 @@ PAIRS = (
 
 
 def cdm(*args: str) -> None:
-    print("+ cdm", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "cascaded_diffusion.cli", *args], check=True)
+    run_cdm(*args, echo=True)
 
 
 def save_subset(src: Path, dst: Path, num: int) -> Path:
@@ -190,7 +191,7 @@ def score(settings: dict[str, Path], args, train_dir: Path, test_dir: Path) -> d
     from cascaded_diffusion.evaluation.evaluate import evaluate_features, load_samples
     from cascaded_diffusion.evaluation.features import extract, get_feature_extractor
     from cascaded_diffusion.evaluation.memorisation import memorisation_report
-    from cascaded_diffusion.evaluation.metrics import FeatureStats
+    from cascaded_diffusion.evaluation.stats import FeatureStats
 
     extractors = {"low": get_feature_extractor(args.features, "cpu")}
     extractors["256"] = get_feature_extractor(args.features_256, "cpu") if args.features_256 else extractors["low"]
@@ -236,7 +237,8 @@ def score(settings: dict[str, Path], args, train_dir: Path, test_dir: Path) -> d
 def paired_differences(results: dict, rounds: int, seed: int = 0) -> dict:
     """KID(A) − KID(B) and FID(A) − FID(B) against the training split, with a paired bootstrap: one resampling
     of sample indices applies to both sets, which super-resolve the same inputs in the same order."""
-    from cascaded_diffusion.evaluation.metrics import FeatureStats, fid_from_stats, kid
+    from cascaded_diffusion.evaluation.metrics import fid_from_stats, kid
+    from cascaded_diffusion.evaluation.stats import FeatureStats
 
     pairs = {}
     for a, b, what in PAIRS:

@@ -30,19 +30,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cdm_command import cdm as run_cdm  # noqa: E402
+
 RUNS = ("base16", "sr16to32", "sr16to32_noaug", "sr32to64", "sr32to64_noblur")
 
 
 def cdm(*args: str) -> None:
-    print("+ cdm", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "cascaded_diffusion.cli", *args], check=True)
+    run_cdm(*args, echo=True)
 
 
 def stage_dir(runs: Path, name: str, step: int | None) -> str:

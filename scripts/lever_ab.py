@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cdm_command import cdm as run_cdm, cdm_background  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "fashion-mnist" / "sr8to32.toml"
 BASE = ROOT / "cascaded_diffusion" / "pretrained" / "fashion-mnist" / "base8"
@@ -48,9 +51,7 @@ ARMS: dict[str, tuple[dict[str, str], int]] = {
 
 
 def cdm(*args: str, log: Path) -> None:
-    with open(log, "a") as f:
-        subprocess.run([sys.executable, "-m", "cascaded_diffusion.cli", *args], check=True, stdout=f,
-                       stderr=subprocess.STDOUT)
+    run_cdm(*args, log=log)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -71,8 +72,8 @@ def train_for(arm: str, out: Path, budget_s: float) -> dict:
                                "train.keep_last": "2", "train.sample_every": "0", "train.log_every": "25",
                                "train.progress": "false"}.items() for x in ("--set", f"{k}={v}")]
         with open(run / "train.out", "a") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "cascaded_diffusion.cli", "train", str(CONFIG), "--out",
-                                     str(run), *sets], stdout=log, stderr=subprocess.STDOUT)
+            proc = cdm_background("train", str(CONFIG), "--out", str(run), *sets, stdout=log,
+                                  stderr=subprocess.STDOUT)
         start = spent
         while proc.poll() is None:
             used = start + cpu_seconds(proc.pid)

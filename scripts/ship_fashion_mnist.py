@@ -19,7 +19,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from study_tables import cas_top1_over_seeds, load_cas  # noqa: E402
+from cdm_command import cdm  # noqa: E402
 # name in the study -> (SR run directory, s used at sampling: None = the sweep's best level)
 CANDIDATES = {
     "cascade_noise": ("sr8to32", None),
@@ -57,10 +57,7 @@ def export(run: Path, out: Path, sampler: str | None, steps: int | None, level: 
     overrides += [f"sample.steps={steps}"] if steps else []
     if level is not None:
         overrides.append(f"conditioning.sample_s={level}")
-    cmd = [sys.executable, "-m", "cascaded_diffusion.cli", "export", str(run), "--out", str(out), "--dtype", "fp16"]
-    for item in overrides:
-        cmd += ["--set", item]
-    subprocess.run(cmd, check=True)
+    cdm("export", str(run), "--out", str(out), "--dtype", "fp16", *[x for item in overrides for x in ("--set", item)])
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cascaded_diffusion.cascade import Cascade, CascadeError, balanced_labels
+from cascaded_diffusion.cascade import Cascade, CascadeError
+from cascaded_diffusion.labels import balanced_labels
 from cascaded_diffusion.config import StageConfig
 from cascaded_diffusion.stage import Stage, build_network
 
@@ -144,7 +145,7 @@ def test_truncated_at_the_last_level_hands_on_pure_noise(base8, sr8to16):
 
 # One compile of the tiny fixture run, shared by the assertions below. Tracing costs ~30 s on a busy 2-core CPU
 # even for this 4-channel network (dynamo + AOT autograd, independent of the graph's size), so the suite pays it
-# once; the bundled cascade took the same again per test, and another batch size a recompile (issue 27).
+# once; the bundled cascade took the same again per test, and another batch size a recompile.
 COMPILE_LABELS = torch.arange(6) % 10
 COMPILE_KWARGS = dict(sampler="dpmpp", steps=[3, 2])
 TINY_RUN = [ROOT / "tests/fixtures/tiny_run/base8", ROOT / "tests/fixtures/tiny_run/sr8to16"]

@@ -108,7 +108,7 @@ def test_sample_compile_flag_compiles_every_stage(tmp_path, monkeypatch):
         return real_compile(self, mode=mode, backend="eager")
 
     monkeypatch.setattr(Cascade, "compile", compile_cheaply)
-    # the tiny fixture cascade (4-channel networks): tracing the bundled one took 36 s of the suite (issue 27)
+    # the tiny fixture cascade (4-channel networks): tracing the bundled one took 36 s of the suite
     tiny = [str(ROOT / "tests/fixtures/tiny_run" / name) for name in ("base8", "sr8to16")]
     for flag, expected in ((["--compile"], None), (["--compile", "reduce-overhead"], "reduce-overhead")):
         out = tmp_path / f"s{len(modes)}.npz"

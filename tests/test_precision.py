@@ -1,4 +1,4 @@
-"""Issue 27: the precision every command runs its networks in. ``auto`` (the default everywhere) is bf16 only where
+"""The precision every command runs its networks in. ``auto`` (the default everywhere) is bf16 only where
 the hardware does bf16 natively; ``bf16`` / ``fp32`` are always obeyed. The decision is pinned here for each kind
 of hardware by mocking what torch and oneDNN report, and once for real under the AVX2 emulation."""
 
@@ -155,7 +155,7 @@ def test_shipped_configs_and_bundles_load_with_their_precision():
         assert load_config(path).train.precision == "auto", path
     from cascaded_diffusion.cascade import Cascade
 
-    # run directories and bundles written before issue 27 store `bf16 = false/true`: unchanged bytes, still loading
+    # run directories and bundles written before train.precision existed store `bf16 = false/true`: unchanged bytes, still loading
     assert "bf16 = false" in (TINY_RUN[0] / "config.toml").read_text()
     for stage in Cascade.load(TINY_RUN).stages:
         assert stage.config.train.precision == "fp32"
@@ -261,14 +261,20 @@ def test_cdm_train_precision(option, want, monkeypatch, tmp_path, capsys):
     """train.precision = "auto" in the shipped configs trains in fp32 without native bf16; --precision wins."""
     import numpy as np
 
-    from cascaded_diffusion import training
+    from cascaded_diffusion import stage
     from cascaded_diffusion.cli import main
+    from cascaded_diffusion.hardware import Precision
 
     mock_cpu(monkeypatch, ZEN3)
     used = []
-    real = training.bf16_autocast
-    monkeypatch.setattr(training, "bf16_autocast",
-                        lambda device, enabled=True: (used.append(enabled.name), real(device, enabled))[1])
+    real = stage.bf16_autocast
+
+    def recording(device, enabled=True):  # the training step passes the trainer's Precision (the grid a bool)
+        if isinstance(enabled, Precision):
+            used.append(enabled.name)
+        return real(device, enabled)
+
+    monkeypatch.setattr(stage, "bf16_autocast", recording)
     rng = np.random.default_rng(0)
     data = tmp_path / "d.npz"
     np.savez(data, arr_0=rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8), arr_1=np.arange(16) % 10)

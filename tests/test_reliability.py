@@ -1,4 +1,4 @@
-"""Issue 15: concurrent use, full disks, interrupted runs and bad input end in a one-line error or a recovery,
+"""Concurrent use, full disks, interrupted runs and bad input end in a one-line error or a recovery,
 never in a traceback, a silent wrong number or lost data. One test (or more) per case of docs/reliability.md."""
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from cascaded_diffusion.cli import main
 from cascaded_diffusion.config import StageConfig
 from cascaded_diffusion.data import load_images
 from cascaded_diffusion.errors import RunLockedError
-from cascaded_diffusion.evaluation.metrics import FeatureStats
-from cascaded_diffusion.training import CONFIG_HEADER, Trainer, read_log
+from cascaded_diffusion.evaluation.stats import FeatureStats
+from cascaded_diffusion.rundir import CONFIG_HEADER, read_log
+from cascaded_diffusion.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE8 = str(ROOT / "configs/fashion-mnist/base8.toml")
@@ -280,9 +281,9 @@ def test_log_is_appended_and_read_log_voids_lost_steps(tmp_path):
              {"step": 6, "loss": 0.8}, {"event": "resume", "step": 3}, {"step": 4, "loss": 0.7}]
     log.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 6, "lo')  # a line cut by a kill
     assert read_log(log) == [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.7}]
-    from cascaded_diffusion.training import _append_log_event
+    from cascaded_diffusion.rundir import append_log_event
 
-    _append_log_event(log, "resume", 4)  # starts on a new line, so the cut line cannot swallow it
+    append_log_event(log, "resume", 4)  # starts on a new line, so the cut line cannot swallow it
     assert json.loads(log.read_text().splitlines()[-1])["event"] == "resume"
 
 

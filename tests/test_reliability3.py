@@ -1,4 +1,4 @@
-"""Issue 29, the third reliability round: no file clobbered through a symlink, no foreign data deleted, no output
+"""The third reliability round: no file clobbered through a symlink, no foreign data deleted, no output
 over an input, no silent change of meaning, and one-line errors. One test (or more) per item; the rows are in
 docs/reliability.md."""
 
@@ -512,7 +512,7 @@ def test_float_tiffs_in_0_1_are_scaled_and_out_of_range_ones_refused(tmp_path):
     from PIL import Image
 
     from cascaded_diffusion.data import load_images
-    from cascaded_diffusion.prepare import load_prepared, prepare_dataset
+    from cascaded_diffusion.data.prepare import load_prepared, prepare_dataset
 
     folder = tmp_path / "images" / "only"
     folder.mkdir(parents=True)
@@ -538,27 +538,27 @@ def test_a_resumed_prepare_checks_free_space_before_writing_its_arrays(tmp_path,
 
     from PIL import Image
 
-    from cascaded_diffusion import prepare
+    from cascaded_diffusion.data import partial, prepare
 
     for c in ("a", "b"):
         (tmp_path / "images" / c).mkdir(parents=True)
         for i in range(4):
             Image.fromarray(np.full((40, 40, 3), 30 * i, np.uint8)).save(tmp_path / "images" / c / f"{i}.png")
     out = tmp_path / "prepared"
-    real = prepare._decode_chunk
+    real = partial._decode_chunk
 
     def interrupted(job):
         if job[0] == 1:
             raise KeyboardInterrupt
         return real(job)
 
-    monkeypatch.setattr(prepare, "_decode_chunk", interrupted)
+    monkeypatch.setattr(partial, "_decode_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare_dataset(tmp_path / "images", [32], out, workers=1, chunk_size=2)
     # the disk filled up meanwhile: 1 KiB left, while 6 files x 32*32*3 bytes are still unwritten
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage._replace(free=1024))
-    monkeypatch.setattr(prepare, "_decode_chunk", lambda job: pytest.fail("wrote into the arrays"))
+    monkeypatch.setattr(partial.shutil, "disk_usage", lambda path: usage._replace(free=1024))
+    monkeypatch.setattr(partial, "_decode_chunk", lambda job: pytest.fail("wrote into the arrays"))
     assert main(["prepare", str(tmp_path / "images"), "--resolutions", "32", "--out", str(out), "--workers", "1",
                  "--quiet"]) == 2
     err = capsys.readouterr().err

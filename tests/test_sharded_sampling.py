@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cascaded_diffusion.cascade import Cascade, balanced_labels, sample_in_batches
+from cascaded_diffusion.cascade import Cascade, sample_in_batches
+from cascaded_diffusion.labels import balanced_labels
 from cascaded_diffusion.distributed import distributed_from_env, over_ranks
 from cascaded_diffusion.sharded_sampling import ShardManifestError, sample_sharded, shard_dir_for
 

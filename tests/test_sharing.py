@@ -1,4 +1,4 @@
-"""Sharing a cascade (issue 31): an exported cascade folder loads from a hand-built offline Hugging Face cache and
+"""Sharing a cascade: an exported cascade folder loads from a hand-built offline Hugging Face cache and
 samples the same bytes as the bundled cascade; its files are verified before anything is loaded; `cdm push`
 uploads the export with its model card (a fake HfApi: no network here); the shipped bundles' model cards are what
 the card writer produces."""

@@ -14,7 +14,8 @@ import torch
 
 from cascaded_diffusion.checkpoint import latest_checkpoint, list_checkpoints, load_state, load_tensors
 from cascaded_diffusion.config import ConfigError, StageConfig
-from cascaded_diffusion.training import NonFiniteLossError, Trainer, read_log
+from cascaded_diffusion.rundir import read_log
+from cascaded_diffusion.training import NonFiniteLossError, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,7 +143,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
 def test_prepared_source_trains_and_resumes_bitwise_with_and_without_prefetch(tmp_path):
     from PIL import Image
 
-    from cascaded_diffusion.prepare import prepare_dataset
+    from cascaded_diffusion.data.prepare import prepare_dataset
 
     rng = np.random.default_rng(1)
     for c in range(3):

@@ -13,7 +13,7 @@ from ..cascade import Cascade
 from ..data import load_images
 from ..distributed import distributed_from_env
 from ..errors import UserError, check_distinct_paths, check_output_file
-from ..readers import ResolutionMismatch
+from ..data.readers import ResolutionMismatch
 from ..evaluation.cas import classification_accuracy_score
 from ..evaluation.classifier.files import classifier_paths
 from ..evaluation.classifier import (ClassifierConfig, ClassifierRecipe, evaluate_classifier, save_classifier,

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cascade import Cascade, grid_indices
+from ..cascade import Cascade
+from ..labels import grid_indices
 from ..data import load_images
 from ..distributed import distributed_from_env
 from ..errors import UserError, check_distinct_paths, check_output_dir, check_output_file

@@ -15,7 +15,8 @@ from ..checkpoint import export_stage, list_checkpoints, resolve_checkpoint
 from ..config import load_config
 from ..errors import UserError, check_output_dir
 from ..hardware import PRECISIONS
-from ..training import is_run_dir, train_stage
+from ..rundir import is_run_dir
+from ..training import train_stage
 from .common import nonneg_int, positive_int
 
 

@@ -27,15 +27,14 @@ from .features import (
 )
 from .inception import INCEPTION_WEIGHTS_ENV, FIDInceptionV3, load_inception, resize_bilinear_tf1
 from .metrics import (
-    FeatureStats,
     PrecisionRecall,
-    check_compatible,
     fid_from_stats,
     frechet_distance,
     inception_score,
     kid,
     precision_recall,
 )
+from .stats import FeatureStats, check_compatible
 
 __all__ = [
     "DEFAULT_CLASSIFIER_PATH",

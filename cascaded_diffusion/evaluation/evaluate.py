@@ -21,17 +21,8 @@ from ..errors import naming
 from ..fileio import cache_dir, read_samples_npz
 from ..distributed import distributed_context
 from .features import FeatureExtractor, extract_over_ranks
-from .metrics import (
-    FeatureStats,
-    NotAStatsFile,
-    check_compatible,
-    check_images_match,
-    fid_from_stats,
-    inception_score,
-    kid,
-    precision_recall,
-    warn_if_rank_deficient,
-)
+from .metrics import fid_from_stats, inception_score, kid, precision_recall
+from .stats import FeatureStats, NotAStatsFile, check_compatible, check_images_match, warn_if_rank_deficient
 
 METRICS = ("fid", "kid", "is", "pr")
 

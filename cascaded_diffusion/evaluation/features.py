@@ -29,7 +29,7 @@ from .classifier import (
     load_classifier,
 )
 from .inception import INCEPTION_FEATURE_DIM, load_inception
-from .metrics import FeatureStats
+from .stats import FeatureStats
 
 
 @runtime_checkable

@@ -16,14 +16,15 @@ import numpy as np
 import torch
 
 from ..augment import downsample
-from ..cascade import Cascade, balanced_labels, sample_in_batches
+from ..cascade import Cascade, sample_in_batches
+from ..labels import balanced_labels
 from ..data import load_images
 from ..distributed import distributed_context, over_ranks
 from ..images import images_to_tensor, tensor_to_images
 from ..rng import PerSampleGenerator
 from .evaluate import evaluate_images
 from .features import FeatureExtractor
-from .metrics import FeatureStats
+from .stats import FeatureStats
 
 
 def _final_images(cascade: Cascade, labels: torch.Tensor, level: int, *, seed: int, batch_size: int,

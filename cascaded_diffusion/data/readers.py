@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .fileio import read_samples_npz
+from ..fileio import read_samples_npz
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",

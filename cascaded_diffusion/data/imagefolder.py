@@ -1,5 +1,5 @@
 """Image folders (ImageNet layout, one subfolder per class): listing, fingerprinting, decoding with ADM/BigGAN
-preprocessing in a thread pool, and the uncached in-memory load. ``cdm prepare`` (:mod:`cascaded_diffusion.prepare`)
+preprocessing in a thread pool, and the uncached in-memory load. ``cdm prepare`` (:mod:`cascaded_diffusion.data.prepare`)
 decodes with the same functions into memory-mapped arrays, and the ``imagefolder:`` source's cache is such a
 preparation at one resolution."""
 
@@ -116,6 +116,25 @@ def decode_image(path: str, resolution: int, mode: str) -> np.ndarray:
     """Decode one image file and preprocess it to resolution x resolution x C uint8 (C from ``mode``)."""
     array = center_crop_resize(open_image(path, mode), resolution)
     return array[..., None] if array.ndim == 2 else array
+
+
+def images_at(images, resolution: int, channels: int, what: str = "images") -> np.ndarray:
+    """PIL images or uint8 H x W [x C] arrays of any size as one uint8 N x R x R x C array: each brought to
+    ``resolution`` by the training data's rule (:func:`preprocess_image`); an array already at that size and channel
+    count is used as it is. ``what`` names the caller in the error for anything else."""
+    size, mode = resolution, ("RGB" if channels == 3 else "L")
+    fed = []
+    for image in images:
+        if not isinstance(image, Image.Image):
+            array = np.asarray(image)
+            if array.dtype != np.uint8 or array.ndim not in (2, 3):
+                raise ValueError(f"{what}: expected uint8 H x W [x C] images, got {array.dtype} {array.shape}")
+            if array.shape[:2] == (size, size) and (array.shape[2:] or (1,))[0] == channels:
+                fed.append(array.reshape(size, size, channels))
+                continue
+            image = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+        fed.append(preprocess_image(image, size, mode))
+    return np.stack(fed) if fed else np.zeros((0, size, size, channels), np.uint8)
 
 
 def decode_into(
