@@ -110,7 +110,7 @@ def test_cas_trains_on_samples_and_reports_real_baseline(fmnist, tmp_path):
 
 def test_sweep_over_levels_with_both_curves(fmnist, classifier, tmp_path, monkeypatch):
     """A tiny untrained cascade: the sweep machinery (both curves, plot, best level) runs end to end."""
-    from test_cascade import make_stage, stage_config
+    from conftest import make_stage, stage_config
     from cascaded_diffusion.cascade import Cascade
     from cascaded_diffusion.evaluation import get_feature_extractor
     from cascaded_diffusion.evaluation.evaluate import reference_stats

@@ -32,50 +32,16 @@ from cascaded_diffusion.checkpoint import (
     save_checkpoint,
 )
 from cascaded_diffusion.cli import main
-from cascaded_diffusion.config import StageConfig
 from cascaded_diffusion.data import load_images
 from cascaded_diffusion.errors import RunLockedError
 from cascaded_diffusion.evaluation.stats import FeatureStats
 from cascaded_diffusion.rundir import CONFIG_HEADER, read_log
 from cascaded_diffusion.training import Trainer
 
+from conftest import train_args, write_data
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE8 = str(ROOT / "configs/fashion-mnist/base8.toml")
-
-
-def tiny_raw(npz: Path, **train) -> dict:
-    return {
-        "stage": {"name": "tiny", "resolution": 8, "channels": 1, "num_classes": 3},
-        "data": {"source": f"npz:{npz}"},
-        "diffusion": {"timesteps": 20},
-        "model": {"channels": 16, "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": [],
-                  "norm_groups": 4},
-        "train": {"steps": 6, "batch_size": 8, "bf16": False, "log_every": 2, "ckpt_every": 3, "keep_last": 5,
-                  "progress": False, "sample_steps": 2, **train},
-    }
-
-
-def write_data(path: Path, n: int = 40, resolution: int = 8, channels: int = 1, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    np.savez(path, arr_0=rng.integers(0, 256, (n, resolution, resolution, channels), dtype=np.uint8),
-             arr_1=(np.arange(n) % 3).astype(np.int64))
-    return path
-
-
-@pytest.fixture
-def tiny(tmp_path) -> tuple[Path, StageConfig]:
-    """A tiny stage config written as TOML, on 40 generated 8x8 images."""
-    config = StageConfig.from_dict(tiny_raw(write_data(tmp_path / "data.npz")))
-    path = tmp_path / "tiny.toml"
-    path.write_text(config.to_toml())
-    return path, config
-
-
-def train_args(cfg: Path, out: Path, *sets: str) -> list[str]:
-    args = ["train", str(cfg), "--out", str(out), "--device", "cpu"]
-    for s in sets:
-        args += ["--set", s]
-    return args
 
 
 def subprocess_env() -> dict:

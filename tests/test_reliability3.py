@@ -20,15 +20,7 @@ from cascaded_diffusion.config import StageConfig
 from cascaded_diffusion.errors import UserError
 from cascaded_diffusion.fileio import write_npz_streaming
 
-from test_reliability import tiny_raw, train_args, write_data  # noqa: F401 (the tiny stage of round two)
-
-
-@pytest.fixture
-def tiny(tmp_path) -> tuple[Path, StageConfig]:
-    config = StageConfig.from_dict(tiny_raw(write_data(tmp_path / "data.npz")))
-    path = tmp_path / "tiny.toml"
-    path.write_text(config.to_toml())
-    return path, config
+from conftest import train_args  # the tiny stage of round two is conftest's `tiny` fixture
 
 
 # --- 1. temporary files are exclusive and unpredictable ---------------------------------------------------

@@ -16,7 +16,7 @@ from cascaded_diffusion.labels import balanced_labels
 from cascaded_diffusion.distributed import distributed_from_env, over_ranks
 from cascaded_diffusion.sharded_sampling import ShardManifestError, sample_sharded, shard_dir_for
 
-from test_cascade import make_stage, stage_config
+from conftest import make_stage, stage_config
 
 NUM = 10
 KWARGS = dict(sampler="ddpm", steps=3, aug_levels=[6])

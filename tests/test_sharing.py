@@ -284,14 +284,14 @@ def test_push_help_documents_it(capsys):
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    from test_cli import train
+    from conftest import train_tiny
 
     rng = np.random.default_rng(0)
     root = tmp_path_factory.mktemp("tinyruns")
     data = root / "data.npz"
     np.savez(data, arr_0=rng.integers(0, 256, (32, 32, 32, 1), dtype=np.uint8), arr_1=np.arange(32) % 10)
-    train("base8.toml", root / "base", data, ["conditioning.s_max=50"])
-    train("sr8to32.toml", root / "sr", data, ["conditioning.s_max=50", "conditioning.sample_s=10"])
+    train_tiny("base8.toml", root / "base", data, ["conditioning.s_max=50"])
+    train_tiny("sr8to32.toml", root / "sr", data, ["conditioning.s_max=50", "conditioning.sample_s=10"])
     return root
 
 

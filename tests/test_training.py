@@ -17,26 +17,9 @@ from cascaded_diffusion.config import ConfigError, StageConfig
 from cascaded_diffusion.rundir import read_log
 from cascaded_diffusion.training import NonFiniteLossError, Trainer
 
+from conftest import tiny_config
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(tmp_path: Path, **train) -> StageConfig:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(40, 8, 8, 1), dtype=np.uint8)
-    labels = rng.integers(0, 3, size=40).astype(np.int64)
-    npz = tmp_path / "data.npz"
-    np.savez(npz, arr_0=images, arr_1=labels)
-    raw = {
-        "stage": {"name": "tiny", "resolution": 8, "channels": 1, "num_classes": 3},
-        "data": {"source": f"npz:{npz}"},
-        "diffusion": {"timesteps": 50, "learn_sigma": True, "loss": "hybrid"},
-        "model": {"channels": 32, "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": [4], "norm_groups": 8,
-                  "dropout": 0.1, "label_dropout": 0.2},
-        "train": {"steps": 6, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "bf16": False, "log_every": 2,
-                  "ckpt_every": 3, "keep_last": 5, "progress": False, "sample_every": 0, "sample_steps": 3,
-                  **train},
-    }
-    return StageConfig.from_dict(raw)
 
 
 def all_tensors(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from cascaded_diffusion.rundir import read_log
 from cascaded_diffusion.training import Trainer
 from cascaded_diffusion.watch import LossByTimestep
 
-from test_training import tiny_config
+from conftest import tiny_config
 
 pytest.importorskip("tensorboard", reason="reading event files needs tensorboard (in the test extra)")
 
