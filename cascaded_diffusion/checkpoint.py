@@ -2,7 +2,7 @@
 
 Layout of a run directory::
 
-    RUN_DIR/.lock                         held (flock) by the trainer writing this run; pid and host inside
+    RUN_DIR/.lock                         held (flock) by the trainer writing this run (rundir.RunLock)
     RUN_DIR/config.toml                   resolved config of the run (human-readable)
     RUN_DIR/log.jsonl                     one JSON object per logged step, appended (see rundir.read_log)
     RUN_DIR/checkpoints/step_00001000/    one complete checkpoint
@@ -19,8 +19,8 @@ An exported stage (``export_stage``) is a directory with ``model.safetensors`` (
 ``stage.json`` (the resolved config); it loads like a run directory for sampling.
 """
 
-# Longer than ~400 lines: the checkpoint format, its verification, the run directory's leftovers, its lock and the
-# readers' retry while a trainer prunes are one protocol about one directory; split, each part would re-derive the
+# Longer than ~400 lines: the checkpoint format, its verification, the run directory's leftovers and the readers'
+# retry while a trainer prunes are one protocol about one directory (its lock and log are rundir.py); split, each part would re-derive the
 # others' invariants (state.json written last and deleted first).
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ from safetensors.torch import load_file, save
 
 from .fileio import (
     TMP_FILE_PATTERN,
-    FileLock,
-    LockBusy,
     atomic_write_bytes,
     atomic_write_text,
     fsync_dir,
@@ -280,46 +278,6 @@ def set_aside_checkpoint(path: Path) -> Path:
         target = path.with_name(f"corrupt-{path.name}-{n}")
     os.replace(path, target)
     return target
-
-
-# --- the run-directory lock ------------------------------------------------------------------------------
-
-LOCK_FILE = ".lock"
-
-
-class RunLock:
-    """The run directory's :class:`~cascaded_diffusion.fileio.FileLock` (``RUN/.lock``), held while a trainer writes
-    the run directory. A stale lock never blocks a resume; the file stays and records the last holder. A second
-    trainer is refused with :class:`~cascaded_diffusion.errors.RunLockedError` naming the holder's pid and host.
-    On a network file system the lock is as good as its ``flock`` support (Linux NFS emulates it with byte-range
-    locks, which work across hosts)."""
-
-    def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
-        self._lock = FileLock(self.path)
-
-    def acquire(self) -> "RunLock":
-        from .errors import RunLockedError, naming
-
-        try:
-            self._lock.acquire()
-        except LockBusy as busy:
-            raise naming(RunLockedError,
-                         "{run_dir} is in use by another trainer ({holder}). Two trainers on one run directory would "
-                         "overwrite each other's checkpoints: wait for it to finish or stop it, or train into another "
-                         "{option} directory.", {"option": "run_dir"}, run_dir=self.run_dir,
-                         holder=busy.holder or f"holder unknown: {self.path} has no readable pid yet") from None
-        return self
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def save_checkpoint(

@@ -1,6 +1,7 @@
-"""A training run directory's own files besides its checkpoints (:mod:`.checkpoint`): the resolved config the
-trainer writes (``config.toml``, marked by :data:`CONFIG_HEADER`), whether a directory is a run at all, and the
-append-only log ``log.jsonl`` (:func:`append_log_event`, :func:`json_line`, :func:`read_log`)."""
+"""A training run directory's own files besides its checkpoints (:mod:`.checkpoint`): its lock (:class:`RunLock`,
+``.lock``), the resolved config the trainer writes (``config.toml``, marked by :data:`CONFIG_HEADER`), whether a
+directory is a run at all, and the append-only log ``log.jsonl`` (:func:`append_log_event`, :func:`json_line`,
+:func:`read_log`)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,46 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import LOCK_FILE
-from .errors import UserError, naming
+from .errors import RunLockedError, UserError, naming
+from .fileio import FileLock, LockBusy
 
-__all__ = ["CONFIG_HEADER", "is_run_dir", "check_run_dir_is_ours", "append_log_event", "json_line", "read_log"]
+__all__ = ["LOCK_FILE", "RunLock", "CONFIG_HEADER", "is_run_dir", "check_run_dir_is_ours", "append_log_event", "json_line", "read_log"]
+
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """The run directory's :class:`~cascaded_diffusion.fileio.FileLock` (``RUN/.lock``), held while a trainer writes
+    the run directory. A stale lock never blocks a resume; the file stays and records the last holder. A second
+    trainer is refused with :class:`~cascaded_diffusion.errors.RunLockedError` naming the holder's pid and host.
+    On a network file system the lock is as good as its ``flock`` support (Linux NFS emulates it with byte-range
+    locks, which work across hosts)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._lock = FileLock(self.path)
+
+    def acquire(self) -> "RunLock":
+        try:
+            self._lock.acquire()
+        except LockBusy as busy:
+            raise naming(RunLockedError,
+                         "{run_dir} is in use by another trainer ({holder}). Two trainers on one run directory would "
+                         "overwrite each other's checkpoints: wait for it to finish or stop it, or train into another "
+                         "{option} directory.", {"option": "run_dir"}, run_dir=self.run_dir,
+                         holder=busy.holder or f"holder unknown: {self.path} has no readable pid yet") from None
+        return self
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def json_line(record: dict) -> str:

@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import RunLock, clean_run_dir, latest_checkpoint, load_state, resolve_checkpoint
+from .checkpoint import clean_run_dir, latest_checkpoint, load_state, resolve_checkpoint
 from .config import ConfigError, StageConfig
 from .data.readers import ImageArray
 from .distributed import join_process_group
 from .errors import UserError, check_output_dir, naming
 from .fileio import atomic_write_text
 from .hardware import choose_precision, configure_cuda_backends, resolve_device
-from .rundir import CONFIG_HEADER, append_log_event, check_run_dir_is_ours, json_line
+from .rundir import CONFIG_HEADER, RunLock, append_log_event, check_run_dir_is_ours, json_line
 from .stage_training import StageTraining
 from .watch import LossByTimestep, PeriodicKID
 

@@ -23,7 +23,6 @@ from cascaded_diffusion import checkpoint as checkpoint_module
 from cascaded_diffusion import fileio
 from cascaded_diffusion.fileio import atomic_write_bytes
 from cascaded_diffusion.checkpoint import (
-    RunLock,
     clean_run_dir,
     latest_valid_checkpoint,
     list_checkpoints,
@@ -35,7 +34,7 @@ from cascaded_diffusion.cli import main
 from cascaded_diffusion.data import load_images
 from cascaded_diffusion.errors import RunLockedError
 from cascaded_diffusion.evaluation.stats import FeatureStats
-from cascaded_diffusion.rundir import CONFIG_HEADER, read_log
+from cascaded_diffusion.rundir import CONFIG_HEADER, RunLock, read_log
 from cascaded_diffusion.training import Trainer
 
 from conftest import train_args, write_data

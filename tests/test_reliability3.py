@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from cascaded_diffusion import fileio, images
-from cascaded_diffusion.checkpoint import RunLock, clean_run_dir
+from cascaded_diffusion.checkpoint import clean_run_dir
+from cascaded_diffusion.rundir import RunLock
 from cascaded_diffusion.cli import main
 from cascaded_diffusion.config import StageConfig
 from cascaded_diffusion.errors import UserError

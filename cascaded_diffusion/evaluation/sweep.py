@@ -63,6 +63,18 @@ def _base_images(cascade: Cascade, labels: torch.Tensor, *, seed: int, batch_siz
     return over_ranks(len(labels), compute)[0]
 
 
+def _ground_truth_inputs(cascade: Cascade, ground_truth: str, num: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Up to ``num`` real images of ``ground_truth`` (a random, sorted pick seeded by ``seed``) brought down to the
+    first SR stage's input size the way training does, with their labels."""
+    sr = cascade.stages[1]
+    data = load_images(ground_truth, cascade.stages[-1].resolution, channels=sr.channels)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(data.images), size=min(num, len(data.images)), replace=False)
+    pick.sort()
+    real = images_to_tensor(np.asarray(data.images[pick]))
+    return tensor_to_images(downsample(real, sr.low_res)), torch.from_numpy(np.asarray(data.labels[pick], dtype=np.int64))
+
+
 def augmentation_sweep(
     cascade: Cascade,
     levels: Sequence[int],
@@ -117,15 +129,7 @@ def augmentation_sweep(
         start = time.time()
         base_images = _base_images(cascade, labels, seed=seed, batch_size=batch_size, sampling=sampling)
         log(f"base samples: {num} in {time.time() - start:.0f} s (reused for every level)")
-    real_low = real_labels = None
-    if ground_truth:
-        data = load_images(ground_truth, cascade.stages[-1].resolution, channels=sr.channels)
-        rng = np.random.default_rng(seed)
-        pick = rng.choice(len(data.images), size=min(num, len(data.images)), replace=False)
-        pick.sort()
-        real = images_to_tensor(np.asarray(data.images[pick]))
-        real_low = tensor_to_images(downsample(real, sr.low_res))
-        real_labels = torch.from_numpy(np.asarray(data.labels[pick], dtype=np.int64))
+    real_low, real_labels = _ground_truth_inputs(cascade, ground_truth, num, seed) if ground_truth else (None, None)
     for s in levels:
         start = time.time()
         if truncated:
