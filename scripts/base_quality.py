@@ -8,7 +8,7 @@ resize the base was trained on). The test split, resized alike, is the real-data
 (e.g. the base at 10000 and 20000 steps, same sampler and seed) give the base's compute curve.
 
 It also reports, for the classes whose real images all face one way (Fashion-MNIST's sandals, sneakers and
-ankle boots: cascaded_diffusion/mirror.py), the fraction of samples that face that way: about 50 % from a
+ankle boots: cascaded_diffusion/data/mirror.py), the fraction of samples that face that way: about 50 % from a
 base trained with random flips, which is what this script found the base's error to be.
 
     python scripts/base_quality.py /work/runs/conv/base8_samples.npz /work/runs/final20k/base8_samples.npz \
