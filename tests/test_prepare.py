@@ -186,8 +186,13 @@ def test_bad_inputs_are_one_line_errors_before_decoding(folder, tmp_path, monkey
 def test_training_reads_check_the_manifest(folder, tmp_path):
     out = tmp_path / "prepared"
     prepare_dataset(folder, [8, 16], out, workers=1)
-    with pytest.raises(UserError, match=r"holds resolutions 8px, 16px, not 32px; prepare it with --resolutions 8,16,32"):
+    # the library names prepare_dataset's own argument; `cdm` shows its option (--resolutions) in its place
+    with pytest.raises(UserError, match=r"holds resolutions 8px, 16px, not 32px; prepare it with resolutions 8,16,32") as info:
         load_images(f"prepared:{out}", 32)
+    from cascaded_diffusion.cli.main import cli_option
+    from cascaded_diffusion.errors import render
+
+    assert "prepare it with --resolutions 8,16,32 (into a new --out)" in render(info.value, cli_option)
     with pytest.raises(UserError, match="holds 3-channel images, the stage needs 1"):
         load_images(f"prepared:{out}", 8, channels=1)
     with pytest.raises(ValueError, match=r"cannot decode image .*2_cut\.jpg.*on_corrupt = 'error'"):
