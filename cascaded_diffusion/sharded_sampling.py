@@ -144,6 +144,33 @@ class ShardedJob:
             count = self.finished()
             show(count)
 
+    def sample(self, mine: np.ndarray, sample_chunk: Callable[[np.ndarray], Sequence[np.ndarray]], *, chunk_size: int,
+               progress: bool, on_chunk: Callable[[Path, np.ndarray], None] | None, poll_seconds: float) -> None:
+        """Sample this rank's indices ``mine`` ``chunk_size`` at a time (``sample_chunk(indices)``: one uint8 array
+        per stage run), each chunk written as it is done, then wait until every rank is; rank 0 shows one progress
+        bar of all of them. After a failure with nothing to resume, no directory is left behind."""
+        bar = _progress_bar(self.num, self.resumed, self.world_size) if progress and self.rank == 0 else None
+
+        def show(count: int) -> None:
+            if bar is not None and count > bar.n:
+                bar.update(count - bar.n)
+
+        try:
+            for lo in range(0, len(mine), chunk_size):
+                idx = mine[lo : lo + chunk_size]
+                path = self.write(idx, sample_chunk(idx))
+                if on_chunk is not None:
+                    on_chunk(path, idx)
+                if bar is not None:
+                    show(self.finished())
+            self.wait(poll_seconds, show)
+        except BaseException:
+            self.abandon()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+
     def abandon(self) -> None:
         """After a failure: in one process with nothing to resume, leave no directory behind."""
         if self.world_size == 1 and not self.wrote_any and self.resumed == 0:
@@ -244,36 +271,18 @@ def sample_sharded(
     # kernels' summation order can depend on the thread count, so bytes are guaranteed at equal threads per process.
     info = {"threads_per_process": torch.get_num_threads()}
 
+    labels_t = torch.from_numpy(labels_np)
+
+    def sample_chunk(idx: np.ndarray) -> list[np.ndarray]:
+        return sample_fn(cascade, labels_t[idx], batch_size=batch_size, seed=seed, indices=idx.tolist(),
+                         low_res=None if low_res is None else np.asarray(low_res[idx]), start_stage=start_stage,
+                         noise_device=noise_device, **sample_kwargs)[0]
+
     job = ShardedJob(out, labels_np, rank, world_size)
     try:
         mine = job.claim(manifest, info)
-        bar = _progress_bar(num, job.resumed, world_size) if progress and rank == 0 else None
-
-        def show(count: int) -> None:
-            if bar is not None and count > bar.n:
-                bar.update(count - bar.n)
-
-        labels_t = torch.from_numpy(labels_np)
-        try:
-            for lo in range(0, len(mine), chunk_size):
-                idx = mine[lo : lo + chunk_size]
-                stages, _ = sample_fn(
-                    cascade, labels_t[idx], batch_size=batch_size, seed=seed, indices=idx.tolist(),
-                    low_res=None if low_res is None else np.asarray(low_res[idx]), start_stage=start_stage,
-                    noise_device=noise_device, **sample_kwargs,
-                )
-                path = job.write(idx, stages)
-                if on_chunk is not None:
-                    on_chunk(path, idx)
-                if bar is not None:
-                    show(job.finished())
-            job.wait(poll_seconds, show)
-        except BaseException:
-            job.abandon()
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
+        job.sample(mine, sample_chunk, chunk_size=chunk_size, progress=progress, on_chunk=on_chunk,
+                   poll_seconds=poll_seconds)
         result = ShardedSamplingResult(
             path=Path(out), num=num, resumed=job.resumed, new=num - job.resumed,
             sampling_seconds=time.time() - start, seconds=0.0, world_size=world_size, stage_paths=stage_paths)
