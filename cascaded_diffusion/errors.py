@@ -3,9 +3,11 @@
 The CLI turns a :class:`UserError` (and config, checkpoint and file-system errors) into one line,
 ``cdm COMMAND: error: ...``, exit status 2. A library error names the caller's settings by their Python names
 (``device``, ``run_dir``); one made by :func:`naming` can be shown with other names for them (:func:`render`:
-the CLI shows its options, ``--device``, ``--out``), so no library message names a command-line flag. Every output path a command will write is checked first
-(:func:`check_output_file`, :func:`check_output_dir`), so a read-only location, a directory given for a file
-or a path under a regular file is refused before minutes of sampling or training, not after.
+the CLI shows its options, ``--device``, ``--out``), so no library message names a command-line flag.
+
+Every output path a command will write is checked first (:func:`check_output_file`, :func:`check_output_dir`),
+so a read-only location, a directory given for a file or a path under a regular file is refused before minutes
+of sampling or training, not after.
 """
 
 from __future__ import annotations
