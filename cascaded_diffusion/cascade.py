@@ -285,7 +285,8 @@ class Cascade:
                 handed_level = None
         return CascadeOutput(images=outputs[-1], stages=outputs, labels=labels, conditioning=conditioning)
 
-    def labels_for(self, num: int | None = None, labels=None, class_labels: Sequence[int] | None = None) -> torch.Tensor:
+    def labels_for(self, num: int | None = None, labels=None,
+                   class_labels: Sequence[int] | None = None) -> torch.Tensor:
         """The class of every sample of a run: ``labels`` as given (one class per sample), or ``num`` labels with
         ``class_labels`` cycled (default: every class equally often), sorted by class (:func:`balanced_labels`, what
         ``cdm sample --num N`` samples)."""

@@ -20,8 +20,8 @@ An exported stage (``export_stage``) is a directory with ``model.safetensors`` (
 """
 
 # Longer than ~400 lines: the checkpoint format, its verification, the run directory's leftovers and the readers'
-# retry while a trainer prunes are one protocol about one directory (its lock and log are rundir.py); split, each part would re-derive the
-# others' invariants (state.json written last and deleted first).
+# retry while a trainer prunes are one protocol about one directory (its lock and log are rundir.py); split, each
+# part would re-derive the others' invariants (state.json written last and deleted first).
 
 from __future__ import annotations
 
