@@ -225,8 +225,8 @@ def evaluate_features(
     if "kid" in metrics or "pr" in metrics:
         if reference.features is None:
             raise naming(ValueError, "KID and precision/recall need the reference's raw features; recompute the "
-                         "reference statistics with their features (reference_stats keeps them) or pass a dataset spec "
-                         "as {option}", {"option": "reference"})
+                         "reference with `cdm stats` (it keeps them) or pass a dataset spec as {option}",
+                         {"option": "reference"})
     if "kid" in metrics:
         mean, std = kid(features, reference.features, num_subsets=kid_subsets, subset_size=kid_subset_size)
         result["kid"] = {"mean": mean, "std": std}

@@ -218,12 +218,13 @@ def check_images_match(images_shape: tuple[int, ...], reference: FeatureStats, w
     where = f"the reference statistics ({reference.source or 'unnamed'})"
     if reference.resolution is not None and (h, w) != (reference.resolution, reference.resolution):
         raise naming(ValueError, "{what} are {h}x{w} but {where} were computed at {r}x{r}; scores across "
-                     "resolutions are meaningless. Recompute the reference at {h}px or pass a dataset spec as {option}",
-                     {"option": "reference"}, what=what, h=h, w=w, where=where, r=reference.resolution)
+                     "resolutions are meaningless. Recompute the reference statistics with {resolution} {h} or pass a "
+                     "dataset spec as {option}", {"option": "reference", "resolution": "resolution"}, what=what, h=h,
+                     w=w, where=where, r=reference.resolution)
     if reference.channels is not None and c != reference.channels:
         raise naming(ValueError, "{what} have {c} channel(s) but {where} were computed from {rc}-channel images. "
-                     "Recompute the reference from {c}-channel images or pass a dataset spec as {option}",
-                     {"option": "reference"}, what=what, c=c, where=where, rc=reference.channels)
+                     "Recompute the reference statistics with {channels} {c} or pass a dataset spec as {option}",
+                     {"option": "reference", "channels": "channels"}, what=what, c=c, where=where, rc=reference.channels)
 
 
 def check_compatible(stats: FeatureStats, reference: FeatureStats) -> None:
