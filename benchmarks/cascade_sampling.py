@@ -39,7 +39,8 @@ try:  # run from a checkout without installing the package
 except ImportError:  # pragma: no cover
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cascaded_diffusion.cascade import Cascade, balanced_labels
+from cascaded_diffusion.cascade import Cascade
+from cascaded_diffusion.labels import balanced_labels
 from cascaded_diffusion.hardware import PRECISIONS, bf16_autocast, choose_precision, device_name
 from cascaded_diffusion.pretrained import available_pretrained
 

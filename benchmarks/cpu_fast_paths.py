@@ -2,8 +2,8 @@
 """The CPU fast path of ``cascaded_diffusion.unet`` against the PyTorch op it replaces.
 
 On CPU, ``scale_shift`` (``h * (1 + scale) + shift``) runs as a multiply and an in-place add instead of one
-``addcmul`` (training and sampling). The exact-valued CPU paths this benchmark also timed before issue 16 (pooling
-as a depthwise convolution, nearest upsampling and the sub-pixel interleave as strided copies, a 16-bit dropout)
+``addcmul`` (training and sampling). The exact-valued CPU paths this benchmark also timed before the module
+redesign (pooling as a depthwise convolution, nearest upsampling and the sub-pixel interleave as strided copies, a 16-bit dropout)
 were removed; docs/performance.md keeps their numbers.
 
 Part 1 times each against the op it replaces at the shapes of the bundled Fashion-MNIST cascade and the cpu-32
@@ -44,7 +44,8 @@ except ImportError:  # pragma: no cover
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cascaded_diffusion.unet as unet
-from cascaded_diffusion.cascade import Cascade, balanced_labels
+from cascaded_diffusion.cascade import Cascade
+from cascaded_diffusion.labels import balanced_labels
 from cascaded_diffusion.hardware import device_name
 
 # name -> (module attribute, the PyTorch op it stands for)

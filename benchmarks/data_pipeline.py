@@ -43,7 +43,7 @@ def make_folder(root: Path, num: int, seed: int = 0) -> Path:
 
 
 def time_prepare(folder: Path, out: Path, resolutions: list[int], workers: int) -> dict:
-    from cascaded_diffusion.prepare import prepare_dataset
+    from cascaded_diffusion.data.prepare import prepare_dataset
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
@@ -56,8 +56,8 @@ def time_prepare(folder: Path, out: Path, resolutions: list[int], workers: int) 
 
 
 def time_loader(data_dir: Path, resolution: int, batch: int, depth: int, batches: int) -> dict:
-    from cascaded_diffusion.loader import BatchStream, PrefetchLoader
-    from cascaded_diffusion.prepare import load_prepared
+    from cascaded_diffusion.data.loader import BatchStream, PrefetchLoader
+    from cascaded_diffusion.data.prepare import load_prepared
 
     data = load_prepared(data_dir, resolution)
     images, labels = data.images, data.labels

@@ -20,8 +20,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .fileio import images_to_tensor, tensor_to_images
+from .images import images_to_tensor, tensor_to_images
 from .errors import UserError
+from .labels import balanced_labels  # noqa: F401 (also imported from here, as the model cards show)
 from .pretrained import find_cascade
 from .rng import Generator, PerSampleGenerator
 from .samplers import StepCallback
@@ -172,6 +173,30 @@ class Cascade:
                 "use non-truncated sampling instead"
             )
 
+    def _check_sampling(self, levels: list[int], guidance: list, truncated: bool, start_stage: int,
+                        low_res: torch.Tensor | None) -> None:
+        """Everything :meth:`sample` can refuse, before any compute: levels a stage cannot take, truncation across
+        schedules that differ, guidance without label dropout, a start stage without its input."""
+        n = len(self.stages)
+        for i, s in enumerate(levels, start=1):
+            stage = self.stages[i]
+            if s and not stage.uses_noise_augmentation:
+                raise CascadeError(
+                    f"stage {i + 1} was trained with conditioning.augmentation = "
+                    f"{stage.config.conditioning.augmentation!r}; it takes no augmentation level (got s={s})"
+                )
+            if s and not 0 <= s <= stage.config.conditioning.noise_timesteps:
+                raise CascadeError(f"aug level {s} for stage {i + 1} is outside [0, {stage.config.conditioning.noise_timesteps}]")
+            if truncated and s and i > start_stage:
+                self._check_truncation(i, s)
+        for i in range(start_stage, n):
+            g = guidance[i]
+            self.stages[i].check_guidance(self.stages[i].config.sample.guidance if g is None else g)
+        if not 0 <= start_stage < n:
+            raise CascadeError(f"start_stage must be in [0, {n}), got {start_stage}")
+        if start_stage > 0 and low_res is None:
+            raise CascadeError("start_stage > 0 needs the clean low_res input of that stage")
+
     # --- sampling --------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(
@@ -212,25 +237,7 @@ class Cascade:
         guidance_l = _per_stage(guidance, n, "guidance")
         eta_l = _per_stage(eta, n, "eta")
         levels = self.aug_levels(aug_levels)
-        for i, s in enumerate(levels, start=1):
-            stage = self.stages[i]
-            if s and not stage.uses_noise_augmentation:
-                raise CascadeError(
-                    f"stage {i + 1} was trained with conditioning.augmentation = "
-                    f"{stage.config.conditioning.augmentation!r}; it takes no augmentation level (got s={s})"
-                )
-            if s and not 0 <= s <= stage.config.conditioning.noise_timesteps:
-                raise CascadeError(f"aug level {s} for stage {i + 1} is outside [0, {stage.config.conditioning.noise_timesteps}]")
-            if truncated and s and i > start_stage:
-                self._check_truncation(i, s)
-        for i in range(start_stage, n):
-            g = guidance_l[i]
-            self.stages[i].check_guidance(self.stages[i].config.sample.guidance if g is None else g)
-        if not 0 <= start_stage < n:
-            raise CascadeError(f"start_stage must be in [0, {n}), got {start_stage}")
-        if start_stage > 0 and low_res is None:
-            raise CascadeError("start_stage > 0 needs the clean low_res input of that stage")
-
+        self._check_sampling(levels, guidance_l, truncated, start_stage, low_res)
         device = self.stages[0].device
         labels = labels.to(device)
         outputs: list[torch.Tensor] = []
@@ -278,42 +285,86 @@ class Cascade:
                 handed_level = None
         return CascadeOutput(images=outputs[-1], stages=outputs, labels=labels, conditioning=conditioning)
 
+    def labels_for(self, num: int | None = None, labels=None,
+                   class_labels: Sequence[int] | None = None) -> torch.Tensor:
+        """The class of every sample of a run: ``labels`` as given (one class per sample), or ``num`` labels with
+        ``class_labels`` cycled (default: every class equally often), sorted by class (:func:`balanced_labels`, what
+        ``cdm sample --num N`` samples)."""
+        if labels is None:
+            if num is None:
+                raise ValueError("give the number of samples (num) or their labels")
+            return balanced_labels(num, self.num_classes, class_labels)
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+        if num is not None and num != len(labels):
+            raise ValueError(f"num is {num}, but {len(labels)} labels were given")
+        if class_labels is not None:
+            raise ValueError("give either labels or class_labels, not both")
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+            raise ValueError(f"labels must be classes 0..{self.num_classes - 1}, got {sorted(set(labels.tolist()))}")
+        return labels
+
+    def generate(
+        self,
+        num: int | None = None,
+        labels=None,
+        seed: int = 0,
+        batch_size: int = 64,
+        *,
+        class_labels: Sequence[int] | None = None,
+        steps=None,
+        sampler=None,
+        guidance=None,
+        eta=None,
+        aug_levels: Sequence[int] | None = None,
+        truncated: bool | None = None,
+        autocast: bool | None = None,
+        progress: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``num`` images (or one per entry of ``labels``) as uint8 N x H x W x C, with their int64 labels: the very
+        bytes ``cdm sample --num N --seed S`` writes with the same settings (on the same kind of device), whatever
+        ``batch_size`` (sample k depends on ``seed`` and k only).
+
+        ``class_labels``: sample these classes in turn instead of all of them (``cdm sample --class-label``).
+        ``steps``, ``sampler``, ``guidance``, ``eta``: one value or one per stage (default: each stage's recorded
+        ``[sample]`` settings); ``aug_levels``, ``truncated``, ``autocast``: as :meth:`sample`."""
+        labels = self.labels_for(num, labels, class_labels)
+        if not len(labels):
+            raise ValueError("nothing to sample: num is 0")
+        stages, labels_np = sample_in_batches(self, labels, batch_size=batch_size, seed=seed, progress=progress,
+                                              **self.sampling_options(steps=steps, sampler=sampler, guidance=guidance,
+                                                                      eta=eta, aug_levels=aug_levels,
+                                                                      truncated=truncated, autocast=autocast))
+        return stages[-1], labels_np.astype(np.int64)
+
+    def sampling_options(self, *, steps=None, sampler=None, guidance=None, eta=None, aug_levels=None,
+                         truncated: bool | None = None, autocast: bool | None = None) -> dict:
+        """The keyword arguments of :meth:`sample` a sampling run records: ``truncated`` decided (None: the
+        cascade's :attr:`default_truncated`), the others as given (None: each stage's default)."""
+        return dict(steps=steps, sampler=sampler, guidance=guidance, eta=eta,
+                    truncated=self.default_truncated if truncated is None else bool(truncated),
+                    aug_levels=aug_levels, autocast=autocast)
+
     def upscale(self, images, labels, *, seed: int = 0, keys: Sequence[int] | None = None, batch_size: int = 64,
                 progress: bool = False, **kwargs) -> list[np.ndarray]:
         """Run every SR stage on given low-resolution images: ``images`` is a uint8 N x H x W x C array or a
         sequence of PIL images / uint8 H x W [x C] arrays of any size, each brought to the first SR stage's input
-        size by the training data's rule (:func:`~cascaded_diffusion.imagefolder.preprocess_image`: channels
+        size by the training data's rule (:func:`~cascaded_diffusion.data.imagefolder.preprocess_image`: channels
         converted, ADM centre crop + resize; an image already at that size is used as it is). ``labels``: one
         class per image (an int: all of them). Image k's noise depends on ``seed`` and ``keys[k]`` only (default
         k), so it is the same whatever else is upscaled with it. Other keyword arguments go to :meth:`sample`
         (``aug_levels``, ``steps``, ...). Returns uint8 NHWC arrays: the input as fed, then each SR stage's output."""
-        from PIL import Image
-
-        from .imagefolder import preprocess_image
+        from .data.imagefolder import images_at
 
         if len(self.stages) < 2:
             raise CascadeError("upscaling needs a cascade with at least one super-resolution stage")
-        first = self.stages[1]
-        mode = "RGB" if first.channels == 3 else "L"
-        fed = []
-        for image in images:
-            if not isinstance(image, Image.Image):
-                array = np.asarray(image)
-                if array.dtype != np.uint8 or array.ndim not in (2, 3):
-                    raise ValueError(f"upscale: expected uint8 H x W [x C] images, got {array.dtype} {array.shape}")
-                if array.shape[:2] == (first.low_res, first.low_res) and (array.shape[2:] or (1,))[0] == first.channels:
-                    fed.append(array.reshape(first.low_res, first.low_res, first.channels))
-                    continue
-                image = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
-            fed.append(preprocess_image(image, first.low_res, mode))
-        low_res = np.stack(fed) if fed else np.zeros((0, first.low_res, first.low_res, first.channels), np.uint8)
+        low_res = images_at(images, self.stages[1].low_res, self.stages[1].channels, "upscale")
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        if labels.numel() not in (1, len(fed)):
-            raise CascadeError(f"got {labels.numel()} labels for {len(fed)} images")
-        labels = labels.expand(len(fed)).clone()
+        if labels.numel() not in (1, len(low_res)):
+            raise CascadeError(f"got {labels.numel()} labels for {len(low_res)} images")
+        labels = labels.expand(len(low_res)).clone()
         if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
             raise CascadeError(f"labels must be classes 0..{self.num_classes - 1}, got {labels.tolist()}")
-        if not len(fed):
+        if not len(low_res):
             return [low_res]
         stages, _ = sample_in_batches(self, labels, batch_size=batch_size, seed=seed, low_res=low_res, start_stage=1,
                                       indices=keys, progress=progress, **kwargs)
@@ -323,29 +374,14 @@ class Cascade:
 def sample_in_batches(cascade: Cascade, labels: torch.Tensor, *, batch_size: int, seed: int,
                       low_res: np.ndarray | None = None, start_stage: int = 0, progress: bool = False,
                       indices: Sequence[int] | None = None, noise_device: str | torch.device | None = None,
-                      distributed: bool = False, **kwargs) -> tuple[list[np.ndarray], np.ndarray]:
+                      **kwargs) -> tuple[list[np.ndarray], np.ndarray]:
     """Sample ``labels`` through ``cascade`` ``batch_size`` at a time; sample k's noise depends only on
     ``seed`` and its index ``indices[k]`` (default k), so the result does not depend on ``batch_size`` (see
     :mod:`cascaded_diffusion.rng`). ``low_res`` (uint8 NHWC, one per label) with ``start_stage`` feeds given
     images to that stage. ``noise_device``: where the per-sample generators draw (default: the cascade's
-    device). ``distributed``: every rank of the initialised process group calls this with the same arguments,
-    samples every world-size-th sample and gets all of them back (the same arrays as one process). Other
-    keyword arguments go to :meth:`Cascade.sample`. Returns (one uint8 NHWC array per stage run, labels as
-    numpy)."""
-    if distributed:
-        from .distributed import all_gather_rows, distributed_context, my_positions
-
-        if 1 < distributed_context()[1] <= len(labels):  # (fewer samples than ranks: every rank samples all)
-            n = len(labels)
-            mine = my_positions(n)
-            all_indices = np.arange(n) if indices is None else np.asarray(list(indices), dtype=np.int64)
-            stages, _ = sample_in_batches(
-                cascade, labels[torch.from_numpy(mine)], batch_size=batch_size, seed=seed,
-                low_res=None if low_res is None else np.asarray(low_res)[mine], start_stage=start_stage,
-                progress=progress and distributed_context()[0] == 0, indices=all_indices[mine].tolist(),
-                noise_device=noise_device, **kwargs,
-            )
-            return all_gather_rows(stages, n), labels.numpy()
+    device). Other keyword arguments go to :meth:`Cascade.sample`. Returns (one uint8 NHWC array per stage run,
+    labels as numpy). Over many processes: :func:`~cascaded_diffusion.distributed.over_ranks` of it (each
+    sample depends on its index alone), or :func:`~cascaded_diffusion.sharded_sampling.sample_sharded`."""
     device = cascade.stages[0].device
     noise_device = device if noise_device is None else torch.device(noise_device)
     indices = list(range(len(labels))) if indices is None else [int(i) for i in indices]
@@ -374,44 +410,3 @@ def sample_in_batches(cascade: Cascade, labels: torch.Tensor, *, batch_size: int
     if bar is not None:
         bar.close()
     return [np.concatenate(a) for a in per_stage], labels.numpy()
-
-
-def balanced_labels(num: int, num_classes: int, class_labels: Sequence[int] | None = None) -> torch.Tensor:
-    """``num`` labels: the given classes cycled, or all classes equally often, sorted by class."""
-    if class_labels:
-        for c in class_labels:
-            if not 0 <= c < num_classes:
-                raise ValueError(f"--class-label {c} is outside [0, {num_classes})")
-        pool = torch.tensor(list(class_labels), dtype=torch.long)
-    else:
-        pool = torch.arange(num_classes, dtype=torch.long)
-    labels = pool.repeat((num + len(pool) - 1) // len(pool))[:num]
-    return labels.sort(stable=True).values
-
-
-def proportional_labels(num: int, class_counts: Sequence[int]) -> torch.Tensor:
-    """``num`` labels in the proportions of ``class_counts`` (e.g. a data set's images per class), sorted.
-
-    Largest-remainder rounding, ties to the lower class: deterministic, and each class gets its count's share
-    to within one sample. FID/KID against an imbalanced data set need samples in the data's proportions, or the
-    class mix alone adds distance.
-    """
-    counts = np.asarray(class_counts, dtype=np.float64)
-    if counts.ndim != 1 or counts.size == 0 or (counts < 0).any() or counts.sum() <= 0:
-        raise ValueError(f"class_counts must be non-negative with a positive sum, got {list(class_counts)}")
-    if num < 0:
-        raise ValueError(f"num must be >= 0, got {num}")
-    exact = num * counts / counts.sum()
-    whole = np.floor(exact).astype(np.int64)
-    remainder_order = np.argsort(-(exact - whole), kind="stable")
-    whole[remainder_order[: num - int(whole.sum())]] += 1
-    return torch.from_numpy(np.repeat(np.arange(counts.size), whole)).long()
-
-
-def grid_indices(labels: np.ndarray, per_class: int = 8, max_classes: int = 10) -> np.ndarray:
-    """The sample indices :func:`grid_by_class` shows (sorted): ``grid_by_class`` of just these samples is the
-    grid of all of them, so a long sampling job keeps only these in memory for its grid."""
-    labels = np.asarray(labels)
-    classes = [c for c in np.unique(labels)][:max_classes]
-    per_class = min(per_class, min(int((labels == c).sum()) for c in classes))
-    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes]))

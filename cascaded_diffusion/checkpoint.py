@@ -2,9 +2,9 @@
 
 Layout of a run directory::
 
-    RUN_DIR/.lock                         held (flock) by the trainer writing this run; pid and host inside
+    RUN_DIR/.lock                         held (flock) by the trainer writing this run (rundir.RunLock)
     RUN_DIR/config.toml                   resolved config of the run (human-readable)
-    RUN_DIR/log.jsonl                     one JSON object per logged step, appended (see training.read_log)
+    RUN_DIR/log.jsonl                     one JSON object per logged step, appended (see rundir.read_log)
     RUN_DIR/checkpoints/step_00001000/    one complete checkpoint
         model.safetensors  ema.safetensors  optimizer.safetensors  rng.safetensors  state.json
 
@@ -19,18 +19,16 @@ An exported stage (``export_stage``) is a directory with ``model.safetensors`` (
 ``stage.json`` (the resolved config); it loads like a run directory for sampling.
 """
 
-# Longer than ~400 lines: the checkpoint format, its verification, the run directory's leftovers, its lock and the
-# readers' retry while a trainer prunes are one protocol about one directory; split, each part would re-derive the
-# others' invariants (state.json written last and deleted first).
+# Longer than ~400 lines: the checkpoint format, its verification, the run directory's leftovers and the readers'
+# retry while a trainer prunes are one protocol about one directory (its lock and log are rundir.py); split, each
+# part would re-derive the others' invariants (state.json written last and deleted first).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -44,7 +42,6 @@ from .fileio import (
     atomic_write_bytes,
     atomic_write_text,
     fsync_dir,
-    open_lock_file,
     unlink_quietly,
     write_bytes_durably,
 )
@@ -200,6 +197,51 @@ def read_newest_checkpoint(
                           "tries); the trainer is pruning faster than it can be read: retry, or raise train.keep_last")
 
 
+def resolve_checkpoint(
+    path: str | Path,
+    read: Callable[[Path], T] | None = None,
+    *,
+    stems: tuple[str, ...] = TRAINING_STEMS,
+    set_aside: bool = False,
+    required: bool = True,
+    warn: Callable[[str], None] | None = None,
+    expected: str = "a run directory written by `cdm train` (with checkpoints/step_*/) or one of its checkpoints",
+) -> tuple[T | Path | None, Path | None]:
+    """The one way to pick a checkpoint: ``(read(ckpt), ckpt)`` (``read`` defaults to returning ``ckpt``) for
+    ``path`` itself when it is one checkpoint directory (``state.json`` in it), else for the newest checkpoint of
+    the run directory ``path`` whose ``stems`` pass :func:`verify_checkpoint`, retried while a trainer prunes
+    (:func:`read_newest_checkpoint`).
+
+    Newer corrupt checkpoints are skipped, each with a warning (``warn``, default :func:`warnings.warn`), or with
+    ``set_aside`` (the run's own trainer, holding its lock) renamed ``corrupt-step_*`` and announced on stderr.
+    No checkpoint at all: :class:`CheckpointError` (saying the run holds ``expected``), or ``(None, None)`` where
+    not ``required``; only corrupt ones: always :class:`CheckpointError`, and nothing is renamed."""
+    import warnings
+
+    path = Path(path)
+    read = read if read is not None else (lambda ckpt: ckpt)
+    if (path / STATE_FILE).is_file():
+        return read(path), path
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    result, ckpt, corrupt = read_newest_checkpoint(path, stems, read)
+    if ckpt is None and corrupt:
+        raise CheckpointError(f"{path} holds no valid checkpoint: " + "; ".join(reason for _, reason in corrupt)
+                              + (". Nothing was changed; move the run directory away to start over." if set_aside
+                                 else ""))
+    for bad, reason in corrupt:
+        if set_aside:
+            aside = set_aside_checkpoint(bad)
+            print(f"warning: {reason}; renamed {bad.name} to {aside.name} and resuming from the newest valid "
+                  f"checkpoint, {ckpt.name}", file=sys.stderr, flush=True)
+        else:
+            message = f"skipping the unreadable checkpoint {bad} ({reason}); using {ckpt}"
+            warn(message) if warn is not None else warnings.warn(message, stacklevel=2)
+    if ckpt is None and required:
+        raise CheckpointError(f"{path} holds no checkpoint: expected {expected}")
+    return result, ckpt
+
+
 _TMP_FILE = re.compile(TMP_FILE_PATTERN)
 
 
@@ -236,77 +278,6 @@ def set_aside_checkpoint(path: Path) -> Path:
         target = path.with_name(f"corrupt-{path.name}-{n}")
     os.replace(path, target)
     return target
-
-
-# --- the run-directory lock ------------------------------------------------------------------------------
-
-LOCK_FILE = ".lock"
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``RUN/.lock``, held while a trainer writes the run directory.
-
-    The kernel drops the lock when the process exits, however it exits (``kill -9`` included), so a stale lock
-    never blocks a resume; the file itself stays and records the last holder. A second trainer is refused with
-    :class:`~cascaded_diffusion.errors.RunLockedError` naming the holder's pid and host. The file descriptor is
-    not inherited by exec'ed children. On a network file system the lock is as good as its ``flock`` support
-    (Linux NFS emulates it with byte-range locks, which work across hosts)."""
-
-    def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> "RunLock":
-        from .errors import RunLockedError
-
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not a POSIX system: no locking
-            return self
-        fd = open_lock_file(self.path)  # never through a symlink, only a regular file
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise RunLockedError(
-                f"{self.run_dir} is in use by another trainer ({self._describe_holder()}). Two trainers on one run "
-                "directory would overwrite each other's checkpoints: wait for it to finish or stop it, or train "
-                "into another --out directory."
-            ) from None
-        info = (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-                             "argv": sys.argv}) + "\n").encode()
-        try:  # written over the old record, then cut to length: a full disk never leaves it empty
-            if os.pwrite(fd, info, 0) != len(info):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            os.ftruncate(fd, len(info))
-        except OSError as e:
-            os.close(fd)
-            raise OSError(e.errno, f"could not record this trainer in the lock file ({e.strerror or e})",
-                          str(self.path)) from None
-        self._fd = fd
-        return self
-
-    def _describe_holder(self) -> str:
-        try:
-            info = json.loads(self.path.read_text())
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
-            return f"pid {info['pid']} on host {info['host']}, since {since}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return f"holder unknown: {self.path} has no readable pid yet"
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def save_checkpoint(

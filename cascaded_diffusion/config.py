@@ -5,16 +5,11 @@ Every key is declared in a dataclass below; loading validates names, types and a
 checkpoint, so a run directory describes itself.
 """
 
-# Longer than ~400 lines: the sections' declarations, their semantic checks and the TOML/override reading belong
-# together (a key, its check and its error message), plus the one legacy spelling (train.bf16) that old run
-# directories and bundles still hold.
-
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import sys
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -24,16 +19,10 @@ from typing import Any
 from .augment import AUGMENTATIONS
 from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTIONS
 from .samplers import SAMPLE_VARIANCES, SAMPLERS
-from .unet_config import LOW_RES_UPSAMPLE_MODES, ModelOptions
+from .unet_config import LOW_RES_UPSAMPLE_MODES, ModelOptions, UNetConfig, UNetConfigError
+from .errors import naming
+from .tomlsections import ConfigError, build_section, parse_override, toml_value, tomllib
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key."""
 
 
 def _choices(*values: str) -> dict:
@@ -110,7 +99,7 @@ class TrainSection:
     ema_warmup: bool = True  # rate min(ema_rate, (1+n)/(10+n)) so early EMA weights are usable
     # network precision: "auto" = bf16 autocast where the hardware does bf16 natively and it measured faster (CUDA
     # with bf16, CPUs with avx512_bf16 or AMX), fp32 elsewhere (hardware.choose_precision); "bf16" | "fp32" are
-    # obeyed as given. Configs before issue 27 said `bf16 = true/false`, read as "bf16"/"fp32" (_legacy_bf16).
+    # obeyed as given. Older configs said `bf16 = true/false`, read as "bf16"/"fp32" (_legacy_bf16).
     precision: str = field(default="auto", metadata=_choices("auto", "bf16", "fp32"))
     channels_last: bool = False
     compile: bool = False
@@ -176,7 +165,7 @@ class StageConfig:
         for section, values in self.to_dict().items():
             lines.append(f"[{section}]")
             for key, value in values.items():
-                lines.append(f"{key} = {_toml_value(value)}")
+                lines.append(f"{key} = {toml_value(value)}")
             lines.append("")
         return "\n".join(lines)
 
@@ -196,7 +185,7 @@ class StageConfig:
             section_type = _section_type(sections[name])
             if name == "train":
                 value = _legacy_bf16(value, source)
-            kwargs[name] = _build_section(section_type, value, f"{name}", source)
+            kwargs[name] = build_section(section_type, value, f"{name}", source)
         config = cls(**kwargs)
         config.validate(source)
         return config
@@ -206,7 +195,7 @@ class StageConfig:
         def fail(key: str, msg: str) -> None:
             raise ConfigError(f"{source}: {key}: {msg}")
 
-        s, m, d, c, t = self.stage, self.model, self.diffusion, self.conditioning, self.train
+        s, m, d, c = self.stage, self.model, self.diffusion, self.conditioning
         if s.resolution < 4 or s.resolution & (s.resolution - 1):
             fail("stage.resolution", f"must be a power of two >= 4, got {s.resolution}")
         if s.channels not in (1, 3):
@@ -222,13 +211,7 @@ class StageConfig:
             fail("diffusion.timesteps", f"must be >= 2, got {d.timesteps}")
         if d.loss == "hybrid" and not d.learn_sigma:
             fail("diffusion.loss", "\"hybrid\" trains learned variances: set diffusion.learn_sigma = true")
-        levels = len(m.channel_mult)
-        if not m.channel_mult or any(x < 1 for x in m.channel_mult):
-            fail("model.channel_mult", f"must be a non-empty list of positive ints, got {m.channel_mult}")
-        if s.resolution // 2 ** (levels - 1) < 1:
-            fail("model.channel_mult", f"{len(m.channel_mult)} levels downsample {s.resolution}px below 1px")
-        if m.channels < 1 or m.num_res_blocks < 1:
-            fail("model.channels", "channels and num_res_blocks must be >= 1")
+        _validate_network(self, fail)
         if m.norm_groups >= 1 and m.channels // m.norm_groups < 2:
             warnings.warn(
                 f"{source}: model.norm_groups = {m.norm_groups} puts one channel in each group at the first level "
@@ -237,52 +220,14 @@ class StageConfig:
                 "(ADM: 128 channels in 32 groups), e.g. 8 for 32 channels.",
                 stacklevel=3,
             )
-        if not 0.0 <= m.dropout < 1.0:
-            fail("model.dropout", f"must be in [0, 1), got {m.dropout}")
         if not 0.0 <= m.label_dropout < 1.0:
             fail("model.label_dropout", f"must be in [0, 1), got {m.label_dropout}")
-        if c.augmentation == "noise":
-            if not 0 <= c.s_min <= c.s_max <= c.noise_timesteps:
-                fail("conditioning.s_max", f"need 0 <= s_min <= s_max <= noise_timesteps ({c.noise_timesteps})")
-            if c.fixed_s > c.noise_timesteps:
-                fail("conditioning.fixed_s", f"must be <= noise_timesteps ({c.noise_timesteps})")
-            if not 0 <= c.sample_s <= c.noise_timesteps:
-                fail("conditioning.sample_s", f"must be in [0, noise_timesteps ({c.noise_timesteps})]")
-        if c.augmentation == "blur":
-            if c.blur_kernel < 1 or c.blur_kernel % 2 == 0:
-                fail("conditioning.blur_kernel", f"must be a positive odd integer, got {c.blur_kernel}")
-            if not 0 < c.blur_sigma_min <= c.blur_sigma_max:
-                fail("conditioning.blur_sigma_max", "need 0 < blur_sigma_min <= blur_sigma_max")
-            if not 0.0 <= c.blur_prob <= 1.0:
-                fail("conditioning.blur_prob", f"must be in [0, 1], got {c.blur_prob}")
+        _validate_conditioning(c, fail)
         if self.data.prefetch < 0:
             fail("data.prefetch", f"must be >= 0, got {self.data.prefetch}")
-        if t.batch_size < 1 or t.grad_accum < 1:
-            fail("train.batch_size", "batch_size and grad_accum must be >= 1")
-        if t.lr <= 0:
-            fail("train.lr", f"must be > 0, got {t.lr}")
-        if not 0.0 <= t.ema_rate < 1.0:
-            fail("train.ema_rate", f"must be in [0, 1), got {t.ema_rate}")
-        if len(t.betas) != 2:
-            fail("train.betas", f"must be two numbers, got {t.betas}")
         if d.min_snr_gamma <= 0:
             fail("diffusion.min_snr_gamma", f"must be > 0, got {d.min_snr_gamma}")
-        if t.crop:
-            factor = 2 ** (len(m.channel_mult) - 1)
-            if s.kind != "sr":
-                fail("train.crop", "crop training is for SR stages (a base stage must see whole images)")
-            if not 0 < t.crop <= s.resolution or t.crop % factor:
-                fail("train.crop", f"must be in (0, {s.resolution}] and a multiple of {factor} (the network "
-                     f"downsamples {len(m.channel_mult) - 1} times), got {t.crop}")
-            ratio = s.resolution // s.low_res if s.low_res else 1
-            if t.crop % ratio:
-                fail("train.crop", f"must be a multiple of resolution / low_res = {ratio} so the crop is aligned "
-                     f"with whole low-resolution pixels, got {t.crop}")
-        if any(k < 1 for k in t.keep_steps):
-            fail("train.keep_steps", f"steps must be >= 1, got {t.keep_steps}")
-        for key in ("log_every", "ckpt_every", "keep_last"):
-            if getattr(t, key) < 1:
-                fail(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+        _validate_train(self, fail)
         _validate_counts(self, fail)
 
     @property
@@ -293,6 +238,16 @@ class StageConfig:
     def uses_aug_level(self) -> bool:
         """The network takes the augmentation level s (an SR stage with noise augmentation)."""
         return self.is_sr and self.conditioning.augmentation == "noise"
+
+    def unet_config(self) -> UNetConfig:
+        """The stage's network: its ``[model]`` options plus what the stage fixes (image size and channels,
+        classes, learned variances, and for an SR stage the low-res input and its augmentation level)."""
+        s = self.stage
+        return UNetConfig.from_options(
+            self.model, resolution=s.resolution, channels=s.channels, num_classes=s.num_classes,
+            learn_sigma=self.diffusion.learn_sigma, use_aug_level=self.uses_aug_level,
+            low_res_channels=s.channels if self.is_sr else 0, low_res_upsample=self.conditioning.upsample,
+        )
 
     def architecture(self) -> dict[str, Any]:
         """The keys that fix the network's shape: changing them makes old weights unusable."""
@@ -312,6 +267,70 @@ class StageConfig:
             noise = ("noise_schedule", "noise_timesteps") if c.augmentation == "noise" else ()
             meaning["conditioning"] = {k: getattr(c, k) for k in ("upsample", "augmentation", *noise)}
         return meaning
+
+
+def _validate_conditioning(c: ConditioningSection, fail) -> None:
+    """The levels of noise augmentation and the blur's kernel, sigmas and probability."""
+    if c.augmentation == "noise":
+        if not 0 <= c.s_min <= c.s_max <= c.noise_timesteps:
+            fail("conditioning.s_max", f"need 0 <= s_min <= s_max <= noise_timesteps ({c.noise_timesteps})")
+        if c.fixed_s > c.noise_timesteps:
+            fail("conditioning.fixed_s", f"must be <= noise_timesteps ({c.noise_timesteps})")
+        if not 0 <= c.sample_s <= c.noise_timesteps:
+            fail("conditioning.sample_s", f"must be in [0, noise_timesteps ({c.noise_timesteps})]")
+    if c.augmentation == "blur":
+        if c.blur_kernel < 1 or c.blur_kernel % 2 == 0:
+            fail("conditioning.blur_kernel", f"must be a positive odd integer, got {c.blur_kernel}")
+        if not 0 < c.blur_sigma_min <= c.blur_sigma_max:
+            fail("conditioning.blur_sigma_max", "need 0 < blur_sigma_min <= blur_sigma_max")
+        if not 0.0 <= c.blur_prob <= 1.0:
+            fail("conditioning.blur_prob", f"must be in [0, 1], got {c.blur_prob}")
+
+
+def _validate_train(config: StageConfig, fail) -> None:
+    """The optimizer's numbers, and crops that fit the network and the low-resolution pixels."""
+    s, m, t = config.stage, config.model, config.train
+    if t.batch_size < 1 or t.grad_accum < 1:
+        fail("train.batch_size", "batch_size and grad_accum must be >= 1")
+    if t.lr <= 0:
+        fail("train.lr", f"must be > 0, got {t.lr}")
+    if not 0.0 <= t.ema_rate < 1.0:
+        fail("train.ema_rate", f"must be in [0, 1), got {t.ema_rate}")
+    if len(t.betas) != 2:
+        fail("train.betas", f"must be two numbers, got {t.betas}")
+    if t.crop:
+        factor = 2 ** (len(m.channel_mult) - 1)
+        if s.kind != "sr":
+            fail("train.crop", "crop training is for SR stages (a base stage must see whole images)")
+        if not 0 < t.crop <= s.resolution or t.crop % factor:
+            fail("train.crop", f"must be in (0, {s.resolution}] and a multiple of {factor} (the network "
+                 f"downsamples {len(m.channel_mult) - 1} times), got {t.crop}")
+        ratio = s.resolution // s.low_res if s.low_res else 1
+        if t.crop % ratio:
+            fail("train.crop", f"must be a multiple of resolution / low_res = {ratio} so the crop is aligned "
+                 f"with whole low-resolution pixels, got {t.crop}")
+    if any(k < 1 for k in t.keep_steps):
+        fail("train.keep_steps", f"steps must be >= 1, got {t.keep_steps}")
+    for key in ("log_every", "ckpt_every", "keep_last"):
+        if getattr(t, key) < 1:
+            fail(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+
+
+# The config key of each UNetConfig field that is not ``model.<field>``
+_NETWORK_KEYS = {"model_channels": "model.channels", "resolution": "stage.resolution", "in_channels": "stage.channels",
+                 "out_channels": "stage.channels", "low_res_channels": "stage.channels",
+                 "num_classes": "stage.num_classes", "low_res_upsample": "conditioning.upsample"}
+
+
+def _validate_network(config: StageConfig, fail) -> None:
+    """The ``[model]`` section with what the stage fixes, checked once, by the network's own validation
+    (:meth:`UNetConfig.validate`), its errors named by their config key."""
+    try:
+        config.unet_config()
+    except UNetConfigError as e:
+        fail(_NETWORK_KEYS.get(e.field, f"model.{e.field}"), e.detail)
+    except TypeError as e:  # a list where a number belongs, and the like
+        fail("model", str(e))
 
 
 def _validate_counts(config: StageConfig, fail) -> None:
@@ -342,7 +361,7 @@ def _validate_counts(config: StageConfig, fail) -> None:
 
 
 def _legacy_bf16(train: dict[str, Any], source: str) -> dict[str, Any]:
-    """``train.bf16 = true/false`` (configs, run directories and bundles written before issue 27) as
+    """``train.bf16 = true/false`` (configs, run directories and bundles written before train.precision existed) as
     ``train.precision = "bf16"/"fp32"``: an old run resumes, and an old bundle loads, in the precision it was
     made with. Both keys at once is refused, since they could disagree."""
     if "bf16" not in train:
@@ -364,89 +383,14 @@ def _section_type(f: dataclasses.Field) -> type:
     return hints[f.name]
 
 
-def _build_section(section_type: type, values: dict[str, Any], prefix: str, source: str):
-    hints = typing.get_type_hints(section_type)
-    fields = {f.name: f for f in dataclasses.fields(section_type)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            valid = ", ".join(fields)
-            raise ConfigError(f"{source}: unknown key '{prefix}.{key}' (valid keys in [{prefix}]: {valid})")
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}", source)
-        choices = fields[key].metadata.get("choices")
-        if choices and kwargs[key] not in choices:
-            raise ConfigError(
-                f"{source}: {prefix}.{key} = {kwargs[key]!r} is not one of {', '.join(map(repr, choices))}"
-            )
-    return section_type(**kwargs)
-
-
-def _coerce(value: Any, expected: Any, key: str, source: str) -> Any:
-    def bad() -> ConfigError:
-        name = getattr(expected, "__name__", str(expected))
-        return ConfigError(f"{source}: {key} must be {name}, got {type(value).__name__} {value!r}")
-
-    origin = typing.get_origin(expected)
-    if origin is list:
-        (item_type,) = typing.get_args(expected)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key} must be a list of {item_type.__name__}, got {value!r}")
-        return [_coerce(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if expected is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if expected is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad()
-    if expected is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad()
-    if expected is str:
-        if isinstance(value, str):
-            return value
-        raise bad()
-    raise bad()  # pragma: no cover - every field type is handled above
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``section.key=value`` (value in TOML syntax; bare words are strings)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected section.key=value")
-    key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"--set {text!r}: the key must look like section.key (e.g. train.lr)")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return parts, value
-
-
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for text in overrides:
         (section, key), value = parse_override(text)
         merged.setdefault(section, {})
         if not isinstance(merged[section], dict):
-            raise ConfigError(f"--set {text!r}: [{section}] is not a table")
+            raise naming(ConfigError, "{option} {text!r}: [{section}] is not a table", {"option": "overrides"},
+                         text=text, section=section)
         if section == "train" and key in ("bf16", "precision"):
             # an override replaces the file's setting in either spelling (old train.bf16, new train.precision)
             merged[section].pop("precision" if key == "bf16" else "bf16", None)

@@ -1,9 +1,13 @@
 """Errors a user can act on, and checks that output paths are writable before any compute starts.
 
 The CLI turns a :class:`UserError` (and config, checkpoint and file-system errors) into one line,
-``cdm COMMAND: error: ...``, exit status 2. Every output path a command will write is checked first
-(:func:`check_output_file`, :func:`check_output_dir`), so a read-only location, a directory given for a file
-or a path under a regular file is refused before minutes of sampling or training, not after.
+``cdm COMMAND: error: ...``, exit status 2. A library error names the caller's settings by their Python names
+(``device``, ``run_dir``); one made by :func:`naming` can be shown with other names for them (:func:`render`:
+the CLI shows its options, ``--device``, ``--out``), so no library message names a command-line flag.
+
+Every output path a command will write is checked first (:func:`check_output_file`, :func:`check_output_dir`),
+so a read-only location, a directory given for a file or a path under a regular file is refused before minutes
+of sampling or training, not after.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import errno
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable, TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 
 class UserError(ValueError):
@@ -20,6 +27,24 @@ class UserError(ValueError):
 
 class RunLockedError(UserError):
     """Another process is training in this run directory."""
+
+
+def naming(cls: type[E], template: str, settings: dict[str, str], /, **values) -> E:
+    """``cls(message)`` where ``template`` names settings of the caller: ``settings`` maps each of its fields to a
+    setting's name (``{"option": "device"}``), ``values`` fill the other fields. ``str(error)`` names the settings
+    as they are called in Python; :func:`render` names them otherwise."""
+    error = cls(template.format(**settings, **values))
+    error.template, error.settings, error.values = template, dict(settings), values
+    return error
+
+
+def render(error: BaseException, name: Callable[[str], str]) -> str:
+    """The message of ``error`` with every setting it names shown as ``name(setting)`` (``str(error)`` for an
+    error not made by :func:`naming`)."""
+    template = getattr(error, "template", None)
+    if template is None:
+        return str(error)
+    return template.format(**{field: name(s) for field, s in error.settings.items()}, **error.values)
 
 
 def describe_os_error(error: OSError) -> str:
@@ -46,7 +71,8 @@ def _probe_writable(directory: Path, option: str, target: Path) -> None:
     try:
         fd, probe = tempfile.mkstemp(dir=directory, prefix=".cdm-write-check-")
     except OSError as e:
-        raise UserError(f"{option} {target}: cannot write in {directory}: {_reason(e)}") from None
+        raise naming(UserError, "{option} {target}: cannot write in {directory}: {reason}", {"option": option},
+                     target=target, directory=directory, reason=_reason(e)) from None
     os.close(fd)
     try:
         os.unlink(probe)
@@ -54,31 +80,37 @@ def _probe_writable(directory: Path, option: str, target: Path) -> None:
         pass
 
 
-def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
-    """Make sure ``path`` can be written as a file (its directory is created if needed); return it."""
+def check_output_file(path: str | os.PathLike, option: str = "out") -> Path:
+    """Make sure ``path`` can be written as a file (its directory is created if needed); return it. ``option``:
+    the setting that named it, as errors show it."""
     target = Path(path)
+    names = {"option": option}
     if target.is_dir():
-        raise UserError(f"{option} {target}: is a directory; give a file path")
+        raise naming(UserError, "{option} {target}: is a directory; give a file path", names, target=target)
     parent = target.parent if str(target.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{option} {target}: cannot create the directory {parent}: {_reason(e)}") from None
+        raise naming(UserError, "{option} {target}: cannot create the directory {parent}: {reason}", names,
+                     target=target, parent=parent, reason=_reason(e)) from None
     if not parent.is_dir():
-        raise UserError(f"{option} {target}: {parent} is not a directory")
+        raise naming(UserError, "{option} {target}: {parent} is not a directory", names, target=target, parent=parent)
     _probe_writable(parent, option, target)
     return target
 
 
-def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
-    """Make sure ``path`` is (or can be created as) a writable directory; return it."""
+def check_output_dir(path: str | os.PathLike, option: str = "out") -> Path:
+    """Make sure ``path`` is (or can be created as) a writable directory; return it. ``option``: the setting that
+    named it, as errors show it."""
     target = Path(path)
+    names = {"option": option}
     if target.exists() and not target.is_dir():
-        raise UserError(f"{option} {target}: is a file; give a directory")
+        raise naming(UserError, "{option} {target}: is a file; give a directory", names, target=target)
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{option} {target}: cannot create the directory: {_reason(e)}") from None
+        raise naming(UserError, "{option} {target}: cannot create the directory: {reason}", names, target=target,
+                     reason=_reason(e)) from None
     _probe_writable(target, option, target)
     return target
 

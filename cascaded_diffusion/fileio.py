@@ -1,30 +1,28 @@
-"""Files the library writes and reads outside checkpoints: atomic writes, the cache root, sample ``.npz`` files,
-the uint8 <-> tensor image conventions, and image grids.
+"""Files the library writes and reads outside checkpoints: atomic writes, the one file lock, the cache root,
+sample ``.npz`` files (streamed when they are large).
 
 * Every file is written atomically (a temporary file in the same directory, fsynced, renamed): a full disk, a kill
   or any other failure leaves the previous file at that path untouched.
 * One cache root for every cache (decoded image folders, reference statistics, Inception weights):
   ``$CDM_CACHE`` if set, else ``~/.cache/cascaded_diffusion`` (:func:`cache_dir`).
-* Sample files are the guided-diffusion evaluator format: ``arr_0`` uint8 N x H x W x C, ``arr_1`` int64 labels.
-  Inside the library images are float N x C x H x W tensors in [-1, 1] (:func:`images_to_tensor`,
-  :func:`tensor_to_images`).
+* Sample files are the guided-diffusion evaluator format: ``arr_0`` uint8 N x H x W x C, ``arr_1`` int64 labels
+  (:mod:`cascaded_diffusion.images` converts them to and from the library's [-1, 1] tensors).
+* One lock (:class:`FileLock`) for every directory a process must have to itself.
 """
 
 from __future__ import annotations
 
 import errno
 import io
-import math
 import os
 import stat
 import tempfile
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
-import torch
 
 # What a truncated, garbage or half-written .npz raises while it is opened or read.
 NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile, KeyError)
@@ -167,14 +165,123 @@ def open_lock_file(path: str | Path) -> int:
     return fd
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a single file atomically (:func:`atomic_replace`); an OSError is re-raised naming ``path`` (not the
-    temporary file)."""
+class LockBusy(Exception):
+    """Another process holds a :class:`FileLock`; ``holder`` says who (pid, host, since when) where it recorded
+    itself, else None."""
+
+    def __init__(self, path: Path, holder: str | None):
+        super().__init__(f"{path} is locked" + (f" by {holder}" if holder else ""))
+        self.path, self.holder = path, holder
+
+
+class FileLock:
+    """An exclusive ``flock`` on the file ``path``: every lock of the library (a run directory's, a preparation's,
+    a sampling job's shards). The kernel drops it when the process exits, however it exits (``kill -9``
+    included), so a stale lock never blocks anyone; the descriptor is not inherited by exec'ed children. The
+    file is never followed through a link and must be a regular file (:func:`open_lock_file`).
+
+    ``record``: the holder writes its pid, host, start time and command line into the file (written over the
+    old record, then cut to length: a full disk never leaves it empty), which :meth:`holder` reads for the
+    message of the process refused. A lock file that its holder removes (with its directory) while another
+    process locks it is noticed (its inode is no longer at the path) and the new file is locked instead. No
+    locking where there is no ``fcntl`` (not POSIX)."""
+
+    def __init__(self, path: str | Path, *, record: bool = True):
+        self.path, self.record, self._fd = Path(path), record, None
+
+    def acquire(self, wait: bool = False, on_wait: Callable[[], None] | None = None) -> "FileLock":
+        """Take the lock; held by another process: :class:`LockBusy`, or with ``wait`` block until it is free
+        (``on_wait()`` is called first)."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not a POSIX system: no locking
+            return self
+        for _ in range(10):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = open_lock_file(self.path)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise
+                    if not wait:
+                        raise LockBusy(self.path, self.holder()) from None
+                    if on_wait is not None:
+                        on_wait()
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    if self.record:
+                        self._write_record(fd)
+                    self._fd, fd = fd, None
+                    return self
+            finally:
+                if fd is not None:
+                    os.close(fd)  # refused, failed, or the holder removed the file as we locked it: try the new one
+        from .errors import UserError
+
+        raise UserError(f"{self.path}: could not be locked (it kept being removed); retry")
+
+    def _write_record(self, fd: int) -> None:
+        import json
+        import socket
+        import sys
+        import time
+
+        info = (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                            "argv": sys.argv}) + "\n").encode()
+        try:
+            if os.pwrite(fd, info, 0) != len(info):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.ftruncate(fd, len(info))
+        except OSError as e:
+            raise OSError(e.errno, f"could not record this process in the lock file ({e.strerror or e})",
+                          str(self.path)) from None
+
+    def holder(self) -> str | None:
+        """``pid P on host H, since TIME`` from the holder's record, or None where there is none (yet)."""
+        import json
+        import time
+
+        try:
+            info = json.loads(self.path.read_text())
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
+            return f"pid {info['pid']} on host {info['host']}, since {since}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> "FileLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """:func:`atomic_replace`, with an OSError re-raised naming ``path`` (not the temporary file)."""
     try:
-        atomic_replace(path, lambda tmp: write_bytes_durably(tmp, data))
+        atomic_replace(path, write)
     except OSError as e:
         raise OSError(e.errno, f"could not write it ({e.strerror or e}); any previous version is untouched",
                       str(path)) from e
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a single file atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: write_bytes_durably(tmp, data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -182,7 +289,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Sample files (.npz) and the image conventions
+# Sample files (.npz)
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -193,6 +300,57 @@ def save_samples_npz(path: str | Path, images: np.ndarray, labels: np.ndarray) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())
+
+
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so the same arrays always give the same bytes
+
+
+class NpyMember:
+    """One ``.npy`` member of a zip being written, filled block by block."""
+
+    def __init__(self, archive: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dtype):
+        info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+        info.compress_type = zipfile.ZIP_STORED
+        info.external_attr = 0o644 << 16
+        self._handle = archive.open(info, "w", force_zip64=True)
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(shape)
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        np.lib.format.write_array_header_1_0(self._handle, header)
+        self._rows = 0
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        if block.shape[1:] != self.shape[1:]:
+            raise ValueError(f"block of shape {block.shape} does not fit an array of shape {self.shape}")
+        self._handle.write(block.tobytes())
+        self._rows += block.shape[0]
+
+    def close(self) -> None:
+        if self._rows != self.shape[0]:
+            raise ValueError(f"wrote {self._rows} rows of an array of {self.shape[0]}")
+        self._handle.close()
+
+
+def write_npz_streaming(path: str | os.PathLike,
+                        arrays: dict[str, tuple[tuple[int, ...], Any, Callable[[NpyMember], None]]]) -> None:
+    """Write an uncompressed ``.npz`` (what ``np.savez`` writes, with fixed member timestamps, so equal arrays
+    give equal bytes) atomically (:func:`atomic_write`) without holding its arrays in memory.
+
+    ``arrays``: name → (shape, dtype, fill) where ``fill(member)`` calls ``member.write(block)`` with
+    consecutive blocks of rows. Members are written in the order given."""
+
+    def write(tmp: Path) -> None:
+        with open_no_follow(tmp) as f:
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for name, (shape, dtype, fill) in arrays.items():
+                    member = NpyMember(archive, f"{name}.npy", shape, dtype)
+                    fill(member)
+                    member.close()
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
 
 
 def npz_array_shape(path: str | os.PathLike, key: str = "arr_0") -> tuple[int, ...]:
@@ -254,139 +412,3 @@ def read_samples_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | 
     if images.shape[0] == 0:
         raise ValueError(f"{path}: arr_0 holds no images")
     return images, labels
-
-
-def images_to_tensor(
-    images: np.ndarray | torch.Tensor,
-    device: torch.device | str | None = None,
-    flip_mask: torch.Tensor | np.ndarray | None = None,
-) -> torch.Tensor:
-    """uint8 N x H x W x C images -> float32 N x C x H x W tensor in [-1, 1] on ``device``.
-
-    The uint8 data is moved before the float conversion (4x less transfer). ``flip_mask`` (bool, length N)
-    mirrors the selected images left-right.
-    """
-    if isinstance(images, np.ndarray):
-        if images.dtype != np.uint8:
-            raise ValueError(f"images_to_tensor expects uint8 images, got numpy dtype {images.dtype}")
-        if not images.flags.writeable or not images.flags.c_contiguous:
-            images = np.array(images)  # memmaps are read-only; torch wants writable memory
-        tensor = torch.from_numpy(images)
-    elif isinstance(images, torch.Tensor):
-        if images.dtype != torch.uint8:
-            raise ValueError(f"images_to_tensor expects uint8 images, got tensor dtype {images.dtype}")
-        tensor = images
-    else:
-        raise ValueError(f"images_to_tensor expects a numpy array or torch tensor, got {type(images).__name__}")
-    if tensor.ndim != 4:
-        raise ValueError(f"images_to_tensor expects N x H x W x C images, got shape {tuple(tensor.shape)}")
-    if device is not None:
-        tensor = tensor.to(device, non_blocking=True)
-    x = tensor.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    if flip_mask is not None:
-        mask = torch.as_tensor(flip_mask, device=x.device)
-        if mask.dtype != torch.bool or mask.shape != (x.shape[0],):
-            raise ValueError(
-                f"flip_mask must be a bool tensor of shape ({x.shape[0]},), got {mask.dtype} {tuple(mask.shape)}"
-            )
-        x = torch.where(mask[:, None, None, None], x.flip(3), x)
-    return x.contiguous()
-
-
-def tensor_to_images(x: torch.Tensor) -> np.ndarray:
-    """Float N x C x H x W tensor in [-1, 1] -> uint8 N x H x W x C numpy array (rounded, clamped)."""
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
-        raise ValueError(
-            "tensor_to_images expects a float N x C x H x W tensor, got "
-            + (f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__)
-        )
-    x = x.detach()
-    if torch.isnan(x).any():
-        raise ValueError("tensor_to_images: the images contain NaN (did sampling or training diverge?)")
-    pixels = ((x.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
-# --------------------------------------------------------------------------------------------------------
-# Grids
-# --------------------------------------------------------------------------------------------------------
-
-
-def make_grid(
-    images: np.ndarray | torch.Tensor, nrow: int, padding: int = 2, pad_value: int = 255
-) -> np.ndarray:
-    """Tile images into one uint8 H x W x C array with ``nrow`` images per row.
-
-    Args:
-        images: uint8 N x H x W x C (numpy or tensor), or a float N x C x H x W tensor in [-1, 1].
-        nrow: images per row (callers put one class per row by passing the samples-per-class count).
-        padding: pixels between images and around the border.
-        pad_value: gray level of the padding (white by default, visible against black backgrounds).
-    """
-    if isinstance(images, torch.Tensor):
-        images = tensor_to_images(images) if images.is_floating_point() else images.detach().cpu().numpy()
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(
-            f"make_grid expects a non-empty uint8 N x H x W x C array, got {images.dtype} {images.shape}"
-        )
-    if nrow < 1 or padding < 0 or not 0 <= pad_value <= 255:
-        raise ValueError(
-            "make_grid needs nrow >= 1, padding >= 0, 0 <= pad_value <= 255; "
-            f"got nrow={nrow}, padding={padding}, pad_value={pad_value}"
-        )
-    n, h, w, c = images.shape
-    ncol = min(nrow, n)
-    nrows = math.ceil(n / ncol)
-    grid = np.full((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, np.uint8)
-    for i in range(n):
-        top = padding + (i // ncol) * (h + padding)
-        left = padding + (i % ncol) * (w + padding)
-        grid[top : top + h, left : left + w] = images[i]
-    return grid
-
-
-def save_grid(
-    images: np.ndarray | torch.Tensor,
-    path: str | os.PathLike,
-    nrow: int,
-    padding: int = 2,
-    pad_value: int = 255,
-) -> Path:
-    """Write :func:`make_grid` of ``images`` to ``path`` (format from the extension, e.g. .png); returns it."""
-    from PIL import Image
-
-    grid = make_grid(images, nrow, padding=padding, pad_value=pad_value)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    try:
-        image.save(buffer, format=Image.registered_extensions().get(path.suffix.lower()))
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{path}: cannot write an image with extension {path.suffix!r} ({e}); use .png") from None
-    atomic_write_bytes(path, buffer.getvalue())  # a full disk or a kill never leaves a half-written grid
-    return path
-
-
-def grid_by_class(
-    stage_images: Sequence[np.ndarray],
-    labels: np.ndarray,
-    per_class: int = 8,
-    max_classes: int = 10,
-    min_tile: int = 32,
-) -> np.ndarray:
-    """One row per class; each sample shows every stage side by side (nearest-upsampled to the final
-    resolution, and to at least ``min_tile`` pixels so tiny stages stay visible), low resolution to high.
-    ``stage_images``: uint8 NHWC arrays, one per stage."""
-    final = stage_images[-1].shape[1]
-    final *= -(-min_tile // final) if final < min_tile else 1
-    shown = [np.repeat(np.repeat(imgs, final // imgs.shape[1], 1), final // imgs.shape[2], 2) for imgs in stage_images]
-    classes = [c for c in np.unique(labels)][:max_classes]
-    per_class = min(per_class, min(int((labels == c).sum()) for c in classes))
-    tiles = []
-    for c in classes:
-        idx = np.flatnonzero(labels == c)[:per_class]
-        for j in idx:
-            tiles.extend(s[j] for s in shown)
-    return make_grid(np.stack(tiles), nrow=per_class * len(shown))

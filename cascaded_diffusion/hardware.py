@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, naming
 
 
 def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
@@ -19,24 +19,28 @@ def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
     present is a :class:`UserError` (before any work starts). ``local_rank`` picks the GPU of a torchrun process."""
     if requested in (None, "auto"):
         requested = "cuda" if torch.cuda.is_available() else "cpu"
+    names = {"option": "device"}
     try:
         device = torch.device(requested)
     except (RuntimeError, TypeError):
-        raise UserError(f"--device {requested!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        raise naming(UserError, "{option} {requested!r} is not a device; use auto, cpu, cuda, cuda:N or mps", names,
+                     requested=requested) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(
-                f"--device {requested} was requested but no CUDA device is available (torch {torch.__version__}"
-                f"{'' if torch.version.cuda else ', a CPU-only build'}); use --device cpu"
-            )
+            raise naming(UserError, "{option} {requested} was requested but no CUDA device is available (torch "
+                         "{torch}{build}); use {option} cpu", names, requested=requested, torch=torch.__version__,
+                         build="" if torch.version.cuda else ", a CPU-only build")
         index = local_rank if device.index is None else device.index
         if index >= torch.cuda.device_count():
-            raise UserError(f"--device {requested}: there are only {torch.cuda.device_count()} CUDA device(s)")
+            raise naming(UserError, "{option} {requested}: there are only {count} CUDA device(s)", names,
+                         requested=requested, count=torch.cuda.device_count())
         return torch.device("cuda", index)
     if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise UserError(f"--device {requested} was requested but MPS is not available; use --device cpu")
+        raise naming(UserError, "{option} {requested} was requested but MPS is not available; use {option} cpu", names,
+                     requested=requested)
     if device.type not in ("cpu", "mps"):
-        raise UserError(f"--device {requested!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+        raise naming(UserError, "{option} {requested!r} is not supported; use auto, cpu, cuda, cuda:N or mps", names,
+                     requested=requested)
     return device
 
 
@@ -89,7 +93,7 @@ def cpu_bf16_support() -> tuple[bool, str]:
     ISA, which ``ONEDNN_MAX_CPU_ISA`` caps, is at least AVX-512 core: ``torch.ops.mkldnn._is_mkldnn_bf16_supported``),
     and ATen's own kernels run at AVX-512 (``ATEN_CPU_CAPABILITY`` caps them). Without any one of these, bf16
     convolutions and element-wise ops convert every operand in software and are several times slower than fp32
-    (16x for sampling on an AVX2-only Zen 3, issue 27)."""
+    (16x for sampling on an AVX2-only Zen 3)."""
     flags = _cpu_flags()
     has_instructions = bool(flags.get("avx512_bf16") or flags.get("amx_bf16") or flags.get("amx_tile"))
     if not has_instructions:

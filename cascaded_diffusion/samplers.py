@@ -155,27 +155,7 @@ def sample(
     Returns:
         x (N, C, …), or (x, x̂0) with ``return_pred_x0``.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r} (valid: {', '.join(SAMPLERS)})")
-    if variance in (None, "auto"):
-        variance = "learned" if diffusion.learn_sigma else "fixed_large"
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r} (valid: {', '.join(VARIANCES)})")
-    if sampler == "ddpm" and variance == "learned" and not diffusion.learn_sigma:
-        raise ValueError(
-            "variance='learned' needs a model trained with learn_sigma=True; use fixed_small or fixed_large"
-        )
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    if len(shape) < 2:
-        raise ValueError(f"shape must be (N, C, ...), got {tuple(shape)}")
-    T = diffusion.num_timesteps
-    start_t = T - 1 if start_t is None else int(start_t)
-    if not 0 <= start_t < T:
-        raise ValueError(f"start_t must be in [0, {T}), got {start_t}")
-    if not -1 <= stop_t <= start_t:
-        raise ValueError(f"stop_t must be in [-1, start_t={start_t}], got {stop_t}")
-
+    variance, start_t = _check_options(diffusion, shape, sampler, variance, eta, start_t, stop_t)
     if device is None:
         device = x_start.device if x_start is not None else torch.device("cpu")
     device = torch.device(device)
@@ -218,6 +198,33 @@ def sample(
         if callback is not None:
             callback(SamplerStep(step=i + 1, total=len(seq), t=t, x=x, pred_x0=x0))
     return (x, x0) if return_pred_x0 else x
+
+
+def _check_options(diffusion: GaussianDiffusion, shape: tuple[int, ...], sampler: str, variance: str | None,
+                   eta: float, start_t: int | None, stop_t: int) -> tuple[str, int]:
+    """:func:`sample`'s options checked before anything is drawn; returns the variance (``"auto"`` decided:
+    learned when the model learns it, else fixed_large) and the start index (default T−1)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r} (valid: {', '.join(SAMPLERS)})")
+    if variance in (None, "auto"):
+        variance = "learned" if diffusion.learn_sigma else "fixed_large"
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r} (valid: {', '.join(VARIANCES)})")
+    if sampler == "ddpm" and variance == "learned" and not diffusion.learn_sigma:
+        raise ValueError(
+            "variance='learned' needs a model trained with learn_sigma=True; use fixed_small or fixed_large"
+        )
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    if len(shape) < 2:
+        raise ValueError(f"shape must be (N, C, ...), got {tuple(shape)}")
+    T = diffusion.num_timesteps
+    start_t = T - 1 if start_t is None else int(start_t)
+    if not 0 <= start_t < T:
+        raise ValueError(f"start_t must be in [0, {T}), got {start_t}")
+    if not -1 <= stop_t <= start_t:
+        raise ValueError(f"stop_t must be in [-1, start_t={start_t}], got {stop_t}")
+    return variance, start_t
 
 
 def _noise_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:

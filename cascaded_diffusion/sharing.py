@@ -22,10 +22,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .cascade import Cascade, balanced_labels, sample_in_batches
-from .checkpoint import STAGE_FILE, CheckpointError, export_stage, list_checkpoints, read_newest_checkpoint
+from .cascade import Cascade, sample_in_batches
+from .labels import balanced_labels
+from .checkpoint import STAGE_FILE, CheckpointError, export_stage, list_checkpoints, resolve_checkpoint
 from .errors import UserError
-from .fileio import atomic_write_bytes, atomic_write_text, grid_by_class, save_grid
+from .fileio import atomic_write_bytes, atomic_write_text
+from .images import grid_by_class, save_grid
 from .hub import HUB_PREFIX, check_logged_in, check_repo_id, push_folder
 from .modelcard import CARD_FILE, GRID_FILE, eval_metrics, render_card
 from .pretrained import MANIFEST, find_cascade, hash_files, loaded_files
@@ -76,15 +78,7 @@ def _export_stage_dir(run_dir: Path, dest: Path, dtype: torch.dtype | None, weig
     def export(ckpt: Path) -> Path:
         return export_stage(ckpt, dest, dtype=dtype, weights=weights)
 
-    if (run_dir / "state.json").is_file():
-        ckpt = run_dir
-        export(ckpt)
-    else:
-        if not run_dir.is_dir():
-            raise CheckpointError(f"{run_dir} does not exist")
-        _, ckpt, _ = read_newest_checkpoint(run_dir, (weights,), export)
-        if ckpt is None:
-            raise CheckpointError(f"{run_dir} holds no readable checkpoint")
+    _, ckpt = resolve_checkpoint(run_dir, export, stems=(weights,))
     # stage.json records where it came from; an absolute local path says nothing on the Hub (and may say too much)
     meta = json.loads((dest / STAGE_FILE).read_text())
     meta["source"] = f"{run_dir.resolve().name}/{ckpt.relative_to(run_dir).as_posix()}" if ckpt != run_dir else run_dir.name

@@ -14,36 +14,19 @@ from typing import Callable
 import torch
 
 from .augment import BlurAugmentation, NoAugmentation, NoiseAugmentation
-from .checkpoint import (
-    STAGE_FILE,
-    CheckpointError,
-    list_checkpoints,
-    load_state,
-    load_tensors,
-    load_weights_into,
-    read_newest_checkpoint,
-)
+from .checkpoint import STAGE_FILE, list_checkpoints, load_state, load_tensors, load_weights_into, resolve_checkpoint
 from .config import StageConfig
 from .diffusion import GaussianDiffusion, make_beta_schedule
 from .errors import UserError
 from .hardware import bf16_autocast, choose_precision
 from .rng import Generator
 from .samplers import StepCallback, make_cfg_model_fn, sample
-from .unet import UNet, UNetConfig
-
-
-def build_unet_config(config: StageConfig) -> UNetConfig:
-    s = config.stage
-    return UNetConfig.from_options(
-        config.model, resolution=s.resolution, channels=s.channels, num_classes=s.num_classes,
-        learn_sigma=config.diffusion.learn_sigma, use_aug_level=config.uses_aug_level,
-        low_res_channels=s.channels if config.is_sr else 0, low_res_upsample=config.conditioning.upsample,
-    )
+from .unet import UNet
 
 
 def build_network(config: StageConfig, device: str | torch.device = "cpu") -> UNet:
     with torch.device(device):
-        return UNet(build_unet_config(config))
+        return UNet(config.unet_config())
 
 
 def build_diffusion(config: StageConfig) -> GaussianDiffusion:
@@ -72,6 +55,26 @@ def build_augmentation(config: StageConfig):
     if c.augmentation == "blur":
         return BlurAugmentation(c.blur_kernel, c.blur_sigma_min, c.blur_sigma_max, c.blur_prob)
     return NoAugmentation()
+
+
+def network_call(net: Callable[..., torch.Tensor], device: str | torch.device, *, autocast,
+                 channels_last: bool = False, cuda_graphs: bool = False) -> Callable[..., torch.Tensor]:
+    """The one way the library calls a U-Net, in sampling and in training: ``call(x, t_scaled, labels, aug_level,
+    low_res)`` with ``x`` in channels_last where asked, under :func:`~.hardware.bf16_autocast` (``autocast``: a
+    bool or a :class:`~.hardware.Precision`), returning fp32 (copied out of the graph's memory when the network
+    replays CUDA graphs, before the next replay can overwrite it)."""
+
+    def call(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, aug_level: torch.Tensor | None = None,
+             low_res: torch.Tensor | None = None) -> torch.Tensor:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with bf16_autocast(device, autocast):
+            out = net(x, t, y=labels, aug_level=aug_level, low_res=low_res)
+        return out.float().clone() if cuda_graphs and out.dtype == torch.float32 else out.float()
+
+    return call
 
 
 # 16: the README command (64 Fashion-MNIST samples) samples in 5.6 s at 16, 8.2 s at 8, 4.5 s at 64, while a small
@@ -149,30 +152,14 @@ class Stage:
             tensors, step = load_tensors(path, "model"), meta.get("step")
             ckpt_dir = path
         else:
-            if not path.exists():
-                raise CheckpointError(f"{path} does not exist")
             if (path / STAGE_FILE).is_file():  # an export into a run dir (refused since): the newest weights win
                 warnings.warn(f"{path} holds both an exported stage ({STAGE_FILE}) and training checkpoints; using "
                               "the newest checkpoint (export elsewhere to sample the export)", stacklevel=2)
-
-            def read(ckpt: Path) -> tuple[dict, dict]:
-                return load_state(ckpt), load_tensors(ckpt, weights)
-
             # a run directory (its newest readable checkpoint) or one checkpoint directory (checkpoints/step_*)
-            if (path / "state.json").is_file():
-                (state, tensors), ckpt_dir, corrupt = read(path), path, []
-            else:  # the trainer may be pruning while we read: a checkpoint gone meanwhile makes way for the next
-                loaded, ckpt_dir, corrupt = read_newest_checkpoint(path, (weights,), read)
-                state, tensors = loaded if loaded is not None else (None, None)
-            for bad, reason in corrupt:
-                warnings.warn(f"skipping the unreadable checkpoint {bad} ({reason}); using {ckpt_dir}", stacklevel=2)
-            if ckpt_dir is None and corrupt:
-                raise CheckpointError(f"{path} holds no readable checkpoint: {corrupt[0][1]}")
-            if ckpt_dir is None:
-                raise CheckpointError(
-                    f"{path} holds no checkpoint: expected a run directory written by `cdm train` "
-                    f"(with checkpoints/step_*/) or an exported stage (with {STAGE_FILE})"
-                )
+            (state, tensors), ckpt_dir = resolve_checkpoint(
+                path, lambda ckpt: (load_state(ckpt), load_tensors(ckpt, weights)), stems=(weights,),
+                expected="a run directory written by `cdm train` (with checkpoints/step_*/) or an exported stage "
+                         f"(with {STAGE_FILE})")
             config = StageConfig.from_dict(state["config"], source=str(ckpt_dir / "state.json"))
             step = state["step"]
         net = build_network(config, "cpu")
@@ -240,8 +227,8 @@ class Stage:
             if aug_level is None:
                 aug_level = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
             scaled_aug = self.augmentation.scaled_level(aug_level)
-        channels_last = self._channels_last
-
+        one_call = network_call(self._sampling_net, self.device, autocast=autocast, channels_last=self._channels_last,
+                                cuda_graphs=self._cuda_graphs)
         micro = self.network_batch
 
         def net_call(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -251,15 +238,6 @@ class Stage:
             if micro and x.shape[0] != micro:
                 return _in_micro_batches(one_call, micro, x, t, labels, aug, lr)
             return one_call(x, t, labels, aug, lr)
-
-        def one_call(x, t, labels, aug, lr) -> torch.Tensor:
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if self._cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            with bf16_autocast(self.device, autocast):
-                out = self._sampling_net(x, t, y=labels, aug_level=aug, low_res=lr)
-            return out.float().clone() if self._cuda_graphs and out.dtype == torch.float32 else out.float()
 
         return make_cfg_model_fn(net_call, y, self.num_classes, guidance, self.config.diffusion.learn_sigma)
 

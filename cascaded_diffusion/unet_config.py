@@ -7,9 +7,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-__all__ = ["LOW_RES_UPSAMPLE_MODES", "ModelOptions", "UNetConfig"]
+__all__ = ["LOW_RES_UPSAMPLE_MODES", "ModelOptions", "UNetConfig", "UNetConfigError"]
 
 LOW_RES_UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest")
+
+class UNetConfigError(ValueError):
+    """A U-Net hyper-parameter out of range or inconsistent with the others; ``field`` names it (a
+    :class:`UNetConfig` field), ``detail`` says what is wrong."""
+
+    def __init__(self, field: str, detail: str):
+        super().__init__(f"UNetConfig.{detail}")
+        self.field, self.detail = field, detail
+
 
 _NOT_SHAPE = {"architecture": False}  # an option that leaves the network's shape (and so its weights) unchanged
 
@@ -110,60 +119,57 @@ class UNetConfig:
         """``(num_heads, head_dim)`` of an attention block over ``channels`` channels."""
         if self.num_head_channels > 0:
             if channels % self.num_head_channels:
-                raise ValueError(
-                    f"num_head_channels={self.num_head_channels} must divide the attention block width "
-                    f"{channels}"
-                )
+                raise UNetConfigError("num_head_channels", f"num_head_channels={self.num_head_channels} must divide the "
+                                      f"attention block width {channels}")
             return channels // self.num_head_channels, self.num_head_channels
         if channels % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} must divide the attention block width {channels}")
+            raise UNetConfigError("num_heads", f"num_heads={self.num_heads} must divide the attention block width "
+                                  f"{channels}")
         return self.num_heads, channels // self.num_heads
 
     # ----------------------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ``ValueError`` if any field is out of range or the fields are inconsistent."""
+        """Raise :class:`UNetConfigError` (a ``ValueError``) if any field is out of range or the fields are
+        inconsistent: the one check of a ``[model]`` section (a stage config runs it through
+        :meth:`from_options`)."""
         for name in ("resolution", "in_channels", "out_channels", "model_channels", "num_res_blocks",
                      "num_heads", "norm_groups"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
+                raise UNetConfigError(name, f"{name} must be a positive integer, got {value!r}")
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):
-            raise ValueError(f"UNetConfig.channel_mult must be a non-empty tuple of positive ints, "
-                             f"got {self.channel_mult!r}")
+            raise UNetConfigError("channel_mult", f"channel_mult must be a non-empty tuple of positive ints, got "
+                                  f"{self.channel_mult!r}")
         if self.num_head_channels != -1 and self.num_head_channels < 1:
-            raise ValueError(f"UNetConfig.num_head_channels must be -1 (use num_heads) or positive, "
-                             f"got {self.num_head_channels}")
+            raise UNetConfigError("num_head_channels", f"num_head_channels must be -1 (use num_heads) or positive, "
+                                  f"got {self.num_head_channels}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
+            raise UNetConfigError("dropout", f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes is not None and (isinstance(self.num_classes, bool) or self.num_classes < 1):
-            raise ValueError(f"UNetConfig.num_classes must be None (unconditional) or >= 1, "
-                             f"got {self.num_classes!r}")
+            raise UNetConfigError("num_classes", f"num_classes must be None (unconditional) or >= 1, got "
+                                  f"{self.num_classes!r}")
         if self.low_res_channels < 0:
-            raise ValueError(f"UNetConfig.low_res_channels must be >= 0 (0 = base model), "
-                             f"got {self.low_res_channels}")
+            raise UNetConfigError("low_res_channels", f"low_res_channels must be >= 0 (0 = base model), got "
+                                  f"{self.low_res_channels}")
         if self.low_res_upsample not in LOW_RES_UPSAMPLE_MODES:
-            raise ValueError(f"UNetConfig.low_res_upsample must be one of {LOW_RES_UPSAMPLE_MODES}, "
-                             f"got {self.low_res_upsample!r}")
+            raise UNetConfigError("low_res_upsample", f"low_res_upsample must be one of {LOW_RES_UPSAMPLE_MODES}, "
+                                  f"got {self.low_res_upsample!r}")
 
         downsample_factor = 2 ** (self.num_levels - 1)
         if self.resolution % downsample_factor:
-            raise ValueError(
-                f"UNetConfig.resolution={self.resolution} must be divisible by 2**(len(channel_mult)-1)="
-                f"{downsample_factor} so that every level halves the feature map exactly"
-            )
+            raise UNetConfigError("resolution", f"resolution={self.resolution} must be divisible by "
+                                  f"2**(len(channel_mult)-1)={downsample_factor} so that every level halves the "
+                                  "feature map exactly")
         unreachable = sorted(set(self.attention_resolutions) - set(self.level_resolutions))
         if unreachable:
-            raise ValueError(
-                f"UNetConfig.attention_resolutions {unreachable} are not feature-map resolutions of this network; "
-                f"available: {self.level_resolutions}"
-            )
+            raise UNetConfigError("attention_resolutions", f"attention_resolutions {unreachable} are not feature-map "
+                                  f"resolutions of this network; available: {self.level_resolutions}")
         widths = {self.model_channels} | {self.model_channels * m for m in self.channel_mult}
         bad = sorted(w for w in widths if w % self.norm_groups)
         if bad:
-            raise ValueError(
-                f"UNetConfig.norm_groups={self.norm_groups} must divide every block width, but does not divide "
-                f"{bad} (model_channels={self.model_channels}, channel_mult={self.channel_mult})"
-            )
+            raise UNetConfigError("norm_groups", f"norm_groups={self.norm_groups} must divide every block width, but "
+                                  f"does not divide {bad} (model_channels={self.model_channels}, channel_mult="
+                                  f"{self.channel_mult})")
         for level, mult in enumerate(self.channel_mult):
             if self.level_resolutions[level] in self.attention_resolutions:
                 self.head_layout(self.model_channels * mult)

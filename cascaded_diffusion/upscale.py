@@ -25,7 +25,7 @@ from PIL import Image
 from .cascade import Cascade
 from .errors import UserError
 from .fileio import atomic_write_bytes
-from .imagefolder import IMAGE_EXTENSIONS, preprocess_image
+from .data.imagefolder import IMAGE_EXTENSIONS, preprocess_image
 
 # An input whose short side is over this many times the SR stage's input size loses most of its pixels to the
 # resize (the cascade's output is then smaller than the input): worth a warning, not an error.

@@ -15,8 +15,8 @@ import torch
 
 from .augment import downsample
 from .config import StageConfig
-from .fileio import images_to_tensor, tensor_to_images
-from .readers import ImageArray
+from .images import images_to_tensor, tensor_to_images
+from .data.readers import ImageArray
 
 QUARTILES = 4
 EVAL_SEED = 4321  # the KID samples' own generator; the reference images are chosen with numpy's default_rng(0)

@@ -1,6 +1,6 @@
 """How good is a low-resolution base model on its own, and is it still improving with training?
 
-Issue 14: the cascade's FID is dominated by its base's samples (the SR stage alone scores 1.22 on real 8×8
+The question: the cascade's FID is dominated by its base's samples (the SR stage alone scores 1.22 on real 8×8
 inputs, 5.6–6.2 on the base's). This scores base samples *at the base's resolution*, with no SR stage in the
 way: samples and real images are both upsampled bilinearly to the feature network's 32×32 (what an SR stage
 conditions on) and compared with classifier features against the base's own training images (the same
@@ -8,7 +8,7 @@ resize the base was trained on). The test split, resized alike, is the real-data
 (e.g. the base at 10000 and 20000 steps, same sampler and seed) give the base's compute curve.
 
 It also reports, for the classes whose real images all face one way (Fashion-MNIST's sandals, sneakers and
-ankle boots: cascaded_diffusion/mirror.py), the fraction of samples that face that way: about 50 % from a
+ankle boots: cascaded_diffusion/data/mirror.py), the fraction of samples that face that way: about 50 % from a
 base trained with random flips, which is what this script found the base's error to be.
 
     python scripts/base_quality.py /work/runs/conv/base8_samples.npz /work/runs/final20k/base8_samples.npz \
@@ -38,8 +38,8 @@ from cascaded_diffusion.evaluation import (
     kid,
 )
 from cascaded_diffusion.evaluation.evaluate import load_samples
-from cascaded_diffusion.fileio import images_to_tensor, tensor_to_images
-from cascaded_diffusion.mirror import ONE_WAY_THRESHOLD, MirrorPatterns, one_way_fractions
+from cascaded_diffusion.images import images_to_tensor, tensor_to_images
+from cascaded_diffusion.data.mirror import ONE_WAY_THRESHOLD, MirrorPatterns, one_way_fractions
 
 
 def to_feature_size(images: np.ndarray, size: int) -> np.ndarray:

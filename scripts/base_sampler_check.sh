@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14: does the 8x8 base's sampler limit the cascade? Base (final20k, step 20000) with DPM-Solver++ 20 (the
+# Does the 8x8 base's sampler limit the cascade? Base (final20k, step 20000) with DPM-Solver++ 20 (the
 # study's setting) vs ancestral DDPM 100 and 250 steps; every arm super-resolved by the unaugmented SR model with
 # DPM-Solver++ 10 (the study's), 5000 class-balanced samples, classifier FID vs the 60k training images.
 # RUNS holds base8, sr8to32_noaug and ref_fmnist_train_32.npz (the final study's dir, scripts/fashion_mnist_study.sh);

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # stage_costs, cdm_call
-from cdm_call import cdm  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # stage_costs, cdm_command
+from cdm_command import cdm  # noqa: E402
 
 SAMPLER = ("dpmpp", "20,10")  # base steps, SR (or single-model) steps
 
@@ -57,7 +57,7 @@ def forward_flops_per_image(config) -> float:
 def cpu_hours_at(run: Path, step: int) -> float:
     """Training time up to ``step`` from the log (one thread per run: wall-clock time = CPU time), counting
     only the records that stand after every resume (work lost to an interruption is not counted)."""
-    from cascaded_diffusion.training import read_log
+    from cascaded_diffusion.rundir import read_log
 
     config = run_config(run)
     per_step = config.train.batch_size * config.train.grad_accum
@@ -78,7 +78,8 @@ def classifier_features(samples: Path):
 
 
 def fid_of(features, name: str, reference) -> float:
-    from cascaded_diffusion.evaluation.metrics import FeatureStats, fid_from_stats
+    from cascaded_diffusion.evaluation.metrics import fid_from_stats
+    from cascaded_diffusion.evaluation.stats import FeatureStats
 
     return fid_from_stats(FeatureStats.from_features(features, name, keep_features=False), reference)
 
@@ -86,7 +87,7 @@ def fid_of(features, name: str, reference) -> float:
 def paired_gap(a: Path, b: Path, ref: Path, rounds: int, seed: int = 0) -> dict:
     """FID(a) − FID(b) with a *paired* bootstrap: both sample sets super-resolve the same base samples in the
     same order, so one resampling of indices applies to both, and the base samples' own spread cancels."""
-    from cascaded_diffusion.evaluation.metrics import FeatureStats
+    from cascaded_diffusion.evaluation.stats import FeatureStats
 
     fa, name = classifier_features(a)
     fb, _ = classifier_features(b)
@@ -103,7 +104,7 @@ def paired_gap(a: Path, b: Path, ref: Path, rounds: int, seed: int = 0) -> dict:
 
 
 def fid_with_bootstrap(samples: Path, ref: Path, rounds: int, seed: int = 0) -> dict:
-    from cascaded_diffusion.evaluation.metrics import FeatureStats
+    from cascaded_diffusion.evaluation.stats import FeatureStats
 
     features, name = classifier_features(samples)
     reference = FeatureStats.load(ref)

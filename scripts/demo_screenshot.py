@@ -14,6 +14,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cdm_command import cdm_background  # noqa: E402
 
 
 def main() -> int:
@@ -28,8 +32,7 @@ def main() -> int:
 
     from playwright.sync_api import sync_playwright
 
-    demo = subprocess.Popen([sys.executable, "-m", "cascaded_diffusion.cli", "demo", "--pretrained", args.pretrained,
-                             "--port", "0"], stdout=subprocess.PIPE, text=True)
+    demo = cdm_background("demo", "--pretrained", args.pretrained, "--port", "0", stdout=subprocess.PIPE, text=True)
     try:
         url = re.search(r"on (http://\S+/)", demo.stdout.readline()).group(1)
         with tempfile.TemporaryDirectory() as profile, sync_playwright() as p:

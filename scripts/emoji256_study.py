@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers
-from cdm_call import cdm  # noqa: E402
+from cdm_command import cdm  # noqa: E402
 
 RUNS = ("base16", "sr16to64", "sr16to64_noaug", "sr64to256", "sr64to256_noaug", "sr64to256_noise")
 # (setting A, setting B): each row of the ablation table is KID(A) - KID(B), paired
@@ -187,7 +187,7 @@ def score(settings: dict[str, Path], args, train_dir: Path, test_dir: Path) -> d
     from cascaded_diffusion.evaluation.evaluate import evaluate_features, load_samples
     from cascaded_diffusion.evaluation.features import extract, get_feature_extractor
     from cascaded_diffusion.evaluation.memorisation import memorisation_report
-    from cascaded_diffusion.evaluation.metrics import FeatureStats
+    from cascaded_diffusion.evaluation.stats import FeatureStats
 
     extractors = {"low": get_feature_extractor(args.features, "cpu")}
     extractors["256"] = get_feature_extractor(args.features_256, "cpu") if args.features_256 else extractors["low"]
@@ -233,7 +233,8 @@ def score(settings: dict[str, Path], args, train_dir: Path, test_dir: Path) -> d
 def paired_differences(results: dict, rounds: int, seed: int = 0) -> dict:
     """KID(A) − KID(B) and FID(A) − FID(B) against the training split, with a paired bootstrap: one resampling
     of sample indices applies to both sets, which super-resolve the same inputs in the same order."""
-    from cascaded_diffusion.evaluation.metrics import FeatureStats, fid_from_stats, kid
+    from cascaded_diffusion.evaluation.metrics import fid_from_stats, kid
+    from cascaded_diffusion.evaluation.stats import FeatureStats
 
     pairs = {}
     for a, b, what in PAIRS:

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers
-from cdm_call import cdm  # noqa: E402
+from cdm_command import cdm  # noqa: E402
 
 RUNS = ("base16", "sr16to32", "sr16to32_noaug", "sr32to64", "sr32to64_noblur")
 

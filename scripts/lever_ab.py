@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared helpers
-from cdm_call import cdm  # noqa: E402
+from cdm_command import cdm, cdm_background  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "fashion-mnist" / "sr8to32.toml"
@@ -68,8 +68,8 @@ def train_for(arm: str, out: Path, budget_s: float) -> dict:
                                "train.keep_last": "2", "train.sample_every": "0", "train.log_every": "25",
                                "train.progress": "false"}.items() for x in ("--set", f"{k}={v}")]
         with open(run / "train.out", "a") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "cascaded_diffusion.cli", "train", str(CONFIG), "--out",
-                                     str(run), *sets], stdout=log, stderr=subprocess.STDOUT)
+            proc = cdm_background("train", str(CONFIG), "--out", str(run), *sets, stdout=log,
+                                  stderr=subprocess.STDOUT)
         start = spent
         while proc.poll() is None:
             used = start + cpu_seconds(proc.pid)
@@ -123,7 +123,7 @@ def crop_check(run: Path, num: int = 1000, seed: int = 0) -> dict:
 
     from cascaded_diffusion.augment import downsample
     from cascaded_diffusion.data import load_images
-    from cascaded_diffusion.fileio import images_to_tensor
+    from cascaded_diffusion.images import images_to_tensor
     from cascaded_diffusion.stage import Stage
 
     stage = Stage.load(run)

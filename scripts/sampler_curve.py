@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from cascaded_diffusion.cascade import Cascade, balanced_labels, sample_in_batches
+from cascaded_diffusion.cascade import Cascade, sample_in_batches
+from cascaded_diffusion.labels import balanced_labels
 from cascaded_diffusion.evaluation.evaluate import evaluate_images, reference_stats
 from cascaded_diffusion.evaluation.features import get_feature_extractor
 from cascaded_diffusion.hardware import device_name, resolve_device

@@ -1,5 +1,6 @@
 """The sampling calls whose exact outputs tests/fixtures/bit_identity.npz records (see
-tests/fixtures/make_bit_identity.py): a run directory made by the code before issue 16 and the shipped bundle."""
+tests/fixtures/make_bit_identity.py): a run directory made by the code before the module redesign (commit e6299d3) and the shipped
+bundle."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def sample_case(name: str) -> np.ndarray:
     return np.concatenate([x.float().numpy().ravel() for x in out.stages])
 
 
-# --precision bf16 explicitly: the recording was made when bf16 was the default; since issue 27 the default is
+# --precision bf16 explicitly: the recording was made when bf16 was the default; since then the default is
 # "auto", which would pick fp32 on a machine without native bf16 and compare the wrong thing there
 CLI_ARGS = ["--num", "6", "--steps", "3", "--seed", "5", "--sampler", "ddim", "--quiet", "--precision", "bf16"]
 

@@ -90,7 +90,7 @@ def test_cascade_sampling_benchmark_compares_modes_on_the_same_samples(capsys):
     bench = _load("benchmarks/cascade_sampling.py", "cascade_sampling_under_test")
     torch._dynamo.reset()
     # the tiny fixture cascade and dynamo's capture alone ("eager" backend): the benchmark's plumbing of modes is
-    # what is tested; AOT tracing took ~30 s of the suite (issue 27), tests/test_cascade.py does it once
+    # what is tested; AOT tracing took ~30 s of the suite, tests/test_cascade.py does it once
     tiny = [str(ROOT / "tests/fixtures/tiny_run" / name) for name in ("base8", "sr8to16")]
     summary = bench.main(["--stages", *tiny, "--device", "cpu", "--batch-size", "4", "--batches", "2",
                           "--steps", "3/2", "--modes", "eager,default", "--compile-backend", "eager"])

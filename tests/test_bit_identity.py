@@ -1,10 +1,10 @@
-"""Issue 16's acceptance: a run directory made by the code before the redesign (tests/fixtures/tiny_run) and the
-shipped pretrained bundle load and sample bit-identically to what that code produced
-(tests/fixtures/bit_identity.npz, written by tests/fixtures/make_bit_identity.py).
+"""Bit identity across refactors: a run directory made by the code before the module redesign
+(tests/fixtures/tiny_run) and the shipped pretrained bundle load and sample bit-identically to what that code
+produced (tests/fixtures/bit_identity.npz, written by tests/fixtures/make_bit_identity.py).
 
-One deliberate change since: issue 17 seeds every sample of ``cdm sample`` from (seed, sample index), so its
-samples are the same for any batch size and number of processes; ``cli_sample_uint8`` was re-recorded once then
-(the library-level cases, which pass a plain torch.Generator, are still the pre-redesign bytes).
+One deliberate change since: ``cdm sample`` seeds every sample from (seed, sample index), so its samples are the
+same for any batch size and number of processes; ``cli_sample_uint8`` was re-recorded once then (the library-level
+cases, which pass a plain torch.Generator, are still the pre-redesign bytes).
 
 Bits are compared on a machine whose signature the fixture holds a recording for (tests/fixtures/record_machine.py
 adds one, made by the old commits in git worktrees). On another machine the kernels differ (AMX against AVX-512
@@ -12,8 +12,8 @@ bf16, another summation order), and the test compares within round-off instead: 
 difference of 0.05, uint8 to 2 levels — still far below any change of the samplers' math (one DDIM step fewer
 moves the pretrained bf16 case by a mean of 0.68; an AMX machine and an AVX-512-BF16 one differ by 0.022).
 
-Issue 29 made the networks run on fixed micro-batches of 16 on a CPU, which moved the fp32 round-off of the
-pretrained case by ~1e-6: the library cases are recorded by that commit since (record_machine.py)."""
+Running the networks on fixed micro-batches of 16 on a CPU moved the fp32 round-off of the pretrained case by
+~1e-6: the library cases are recorded by that commit since (record_machine.py)."""
 
 from __future__ import annotations
 

@@ -7,39 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cascaded_diffusion.cascade import Cascade, CascadeError, balanced_labels
-from cascaded_diffusion.config import StageConfig
+from cascaded_diffusion.cascade import Cascade, CascadeError
+from cascaded_diffusion.labels import balanced_labels
 from cascaded_diffusion.stage import Stage, build_network
 
+from conftest import make_stage, stage_config
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def stage_config(kind: str, resolution: int, low_res: int = 0, *, classes: int = 3, channels: int = 1,
-                 augmentation: str = "noise", timesteps: int = 40, **conditioning) -> StageConfig:
-    raw = {
-        "stage": {"name": f"{kind}{resolution}", "kind": kind, "resolution": resolution, "low_res": low_res,
-                  "channels": channels, "num_classes": classes},
-        "diffusion": {"timesteps": timesteps, "learn_sigma": kind == "base", "loss": "hybrid" if kind == "base" else "simple"},
-        "model": {"channels": 32, "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": [],
-                  "norm_groups": 8},
-        "sample": {"sampler": "ddim", "steps": 5},
-    }
-    if kind == "sr":
-        raw["conditioning"] = {"augmentation": augmentation, **conditioning}
-        if augmentation == "noise":
-            raw["conditioning"].setdefault("noise_timesteps", timesteps)
-            raw["conditioning"].setdefault("s_max", timesteps)
-    return StageConfig.from_dict(raw)
-
-
-def make_stage(config: StageConfig, seed: int = 0) -> Stage:
-    torch.manual_seed(seed)
-    net = build_network(config)
-    # zero-initialised output layers make an untrained net constant; perturb so outputs depend on inputs
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return Stage(config, net.eval(), "cpu", source=config.stage.name)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +118,7 @@ def test_truncated_at_the_last_level_hands_on_pure_noise(base8, sr8to16):
 
 # One compile of the tiny fixture run, shared by the assertions below. Tracing costs ~30 s on a busy 2-core CPU
 # even for this 4-channel network (dynamo + AOT autograd, independent of the graph's size), so the suite pays it
-# once; the bundled cascade took the same again per test, and another batch size a recompile (issue 27).
+# once; the bundled cascade took the same again per test, and another batch size a recompile.
 COMPILE_LABELS = torch.arange(6) % 10
 COMPILE_KWARGS = dict(sampler="dpmpp", steps=[3, 2])
 TINY_RUN = [ROOT / "tests/fixtures/tiny_run/base8", ROOT / "tests/fixtures/tiny_run/sr8to16"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cascaded_diffusion.cascade import proportional_labels
+from cascaded_diffusion.labels import proportional_labels
 from cascaded_diffusion.cli import main
 
 

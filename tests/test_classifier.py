@@ -13,6 +13,7 @@ import torch
 from cascaded_diffusion.checkpoint import CheckpointError
 from cascaded_diffusion.evaluation.cas import classification_accuracy_score
 from cascaded_diffusion.evaluation.classifier import (
+    ClassifierRecipe,
     DEFAULT_CLASSIFIER_PATH,
     ClassifierConfig,
     ResNetClassifier,
@@ -60,7 +61,7 @@ def fashion_mnist() -> dict[str, np.ndarray]:
 def trained(fashion_mnist):
     model, history = train_classifier(
         fashion_mnist["images"], fashion_mnist["labels"], 10,
-        steps=120, batch_size=64, lr=0.1, config=TINY, progress=False, seed=0,
+        ClassifierRecipe(steps=120, batch_size=64, lr=0.1, seed=0), config=TINY, progress=False,
         eval_images=fashion_mnist["test_images"], eval_labels=fashion_mnist["test_labels"],
     )
     return model, history
@@ -114,13 +115,18 @@ def test_random_crop_and_flip_only_translates_and_mirrors() -> None:
 def test_bad_inputs_are_rejected_with_clear_errors() -> None:
     images = np.zeros((4, 28, 28, 1), dtype=np.uint8)
     with pytest.raises(ValueError, match="must be uint8"):
-        train_classifier(images.astype(np.float32), np.zeros(4, dtype=np.int64), 10, steps=1)
+        train_classifier(images.astype(np.float32), np.zeros(4, dtype=np.int64), 10, ClassifierRecipe(steps=1))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\]"):
-        train_classifier(images, np.array([0, 1, 2, 10]), 10, steps=1)
+        train_classifier(images, np.array([0, 1, 2, 10]), 10, ClassifierRecipe(steps=1))
     with pytest.raises(ValueError, match="one label per image"):
-        train_classifier(images, np.zeros(3, dtype=np.int64), 10, steps=1)
+        train_classifier(images, np.zeros(3, dtype=np.int64), 10, ClassifierRecipe(steps=1))
     with pytest.raises(ValueError, match=r"shape \(N, H, W, C\)"):
-        train_classifier(np.zeros((4, 28, 28), dtype=np.uint8), np.zeros(4, dtype=np.int64), 10, steps=1)
+        train_classifier(np.zeros((4, 28, 28), dtype=np.uint8), np.zeros(4, dtype=np.int64), 10,
+                         ClassifierRecipe(steps=1))
+    with pytest.raises(ValueError, match="nothing to train"):  # the recipe is validated when it is made
+        ClassifierRecipe(steps=0)
+    with pytest.raises(ValueError, match="ClassifierRecipe.lr"):
+        ClassifierRecipe(lr=float("nan"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +145,7 @@ def test_short_training_beats_chance_by_a_wide_margin(trained, fashion_mnist) ->
 
 
 def test_training_is_deterministic_given_the_seed(fashion_mnist) -> None:
-    kwargs = dict(steps=3, batch_size=32, config=TINY, progress=False, seed=5)
+    kwargs = dict(recipe=ClassifierRecipe(steps=3, batch_size=32, seed=5), config=TINY, progress=False)
     a, _ = train_classifier(fashion_mnist["images"][:256], fashion_mnist["labels"][:256], 10, **kwargs)
     b, _ = train_classifier(fashion_mnist["images"][:256], fashion_mnist["labels"][:256], 10, **kwargs)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
@@ -217,7 +223,7 @@ def test_classification_accuracy_score(fashion_mnist) -> None:
     result = classification_accuracy_score(
         fashion_mnist["images"][:1000], fashion_mnist["labels"][:1000],
         fashion_mnist["test_images"], fashion_mnist["test_labels"], 10,
-        steps=40, batch_size=64, config=TINY, seed=0,
+        ClassifierRecipe(steps=40, batch_size=64, seed=0), config=TINY,
     )
     assert set(result) == {"top1", "top5", "n_train", "n_test"}
     assert (result["n_train"], result["n_test"]) == (1000, 1000)
@@ -227,10 +233,10 @@ def test_classification_accuracy_score(fashion_mnist) -> None:
     chance = classification_accuracy_score(
         fashion_mnist["images"][:1000], shuffled,
         fashion_mnist["test_images"], fashion_mnist["test_labels"], 10,
-        steps=40, batch_size=64, config=TINY, seed=0,
+        ClassifierRecipe(steps=40, batch_size=64, seed=0), config=TINY,
     )
     assert chance["top1"] < result["top1"] - 0.2
-    with pytest.raises(ValueError, match="not a CAS recipe option"):
+    with pytest.raises(TypeError, match="eval_images"):  # the real test split is scored once, after training
         classification_accuracy_score(
             fashion_mnist["images"][:10], fashion_mnist["labels"][:10],
             fashion_mnist["test_images"][:10], fashion_mnist["test_labels"][:10], 10,

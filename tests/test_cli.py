@@ -10,11 +10,9 @@ import pytest
 
 from cascaded_diffusion.cli import main
 
+from conftest import train_tiny
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.channels=32", "model.norm_groups=8", "model.channel_mult=[1,1]", "model.num_res_blocks=1",
-        "model.attention_resolutions=[]",
-        "train.batch_size=8", "train.log_every=1", "train.ckpt_every=2", "train.progress=false",
-        "train.sample_steps=2", "sample.steps=3", "diffusion.timesteps=50", "conditioning.noise_timesteps=50"]
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +23,11 @@ def data_npz(tmp_path_factory):
     return path
 
 
-def train(config: str, out: Path, data: Path, extra=()):
-    args = ["train", str(ROOT / "configs/fashion-mnist" / config), "--out", str(out), "--steps", "2",
-            "--device", "cpu", "--set", f"data.source=npz:{data}"]
-    tiny = [s for s in TINY if not (s.startswith("conditioning.") and "noaug" in config)]
-    for s in [*tiny, *extra]:
-        args += ["--set", s]
-    assert main(args) == 0
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_npz):
     root = tmp_path_factory.mktemp("runs")
-    train("base8.toml", root / "base", data_npz, ["conditioning.s_max=50"])
-    train("sr8to32.toml", root / "sr", data_npz, ["conditioning.s_max=50", "conditioning.sample_s=10"])
+    train_tiny("base8.toml", root / "base", data_npz, ["conditioning.s_max=50"])
+    train_tiny("sr8to32.toml", root / "sr", data_npz, ["conditioning.s_max=50", "conditioning.sample_s=10"])
     return root
 
 
@@ -108,7 +97,7 @@ def test_sample_compile_flag_compiles_every_stage(tmp_path, monkeypatch):
         return real_compile(self, mode=mode, backend="eager")
 
     monkeypatch.setattr(Cascade, "compile", compile_cheaply)
-    # the tiny fixture cascade (4-channel networks): tracing the bundled one took 36 s of the suite (issue 27)
+    # the tiny fixture cascade (4-channel networks): tracing the bundled one took 36 s of the suite
     tiny = [str(ROOT / "tests/fixtures/tiny_run" / name) for name in ("base8", "sr8to16")]
     for flag, expected in ((["--compile"], None), (["--compile", "reduce-overhead"], "reduce-overhead")):
         out = tmp_path / f"s{len(modes)}.npz"

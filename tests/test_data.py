@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cascaded_diffusion import prepare, readers
+from cascaded_diffusion.data import partial, readers
 from cascaded_diffusion.data import load_images
-from cascaded_diffusion.loader import BatchStream
-from cascaded_diffusion.readers import FASHION_MNIST_CLASSES, ImageArray
-from cascaded_diffusion.fileio import images_to_tensor, make_grid, save_grid, tensor_to_images
+from cascaded_diffusion.data.loader import BatchStream
+from cascaded_diffusion.data.readers import FASHION_MNIST_CLASSES, ImageArray
+from cascaded_diffusion.images import images_to_tensor, make_grid, save_grid, tensor_to_images
 
 FASHION_DIR = Path(readers.FASHION_MNIST_DEFAULT_DIR)
 needs_fashion_mnist = pytest.mark.skipif(
@@ -221,7 +221,7 @@ def test_imagefolder_cache_created_reused_and_invalidated(tmp_path: Path, monkey
     spec = f"imagefolder:{folder}"
     with pytest.warns(UserWarning):
         first = load_images(spec, 8, cache_dir=cache)
-    # the cache entry is a prepared dataset (cascaded_diffusion.prepare) at the one resolution
+    # the cache entry is a prepared dataset (cascaded_diffusion.data.prepare) at the one resolution
     manifests = list(cache.glob("*/manifest.json"))
     assert len(manifests) == 1 and len(list(cache.glob("*/*.npy"))) == 2
     manifest = json.loads(manifests[0].read_text())
@@ -236,21 +236,21 @@ def test_imagefolder_cache_created_reused_and_invalidated(tmp_path: Path, monkey
     def must_not_decode(*args, **kwargs):
         raise AssertionError("decoding ran although the cache is valid")
 
-    monkeypatch.setattr(prepare, "_decode_chunk", must_not_decode)
+    monkeypatch.setattr(partial, "_decode_chunk", must_not_decode)
     with pytest.warns(UserWarning, match="skipped 2"):  # the cached skip list is still reported
         again = load_images(spec, 8, cache_dir=cache)
     np.testing.assert_array_equal(again.images, first.images)
     np.testing.assert_array_equal(again.labels, first.labels)
 
     monkeypatch.undo()
-    original = prepare._decode_chunk
+    original = partial._decode_chunk
     calls = []
 
     def counting_decode(job):
         calls.extend(job[2])  # the chunk's files
         return original(job)
 
-    monkeypatch.setattr(prepare, "_decode_chunk", counting_decode)
+    monkeypatch.setattr(partial, "_decode_chunk", counting_decode)
     _solid((10, 20, 30)).save(folder / "dog" / "c.png")
     with pytest.warns(UserWarning):
         grown = load_images(spec, 8, cache_dir=cache)

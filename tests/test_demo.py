@@ -1,4 +1,4 @@
-"""``cdm demo`` (issue 32): the engine against ``cdm sample``, the HTTP answers (4xx, busy, progress) of a live
+"""``cdm demo``: the engine against ``cdm sample``, the HTTP answers (4xx, busy, progress) of a live
 server, and the page in a real headless Chromium driven by Playwright.
 
 The bundled cascades with 2 sampler steps per stage keep every sample well under a second on a CPU.

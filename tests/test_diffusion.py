@@ -357,7 +357,7 @@ def test_hybrid_vb_term_trains_only_the_variance_channels():
     assert torch.count_nonzero(grad_vb[:, :3]) == 0  # stop-gradient on the mean
     # every variance output with t > 0 gets a gradient. At t = 0 the term is the discretised decoder's NLL, whose
     # log-probability is clamped where a pixel's bin has (numerically) no mass: a zero gradient there is right, and
-    # it turned up once the inputs came from another point of the global random stream (issue 27's suite runs)
+    # it turned up once the inputs came from another point of the global random stream (the suite's runs with the precision tests added)
     assert torch.count_nonzero(grad_vb[1:, 3:]) == grad_vb[1:, 3:].numel()
     assert torch.count_nonzero(grad_vb[:1, 3:]) > 0
     (grad_mse,) = torch.autograd.grad(terms["mse"].sum(), raw, retain_graph=True)

@@ -24,11 +24,11 @@ def fmnist():
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory, fmnist):
-    from cascaded_diffusion.evaluation import save_classifier, train_classifier
+    from cascaded_diffusion.evaluation import ClassifierRecipe, save_classifier, train_classifier
 
     train, _ = fmnist
-    model, _ = train_classifier(train.images[:3000], train.labels[:3000], 10, steps=60, batch_size=64,
-                                progress=False, seed=0)
+    model, _ = train_classifier(train.images[:3000], train.labels[:3000], 10,
+                                ClassifierRecipe(steps=60, batch_size=64, seed=0), progress=False)
     path = tmp_path_factory.mktemp("clf") / "clf.safetensors"
     save_classifier(model, path, metadata={"note": "test classifier"})
     return path
@@ -110,7 +110,7 @@ def test_cas_trains_on_samples_and_reports_real_baseline(fmnist, tmp_path):
 
 def test_sweep_over_levels_with_both_curves(fmnist, classifier, tmp_path, monkeypatch):
     """A tiny untrained cascade: the sweep machinery (both curves, plot, best level) runs end to end."""
-    from test_cascade import make_stage, stage_config
+    from conftest import make_stage, stage_config
     from cascaded_diffusion.cascade import Cascade
     from cascaded_diffusion.evaluation import get_feature_extractor
     from cascaded_diffusion.evaluation.evaluate import reference_stats

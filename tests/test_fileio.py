@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cascaded_diffusion import fileio
+from cascaded_diffusion import fileio, images
 from cascaded_diffusion.evaluation.evaluate import default_stats_cache
 from cascaded_diffusion.evaluation.inception import default_inception_cache_path
 
@@ -46,7 +46,7 @@ def test_samples_npz_round_trip(tmp_path: Path) -> None:
 def test_grid_by_class_shows_every_stage_upsampled_side_by_side() -> None:
     low = np.full((4, 2, 2, 1), 10, np.uint8)
     high = np.full((4, 4, 4, 1), 200, np.uint8)
-    grid = fileio.grid_by_class([low, high], np.array([0, 0, 1, 1]), per_class=2, min_tile=8)
+    grid = images.grid_by_class([low, high], np.array([0, 0, 1, 1]), per_class=2, min_tile=8)
     # 2 rows (classes) x 4 tiles (2 samples x 2 stages) of 8 px, padding 2
     assert grid.shape == (2 * 10 + 2, 4 * 10 + 2, 1)
     assert (grid[2:10, 2:10] == 10).all() and (grid[2:10, 12:20] == 200).all()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cascaded_diffusion.loader import BatchStream
-from cascaded_diffusion.loader import PrefetchLoader
+from cascaded_diffusion.data.loader import BatchStream
+from cascaded_diffusion.data.loader import PrefetchLoader
 
 
 def dataset(tmp_path, n=37):

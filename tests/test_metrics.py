@@ -9,14 +9,13 @@ import pytest
 import scipy.linalg
 
 from cascaded_diffusion.evaluation.metrics import (
-    FeatureStats,
-    check_compatible,
     fid_from_stats,
     frechet_distance,
     inception_score,
     kid,
     precision_recall,
 )
+from cascaded_diffusion.evaluation.stats import FeatureStats, check_compatible
 
 
 def random_spd(rng: np.random.Generator, dim: int) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 
 from cascaded_diffusion.config import StageConfig
 from cascaded_diffusion.data import load_images
-from cascaded_diffusion.mirror import MirrorPatterns, flip_warning, one_way_fractions
+from cascaded_diffusion.data.mirror import MirrorPatterns, flip_warning, one_way_fractions
 from cascaded_diffusion.training import Trainer
 
 

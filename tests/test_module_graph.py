@@ -1,22 +1,25 @@
-"""The package's shape (issue 16): every module imports, no import cycles (lazy imports inside functions count
-too), and no module grows past ~400 lines without saying why at its top."""
+"""The package's shape: every module imports; each module sits in a layer of the table in docs/architecture.md and
+imports only from its own layer or the layers below (lazy imports inside functions count too); no import cycles;
+no module grows past ~420 lines without saying why at its top."""
 
 from __future__ import annotations
 
 import ast
 import importlib
 import pkgutil
+import re
 from pathlib import Path
 
 import cascaded_diffusion
 
 PACKAGE = Path(cascaded_diffusion.__file__).parent
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
 MAX_LINES = 420
 EXEMPT: set[str] = set()
 
 
 def _modules() -> dict[str, Path]:
-    modules = {}
+    modules = {"cascaded_diffusion": PACKAGE / "__init__.py"}
     for info in pkgutil.walk_packages([str(PACKAGE)], prefix="cascaded_diffusion."):
         spec = importlib.util.find_spec(info.name)
         modules[info.name] = Path(spec.origin)
@@ -49,11 +52,61 @@ def import_graph() -> dict[str, set[str]]:
             for name, deps in graph.items()}
 
 
+def layer_table() -> dict[str, int]:
+    """docs/architecture.md's module map: ``cascaded_diffusion.x`` (a module) or ``cascaded_diffusion.pkg.``
+    (every module of a package not listed on its own) -> its layer."""
+    text = ARCHITECTURE.read_text()
+    section = text[text.index("## Module map"):]
+    section = section[: section.index("\n## ", 1)]
+    table: dict[str, int] = {}
+    layer = None
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if len(cells) < 3 or not cells[1].startswith("`"):
+            continue
+        if cells[0]:
+            layer = int(re.match(r"\d+", cells[0]).group())
+        path = re.match(r"`([^`]+)`", cells[1]).group(1)
+        if path.endswith("/"):
+            key = "cascaded_diffusion." + path.rstrip("/").replace("/", ".") + "."
+        else:
+            parts = path[: -len(".py")].split("/")
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            key = ".".join(["cascaded_diffusion", *parts])
+        assert key not in table, f"{path} is in the module map twice"
+        table[key] = layer
+    return table
+
+
+def layer_of(module: str, table: dict[str, int]) -> int | None:
+    if module in table:
+        return table[module]
+    packages = [key for key in table if key.endswith(".") and (module + ".").startswith(key)]
+    return table[max(packages, key=len)] if packages else None
+
+
 def test_every_module_imports():
     for name in _modules():
         if name.endswith("__main__"):
             continue
         importlib.import_module(name)
+
+
+def test_every_module_is_in_the_layer_table_and_every_row_is_a_module():
+    table, modules = layer_table(), _modules()
+    missing = sorted(m for m in modules if layer_of(m, table) is None)
+    assert not missing, f"modules missing from the module map of docs/architecture.md: {missing}"
+    stale = sorted(k for k in table if k not in modules and not any(m.startswith(k) for m in modules))
+    assert not stale, f"rows of the module map that name no module: {stale}"
+
+
+def test_imports_go_down_the_layers():
+    table = layer_table()
+    upward = [f"{name} (layer {layer_of(name, table)}) imports {dep} (layer {layer_of(dep, table)})"
+              for name, deps in sorted(import_graph().items()) for dep in sorted(deps)
+              if layer_of(dep, table) > layer_of(name, table)]
+    assert not upward, "imports from a higher layer:\n" + "\n".join(upward)
 
 
 def test_no_import_cycles():

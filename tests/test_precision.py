@@ -1,4 +1,4 @@
-"""Issue 27: the precision every command runs its networks in. ``auto`` (the default everywhere) is bf16 only where
+"""The precision every command runs its networks in. ``auto`` (the default everywhere) is bf16 only where
 the hardware does bf16 natively; ``bf16`` / ``fp32`` are always obeyed. The decision is pinned here for each kind
 of hardware by mocking what torch and oneDNN report, and once for real under the AVX2 emulation."""
 
@@ -155,7 +155,7 @@ def test_shipped_configs_and_bundles_load_with_their_precision():
         assert load_config(path).train.precision == "auto", path
     from cascaded_diffusion.cascade import Cascade
 
-    # run directories and bundles written before issue 27 store `bf16 = false/true`: unchanged bytes, still loading
+    # run directories and bundles written before train.precision existed store `bf16 = false/true`: unchanged bytes, still loading
     assert "bf16 = false" in (TINY_RUN[0] / "config.toml").read_text()
     for stage in Cascade.load(TINY_RUN).stages:
         assert stage.config.train.precision == "fp32"
@@ -212,8 +212,8 @@ def test_cdm_cas_and_classifier_follow_the_same_rule(option, monkeypatch, tmp_pa
     want = {None: False, "bf16": True, "fp32": False}[option]
     seen = []
 
-    def fake_cas(images, labels, test_images, test_labels, num_classes, **recipe):
-        seen.append(recipe["bf16"])
+    def fake_cas(images, labels, test_images, test_labels, num_classes, recipe, **kwargs):
+        seen.append(recipe.bf16)
         return {"top1": 0.5, "top5": 0.9, "n_train": len(images), "n_test": len(test_images)}
 
     monkeypatch.setattr(evaluate_cli, "classification_accuracy_score", fake_cas)
@@ -228,8 +228,8 @@ def test_cdm_cas_and_classifier_follow_the_same_rule(option, monkeypatch, tmp_pa
 
     trained = []
 
-    def fake_train(images, labels, num_classes, **kwargs):
-        trained.append(kwargs["bf16"])
+    def fake_train(images, labels, num_classes, recipe, **kwargs):
+        trained.append(recipe.bf16)
         raise RuntimeError("stop after the precision was passed")
 
     monkeypatch.setattr(evaluate_cli, "train_classifier", fake_train)
@@ -244,14 +244,15 @@ def test_classifier_recipe_defaults_to_auto(monkeypatch):
     """The Python API: train_classifier without bf16= records (and uses) the hardware's choice."""
     import numpy as np
 
-    from cascaded_diffusion.evaluation.classifier import ClassifierConfig, train_classifier
+    from cascaded_diffusion.evaluation.classifier import ClassifierConfig, ClassifierRecipe, train_classifier
 
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (8, 8, 8, 1), dtype=np.uint8), np.arange(8) % 2
     config = ClassifierConfig(num_classes=2, in_channels=1, resolution=8)
     for flags, want in ((ZEN3, False), (ZEN4, True)):
         mock_cpu(monkeypatch, flags)
-        _, history = train_classifier(images, labels, 2, steps=1, batch_size=4, progress=False, config=config)
+        _, history = train_classifier(images, labels, 2, ClassifierRecipe(steps=1, batch_size=4), progress=False,
+                                      config=config)
         assert history.recipe["bf16"] is want
 
 
@@ -260,14 +261,20 @@ def test_cdm_train_precision(option, want, monkeypatch, tmp_path, capsys):
     """train.precision = "auto" in the shipped configs trains in fp32 without native bf16; --precision wins."""
     import numpy as np
 
-    from cascaded_diffusion import training
+    from cascaded_diffusion import stage
     from cascaded_diffusion.cli import main
+    from cascaded_diffusion.hardware import Precision
 
     mock_cpu(monkeypatch, ZEN3)
     used = []
-    real = training.bf16_autocast
-    monkeypatch.setattr(training, "bf16_autocast",
-                        lambda device, enabled=True: (used.append(enabled.name), real(device, enabled))[1])
+    real = stage.bf16_autocast
+
+    def recording(device, enabled=True):  # the training step passes the trainer's Precision (the grid a bool)
+        if isinstance(enabled, Precision):
+            used.append(enabled.name)
+        return real(device, enabled)
+
+    monkeypatch.setattr(stage, "bf16_autocast", recording)
     rng = np.random.default_rng(0)
     data = tmp_path / "d.npz"
     np.savez(data, arr_0=rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8), arr_1=np.arange(16) % 10)

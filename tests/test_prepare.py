@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cascaded_diffusion import prepare
+from cascaded_diffusion.data import partial, prepare
 from cascaded_diffusion.cli import main
 from cascaded_diffusion.data import load_images
 from cascaded_diffusion.errors import UserError
-from cascaded_diffusion.prepare import load_prepared, prepare_dataset, read_manifest
+from cascaded_diffusion.data.prepare import load_prepared, prepare_dataset, read_manifest
 
 
 def make_folder(root: Path) -> Path:
@@ -87,7 +87,7 @@ def test_two_worker_processes_write_the_same_arrays(folder, tmp_path):
 
 def test_interrupted_prepare_resumes_with_the_chunks_not_done(folder, tmp_path, monkeypatch):
     out = tmp_path / "prepared"
-    real = prepare._decode_chunk
+    real = partial._decode_chunk
     calls: list[int] = []
 
     def interrupted(job):
@@ -96,7 +96,7 @@ def test_interrupted_prepare_resumes_with_the_chunks_not_done(folder, tmp_path, 
         calls.append(job[0])
         return real(job)
 
-    monkeypatch.setattr(prepare, "_decode_chunk", interrupted)
+    monkeypatch.setattr(partial, "_decode_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(folder, [8, 16], out, workers=1, chunk_size=4)
     # nothing final appeared: no manifest, no arrays, and training refuses the directory
@@ -106,7 +106,7 @@ def test_interrupted_prepare_resumes_with_the_chunks_not_done(folder, tmp_path, 
         load_prepared(out, 8)
 
     calls.clear()
-    monkeypatch.setattr(prepare, "_decode_chunk", lambda job: (calls.append(job[0]), real(job))[1])
+    monkeypatch.setattr(partial, "_decode_chunk", lambda job: (calls.append(job[0]), real(job))[1])
     result = prepare_dataset(folder, [8, 16], out, workers=1, chunk_size=99)  # the partial's chunk size wins
     assert calls == [2, 3, 4] and result.decoded == 12
     assert not (out / ".partial").exists()
@@ -116,7 +116,7 @@ def test_interrupted_prepare_resumes_with_the_chunks_not_done(folder, tmp_path, 
 
 def test_interrupted_compaction_is_redone_from_the_first_unreadable_file(folder, tmp_path, monkeypatch):
     out = tmp_path / "prepared"
-    real_compact, real_decode = prepare._compact, prepare._decode_chunk
+    real_compact, real_decode = prepare._compact, partial._decode_chunk
 
     def cut_short(path, keep, first):
         real_compact(path, keep[: first + 2], first)  # moves a few rows, then the process "dies"
@@ -128,7 +128,7 @@ def test_interrupted_compaction_is_redone_from_the_first_unreadable_file(folder,
     assert (out / ".partial" / "compacting.json").is_file() and not (out / "manifest.json").exists()
     monkeypatch.setattr(prepare, "_compact", real_compact)
     calls: list[int] = []
-    monkeypatch.setattr(prepare, "_decode_chunk", lambda job: (calls.append(job[0]), real_decode(job))[1])
+    monkeypatch.setattr(partial, "_decode_chunk", lambda job: (calls.append(job[0]), real_decode(job))[1])
     prepare_dataset(folder, [8], out, workers=1, chunk_size=4)
     assert calls == [0, 1, 2, 3, 4]  # the first unreadable file is index 3, in chunk 0: every chunk again
     assert_same(load_prepared(out, 8), oracle(folder, 8))
@@ -137,7 +137,7 @@ def test_interrupted_compaction_is_redone_from_the_first_unreadable_file(folder,
 def test_a_complete_directory_is_reused_or_refused(folder, tmp_path, monkeypatch):
     out = tmp_path / "prepared"
     prepare_dataset(folder, [8, 16], out, workers=1)
-    monkeypatch.setattr(prepare, "_decode_chunk", lambda job: pytest.fail("decoded although prepared"))
+    monkeypatch.setattr(partial, "_decode_chunk", lambda job: pytest.fail("decoded although prepared"))
     again = prepare_dataset(folder, [16], out, workers=1)
     assert again.already_prepared and again.decoded == 0
     with pytest.raises(UserError, match=r"holds resolutions \[8, 16\], not \[8, 32\]"):
@@ -156,7 +156,7 @@ def test_a_complete_directory_is_reused_or_refused(folder, tmp_path, monkeypatch
 
 
 def test_bad_inputs_are_one_line_errors_before_decoding(folder, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(prepare, "_decode_chunk", lambda job: pytest.fail("decoding started"))
+    monkeypatch.setattr(partial, "_decode_chunk", lambda job: pytest.fail("decoding started"))
     flat = tmp_path / "flat"
     flat.mkdir()
     Image.new("RGB", (9, 9)).save(flat / "a.png")
@@ -186,8 +186,13 @@ def test_bad_inputs_are_one_line_errors_before_decoding(folder, tmp_path, monkey
 def test_training_reads_check_the_manifest(folder, tmp_path):
     out = tmp_path / "prepared"
     prepare_dataset(folder, [8, 16], out, workers=1)
-    with pytest.raises(UserError, match=r"holds resolutions 8px, 16px, not 32px; prepare it with --resolutions 8,16,32"):
+    # the library names prepare_dataset's own argument; `cdm` shows its option (--resolutions) in its place
+    with pytest.raises(UserError, match=r"holds resolutions 8px, 16px, not 32px; prepare it with resolutions 8,16,32") as info:
         load_images(f"prepared:{out}", 32)
+    from cascaded_diffusion.cli.main import cli_option
+    from cascaded_diffusion.errors import render
+
+    assert "prepare it with --resolutions 8,16,32 (into a new --out)" in render(info.value, cli_option)
     with pytest.raises(UserError, match="holds 3-channel images, the stage needs 1"):
         load_images(f"prepared:{out}", 8, channels=1)
     with pytest.raises(ValueError, match=r"cannot decode image .*2_cut\.jpg.*on_corrupt = 'error'"):

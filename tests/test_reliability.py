@@ -1,4 +1,4 @@
-"""Issue 15: concurrent use, full disks, interrupted runs and bad input end in a one-line error or a recovery,
+"""Concurrent use, full disks, interrupted runs and bad input end in a one-line error or a recovery,
 never in a traceback, a silent wrong number or lost data. One test (or more) per case of docs/reliability.md."""
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from cascaded_diffusion import checkpoint as checkpoint_module
 from cascaded_diffusion import fileio
 from cascaded_diffusion.fileio import atomic_write_bytes
 from cascaded_diffusion.checkpoint import (
-    RunLock,
     clean_run_dir,
     latest_valid_checkpoint,
     list_checkpoints,
@@ -32,49 +31,16 @@ from cascaded_diffusion.checkpoint import (
     save_checkpoint,
 )
 from cascaded_diffusion.cli import main
-from cascaded_diffusion.config import StageConfig
 from cascaded_diffusion.data import load_images
 from cascaded_diffusion.errors import RunLockedError
-from cascaded_diffusion.evaluation.metrics import FeatureStats
-from cascaded_diffusion.training import CONFIG_HEADER, Trainer, read_log
+from cascaded_diffusion.evaluation.stats import FeatureStats
+from cascaded_diffusion.rundir import CONFIG_HEADER, RunLock, read_log
+from cascaded_diffusion.training import Trainer
+
+from conftest import train_args, write_data
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE8 = str(ROOT / "configs/fashion-mnist/base8.toml")
-
-
-def tiny_raw(npz: Path, **train) -> dict:
-    return {
-        "stage": {"name": "tiny", "resolution": 8, "channels": 1, "num_classes": 3},
-        "data": {"source": f"npz:{npz}"},
-        "diffusion": {"timesteps": 20},
-        "model": {"channels": 16, "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": [],
-                  "norm_groups": 4},
-        "train": {"steps": 6, "batch_size": 8, "bf16": False, "log_every": 2, "ckpt_every": 3, "keep_last": 5,
-                  "progress": False, "sample_steps": 2, **train},
-    }
-
-
-def write_data(path: Path, n: int = 40, resolution: int = 8, channels: int = 1, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    np.savez(path, arr_0=rng.integers(0, 256, (n, resolution, resolution, channels), dtype=np.uint8),
-             arr_1=(np.arange(n) % 3).astype(np.int64))
-    return path
-
-
-@pytest.fixture
-def tiny(tmp_path) -> tuple[Path, StageConfig]:
-    """A tiny stage config written as TOML, on 40 generated 8x8 images."""
-    config = StageConfig.from_dict(tiny_raw(write_data(tmp_path / "data.npz")))
-    path = tmp_path / "tiny.toml"
-    path.write_text(config.to_toml())
-    return path, config
-
-
-def train_args(cfg: Path, out: Path, *sets: str) -> list[str]:
-    args = ["train", str(cfg), "--out", str(out), "--device", "cpu"]
-    for s in sets:
-        args += ["--set", s]
-    return args
 
 
 def subprocess_env() -> dict:
@@ -280,9 +246,9 @@ def test_log_is_appended_and_read_log_voids_lost_steps(tmp_path):
              {"step": 6, "loss": 0.8}, {"event": "resume", "step": 3}, {"step": 4, "loss": 0.7}]
     log.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 6, "lo')  # a line cut by a kill
     assert read_log(log) == [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.7}]
-    from cascaded_diffusion.training import _append_log_event
+    from cascaded_diffusion.rundir import append_log_event
 
-    _append_log_event(log, "resume", 4)  # starts on a new line, so the cut line cannot swallow it
+    append_log_event(log, "resume", 4)  # starts on a new line, so the cut line cannot swallow it
     assert json.loads(log.read_text().splitlines()[-1])["event"] == "resume"
 
 
@@ -295,11 +261,11 @@ def no_compute(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("compute started before the output paths were checked")
 
-    import cascaded_diffusion.cascade as cascade_module  # sharded_sampling looks it up there at call time
     import cascaded_diffusion.evaluation.evaluate as evaluate_module
     import cascaded_diffusion.evaluation.features as features_module
+    from cascaded_diffusion.cascade import Cascade
 
-    monkeypatch.setattr(cascade_module, "sample_in_batches", forbidden)
+    monkeypatch.setattr(Cascade, "sample", forbidden)
     monkeypatch.setattr(features_module, "get_feature_extractor", forbidden)
     monkeypatch.setattr(evaluate_module, "reference_stats", forbidden)
     monkeypatch.setattr(Trainer, "_build", forbidden)
@@ -373,16 +339,16 @@ def test_atomic_write_failure_names_the_target_and_keeps_the_old_file(tmp_path, 
 
 def test_samples_are_kept_when_the_disk_fills_during_sampling(tmp_path, capsys, monkeypatch):
     """The finished samples stay in OUT.shards/ when the final npz cannot be written; the rerun only merges."""
-    import cascaded_diffusion.cascade as cascade_module
-    import cascaded_diffusion.sharded_sampling as sharded_module
+    import cascaded_diffusion.shards as shards_module
+    from cascaded_diffusion.cascade import Cascade
 
     out = tmp_path / "out" / "s.npz"
-    real_write = sharded_module.write_npz_streaming
+    real_write = shards_module.write_npz_streaming
 
     def full_disk(path, arrays):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(sharded_module, "write_npz_streaming", full_disk)
+    monkeypatch.setattr(shards_module, "write_npz_streaming", full_disk)
     args = ["sample", "--pretrained", "fashion-mnist", "--num", "2", "--steps", "2", "--out", str(out),
             "--device", "cpu", "--quiet"]
     assert main(args) == 2
@@ -393,8 +359,8 @@ def test_samples_are_kept_when_the_disk_fills_during_sampling(tmp_path, capsys, 
     def forbidden(*a, **k):
         raise AssertionError("the kept samples were sampled again")
 
-    monkeypatch.setattr(sharded_module, "write_npz_streaming", real_write)
-    monkeypatch.setattr(cascade_module, "sample_in_batches", forbidden)
+    monkeypatch.setattr(shards_module, "write_npz_streaming", real_write)
+    monkeypatch.setattr(Cascade, "sample", forbidden)
     assert main(args) == 0
     with np.load(out) as f:
         assert f["arr_0"].shape == (2, 32, 32, 1)
@@ -571,12 +537,12 @@ def test_16_bit_grayscale_pngs_are_scaled_not_clipped(tmp_path):
     MemoryError(),
 ])
 def test_out_of_memory_names_what_to_lower(error, tmp_path, capsys, monkeypatch, tiny):
-    import cascaded_diffusion.cascade as cascade_module  # sharded_sampling looks it up there at call time
+    from cascaded_diffusion.cascade import Cascade
 
     def oom(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(cascade_module, "sample_in_batches", oom)
+    monkeypatch.setattr(Cascade, "sample", oom)
     assert main(["sample", "--pretrained", "fashion-mnist", "--batch-size", "100000", "--out",
                  str(tmp_path / "x.npz"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
@@ -588,12 +554,12 @@ def test_out_of_memory_names_what_to_lower(error, tmp_path, capsys, monkeypatch,
 
 
 def test_a_genuine_bug_keeps_its_traceback(tmp_path, monkeypatch):
-    import cascaded_diffusion.cascade as cascade_module  # sharded_sampling looks it up there at call time
+    from cascaded_diffusion.cascade import Cascade
 
     def bug(*args, **kwargs):
         raise RuntimeError("an internal invariant broke")
 
-    monkeypatch.setattr(cascade_module, "sample_in_batches", bug)
+    monkeypatch.setattr(Cascade, "sample", bug)
     with pytest.raises(RuntimeError, match="internal invariant"):
         main(["sample", "--pretrained", "fashion-mnist", "--out", str(tmp_path / "x.npz"), "--device", "cpu"])
 

@@ -1,4 +1,4 @@
-"""Issue 29, the third reliability round: no file clobbered through a symlink, no foreign data deleted, no output
+"""The third reliability round: no file clobbered through a symlink, no foreign data deleted, no output
 over an input, no silent change of meaning, and one-line errors. One test (or more) per item; the rows are in
 docs/reliability.md."""
 
@@ -13,22 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cascaded_diffusion import fileio
-from cascaded_diffusion.checkpoint import RunLock, clean_run_dir
+from cascaded_diffusion import fileio, images
+from cascaded_diffusion.checkpoint import clean_run_dir
+from cascaded_diffusion.rundir import RunLock
 from cascaded_diffusion.cli import main
 from cascaded_diffusion.config import StageConfig
 from cascaded_diffusion.errors import UserError
-from cascaded_diffusion.sharded_sampling import write_npz_streaming
+from cascaded_diffusion.fileio import write_npz_streaming
 
-from test_reliability import tiny_raw, train_args, write_data  # noqa: F401 (the tiny stage of round two)
-
-
-@pytest.fixture
-def tiny(tmp_path) -> tuple[Path, StageConfig]:
-    config = StageConfig.from_dict(tiny_raw(write_data(tmp_path / "data.npz")))
-    path = tmp_path / "tiny.toml"
-    path.write_text(config.to_toml())
-    return path, config
+from conftest import train_args  # the tiny stage of round two is conftest's `tiny` fixture
 
 
 # --- 1. temporary files are exclusive and unpredictable ---------------------------------------------------
@@ -56,7 +49,7 @@ def test_atomic_writes_never_follow_a_planted_temporary_link(tmp_path, writer):
     else:
         target = shared / "g.png"
         _plant_links(shared, target.name, victim)
-        fileio.save_grid(np.zeros((1, 4, 4, 1), np.uint8), target, nrow=1)
+        images.save_grid(np.zeros((1, 4, 4, 1), np.uint8), target, nrow=1)
     assert victim.read_text() == "precious"
     assert target.is_file() and not target.is_symlink()
     # the temporary file was unpredictable and is gone; the planted links are left alone
@@ -353,13 +346,13 @@ def test_sampling_and_export_retry_when_the_chosen_checkpoint_is_pruned(trained,
 def test_a_second_sampler_on_the_same_out_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
     import socket
 
-    import cascaded_diffusion.cascade as cascade_module
-    from cascaded_diffusion.sharded_sampling import _ShardLock, shard_dir_for
+    from cascaded_diffusion.cascade import Cascade
+    from cascaded_diffusion.shards import ShardDirectory, shard_dir_for
 
     out = tmp_path / "s.npz"
-    first = _ShardLock(shard_dir_for(out), out).acquire()  # as the first `cdm sample` holds it
+    first = ShardDirectory(out).lock()  # as the first `cdm sample` holds it
     (shard_dir_for(out) / ".chunk-x.npz.tmp-abcdefgh").write_bytes(b"the first one's chunk being written")
-    monkeypatch.setattr(cascade_module, "sample_in_batches", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setattr(Cascade, "sample", lambda *a, **k: pytest.fail("sampled"))
     args = ["sample", "--pretrained", "fashion-mnist", "--num", "2", "--steps", "2", "--out", str(out),
             "--device", "cpu", "--quiet"]
     assert main(args) == 2
@@ -399,9 +392,9 @@ def test_the_shipped_cascade_is_byte_identical_for_any_batch_size():
 
 
 def test_low_res_sample_labels_beyond_the_classes_are_refused_before_sampling(tmp_path, capsys, monkeypatch):
-    import cascaded_diffusion.cascade as cascade_module
+    from cascaded_diffusion.cascade import Cascade
 
-    monkeypatch.setattr(cascade_module, "sample_in_batches", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setattr(Cascade, "sample", lambda *a, **k: pytest.fail("sampled"))
     low = tmp_path / "low.npz"
     np.savez(low, arr_0=np.zeros((2, 8, 8, 1), np.uint8), arr_1=np.array([3, 12]))
     assert main(["sample", "--pretrained", "fashion-mnist", "--num", "2", "--low-res-samples", str(low),
@@ -512,7 +505,7 @@ def test_float_tiffs_in_0_1_are_scaled_and_out_of_range_ones_refused(tmp_path):
     from PIL import Image
 
     from cascaded_diffusion.data import load_images
-    from cascaded_diffusion.prepare import load_prepared, prepare_dataset
+    from cascaded_diffusion.data.prepare import load_prepared, prepare_dataset
 
     folder = tmp_path / "images" / "only"
     folder.mkdir(parents=True)
@@ -538,27 +531,27 @@ def test_a_resumed_prepare_checks_free_space_before_writing_its_arrays(tmp_path,
 
     from PIL import Image
 
-    from cascaded_diffusion import prepare
+    from cascaded_diffusion.data import partial, prepare
 
     for c in ("a", "b"):
         (tmp_path / "images" / c).mkdir(parents=True)
         for i in range(4):
             Image.fromarray(np.full((40, 40, 3), 30 * i, np.uint8)).save(tmp_path / "images" / c / f"{i}.png")
     out = tmp_path / "prepared"
-    real = prepare._decode_chunk
+    real = partial._decode_chunk
 
     def interrupted(job):
         if job[0] == 1:
             raise KeyboardInterrupt
         return real(job)
 
-    monkeypatch.setattr(prepare, "_decode_chunk", interrupted)
+    monkeypatch.setattr(partial, "_decode_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare_dataset(tmp_path / "images", [32], out, workers=1, chunk_size=2)
     # the disk filled up meanwhile: 1 KiB left, while 6 files x 32*32*3 bytes are still unwritten
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage._replace(free=1024))
-    monkeypatch.setattr(prepare, "_decode_chunk", lambda job: pytest.fail("wrote into the arrays"))
+    monkeypatch.setattr(partial.shutil, "disk_usage", lambda path: usage._replace(free=1024))
+    monkeypatch.setattr(partial, "_decode_chunk", lambda job: pytest.fail("wrote into the arrays"))
     assert main(["prepare", str(tmp_path / "images"), "--resolutions", "32", "--out", str(out), "--workers", "1",
                  "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -574,12 +567,11 @@ def test_a_resumed_prepare_checks_free_space_before_writing_its_arrays(tmp_path,
 
 def test_a_batch_or_num_that_cannot_fit_is_refused_naming_the_flag(tmp_path, capsys, monkeypatch):
     import cascaded_diffusion.cascade as cascade_module
-    import cascaded_diffusion.cli.sample as sample_cli
     from cascaded_diffusion import hardware
     from cascaded_diffusion.sharded_sampling import sample_sharded
 
-    monkeypatch.setattr(cascade_module, "sample_in_batches", lambda *a, **k: pytest.fail("sampled"))
-    monkeypatch.setattr(sample_cli, "balanced_labels", lambda *a, **k: pytest.fail("labels were allocated"))
+    monkeypatch.setattr(cascade_module.Cascade, "sample", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setattr(cascade_module, "balanced_labels", lambda *a, **k: pytest.fail("labels were allocated"))
     base = ["sample", "--pretrained", "fashion-mnist", "--out", str(tmp_path / "s.npz"), "--device", "cpu", "--quiet"]
     # 10**8 samples of 32x32 in one batch: over a terabyte of sampler state, on any machine
     assert main(base + ["--num", str(10**8), "--batch-size", str(10**8)]) == 2

@@ -1,4 +1,4 @@
-"""Issue 16's small correctness items and its structural checks: a broken import is loud, the default level of a
+"""Small correctness items and structural checks: a broken import is loud, the default level of a
 fixed-s stage, truncated --save-stages, guidance without label dropout, learn_sigma with the simple loss."""
 
 from __future__ import annotations

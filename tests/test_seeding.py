@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from cascaded_diffusion.cascade import Cascade, balanced_labels, sample_in_batches
+from cascaded_diffusion.cascade import Cascade, sample_in_batches
+from cascaded_diffusion.labels import balanced_labels
 from cascaded_diffusion.rng import PerSampleGenerator, randn, sample_seed
 
-from test_cascade import make_stage, stage_config
+from conftest import make_stage, stage_config
 
 
 @pytest.fixture(scope="module")

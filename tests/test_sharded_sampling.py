@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cascaded_diffusion.cascade import Cascade, balanced_labels, sample_in_batches
+from cascaded_diffusion.cascade import Cascade, sample_in_batches
+from cascaded_diffusion.labels import balanced_labels
+from cascaded_diffusion.distributed import distributed_from_env, over_ranks
 from cascaded_diffusion.sharded_sampling import ShardManifestError, sample_sharded, shard_dir_for
 
-from test_cascade import make_stage, stage_config
+from conftest import make_stage, stage_config
 
 NUM = 10
 KWARGS = dict(sampler="ddpm", steps=3, aug_levels=[6])
@@ -39,8 +41,14 @@ def _worker(rank: int, world: int, rendezvous: str, out: str, batch_size: int) -
                                 poll_seconds=0.05, **KWARGS)
         assert result.world_size == world and result.new == NUM and Path(out).is_file()
         # the in-memory path (cdm sweep): every rank samples its share and gets all the images
-        stages, _ = sample_in_batches(tiny_cascade(), balanced_labels(NUM, 3), batch_size=2, seed=7, truncated=True,
-                                      distributed=True, **KWARGS)
+        cascade, labels = tiny_cascade(), balanced_labels(NUM, 3)
+
+        def sample(positions):
+            return sample_in_batches(cascade, labels[torch.from_numpy(positions)], batch_size=2, seed=7,
+                                     indices=positions.tolist(), truncated=True, **KWARGS)[0]
+
+        with distributed_from_env("cpu"):  # every rank runs this alike: over_ranks splits the work
+            stages = over_ranks(NUM, sample)
         np.save(f"{out}.truncated-rank{rank}.npy", stages[-1])
     finally:
         torch.distributed.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Sharing a cascade (issue 31): an exported cascade folder loads from a hand-built offline Hugging Face cache and
+"""Sharing a cascade: an exported cascade folder loads from a hand-built offline Hugging Face cache and
 samples the same bytes as the bundled cascade; its files are verified before anything is loaded; `cdm push`
 uploads the export with its model card (a fake HfApi: no network here); the shipped bundles' model cards are what
 the card writer produces."""
@@ -284,14 +284,14 @@ def test_push_help_documents_it(capsys):
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    from test_cli import train
+    from conftest import train_tiny
 
     rng = np.random.default_rng(0)
     root = tmp_path_factory.mktemp("tinyruns")
     data = root / "data.npz"
     np.savez(data, arr_0=rng.integers(0, 256, (32, 32, 32, 1), dtype=np.uint8), arr_1=np.arange(32) % 10)
-    train("base8.toml", root / "base", data, ["conditioning.s_max=50"])
-    train("sr8to32.toml", root / "sr", data, ["conditioning.s_max=50", "conditioning.sample_s=10"])
+    train_tiny("base8.toml", root / "base", data, ["conditioning.s_max=50"])
+    train_tiny("sr8to32.toml", root / "sr", data, ["conditioning.s_max=50", "conditioning.sample_s=10"])
     return root
 
 

@@ -185,7 +185,7 @@ def test_paired_gap_cancels_what_both_sets_share(tmp_path):
     """The gap of a set against itself is exactly 0 with no spread; against a shifted copy, the paired spread is
     well below the unpaired one (measured 0.55 of it here; 0.3 on the study's samples), because the variation that
     both sets share cancels."""
-    from cascaded_diffusion.evaluation.metrics import FeatureStats
+    from cascaded_diffusion.evaluation.stats import FeatureStats
 
     rng = np.random.default_rng(0)
     # images that differ a lot from each other (a brightness ramp at a random angle and level), so that which

@@ -63,7 +63,7 @@ def test_leading_separator_is_accepted(tmp_path):
 
 def test_two_torchrun_processes_write_the_bytes_of_one(tmp_path):
     # fp32 and batch shapes that made oneDNN sum in another order before the networks ran on fixed micro-batches
-    # (issue 29); both sides have one thread per process, as the guarantee requires
+    # (on a CPU the networks run on fixed micro-batches); both sides have one thread per process, as the guarantee requires
     common = ["sample", "--pretrained", "fashion-mnist", "--num", "12", "--steps", "2", "--device", "cpu", "--quiet",
               "--precision", "fp32"]
     one = tmp_path / "one.npz"

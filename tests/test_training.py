@@ -14,28 +14,12 @@ import torch
 
 from cascaded_diffusion.checkpoint import latest_checkpoint, list_checkpoints, load_state, load_tensors
 from cascaded_diffusion.config import ConfigError, StageConfig
-from cascaded_diffusion.training import NonFiniteLossError, Trainer, read_log
+from cascaded_diffusion.rundir import read_log
+from cascaded_diffusion.training import NonFiniteLossError, Trainer
+
+from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(tmp_path: Path, **train) -> StageConfig:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(40, 8, 8, 1), dtype=np.uint8)
-    labels = rng.integers(0, 3, size=40).astype(np.int64)
-    npz = tmp_path / "data.npz"
-    np.savez(npz, arr_0=images, arr_1=labels)
-    raw = {
-        "stage": {"name": "tiny", "resolution": 8, "channels": 1, "num_classes": 3},
-        "data": {"source": f"npz:{npz}"},
-        "diffusion": {"timesteps": 50, "learn_sigma": True, "loss": "hybrid"},
-        "model": {"channels": 32, "channel_mult": [1, 1], "num_res_blocks": 1, "attention_resolutions": [4], "norm_groups": 8,
-                  "dropout": 0.1, "label_dropout": 0.2},
-        "train": {"steps": 6, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "bf16": False, "log_every": 2,
-                  "ckpt_every": 3, "keep_last": 5, "progress": False, "sample_every": 0, "sample_steps": 3,
-                  **train},
-    }
-    return StageConfig.from_dict(raw)
 
 
 def all_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -142,7 +126,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
 def test_prepared_source_trains_and_resumes_bitwise_with_and_without_prefetch(tmp_path):
     from PIL import Image
 
-    from cascaded_diffusion.prepare import prepare_dataset
+    from cascaded_diffusion.data.prepare import prepare_dataset
 
     rng = np.random.default_rng(1)
     for c in range(3):

@@ -1,4 +1,4 @@
-"""`cdm upscale` and `Cascade.upscale` (issue 31): your own low-resolution images through a cascade's SR stages,
+"""`cdm upscale` and `Cascade.upscale`: your own low-resolution images through a cascade's SR stages,
 resized by the training data's rule, deterministic, unreadable files reported while the rest are written, nothing
 overwritten without --force."""
 
@@ -10,7 +10,7 @@ from PIL import Image
 
 from cascaded_diffusion.cascade import Cascade
 from cascaded_diffusion.cli import main
-from cascaded_diffusion.imagefolder import preprocess_image
+from cascaded_diffusion.data.imagefolder import preprocess_image
 from cascaded_diffusion.upscale import upscale_files
 
 QUICK = ["--steps", "4", "--quiet"]  # the SR stage at 4 DPM-Solver++ steps: the properties, not the quality

@@ -1,4 +1,4 @@
-"""Training you can watch (issue 32): TensorBoard image summaries of the sample grids, loss by timestep quartile,
+"""Training you can watch: TensorBoard image summaries of the sample grids, loss by timestep quartile,
 EMA warm-up and learning rate scalars, and the optional periodic KID, from a short real run's event file."""
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from PIL import Image
 
 from cascaded_diffusion.checkpoint import latest_checkpoint, load_state, load_tensors
 from cascaded_diffusion.config import ConfigError, StageConfig
-from cascaded_diffusion.training import Trainer, read_log
+from cascaded_diffusion.rundir import read_log
+from cascaded_diffusion.training import Trainer
 from cascaded_diffusion.watch import LossByTimestep
 
-from test_training import tiny_config
+from conftest import tiny_config
 
 pytest.importorskip("tensorboard", reason="reading event files needs tensorboard (in the test extra)")
 

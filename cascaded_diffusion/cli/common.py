@@ -123,7 +123,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def class_proportions_labels(spec: str, num: int, num_classes: int, resolution: int):
     """``num`` labels in the class proportions of the data set ``spec`` (``--class-proportions``)."""
-    from ..cascade import proportional_labels
+    from ..labels import proportional_labels
     from ..data import load_images
 
     data = load_images(spec, resolution)

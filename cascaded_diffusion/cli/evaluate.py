@@ -13,10 +13,11 @@ from ..cascade import Cascade
 from ..data import load_images
 from ..distributed import distributed_from_env
 from ..errors import UserError, check_distinct_paths, check_output_file
-from ..readers import ResolutionMismatch
+from ..data.readers import ResolutionMismatch
 from ..evaluation.cas import classification_accuracy_score
 from ..evaluation.classifier.files import classifier_paths
-from ..evaluation.classifier import ClassifierConfig, evaluate_classifier, save_classifier, train_classifier
+from ..evaluation.classifier import (ClassifierConfig, ClassifierRecipe, evaluate_classifier, save_classifier,
+                                    train_classifier)
 from ..evaluation.evaluate import evaluate_images, load_samples, reference_stats
 from ..evaluation.features import get_feature_extractor
 from ..evaluation.sweep import augmentation_sweep, plot_sweep
@@ -47,7 +48,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             print(f"cdm stats: {FEATURES_FP32}", flush=True)
         start = time.time()
         stats = reference_stats(args.ref, extractor, resolution=args.resolution, channels=args.channels,
-                                num=args.num, distributed=world_size > 1)
+                                num=args.num)
     if rank != 0:
         return 0
     stats.save(out)  # atomic: a full disk or a kill leaves the previous file intact
@@ -66,12 +67,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"cdm eval: {FEATURES_FP32}", flush=True)
         try:
             reference = reference_stats(args.ref, extractor, resolution=images.shape[1], channels=images.shape[-1],
-                                        distributed=world_size > 1, resize="any" if args.resize else "exact")
+                                        resize="any" if args.resize else "exact")
         except ResolutionMismatch as e:  # e.g. the cascade's base output scored against its final resolution
             raise UserError(f"--ref {args.ref}: {e} to the samples' size; pass --resize to do that anyway") from None
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-        result = evaluate_images(images, reference, extractor, metrics, source=str(args.samples),
-                                 distributed=world_size > 1)
+        result = evaluate_images(images, reference, extractor, metrics, source=str(args.samples))
     if rank != 0:
         return 0
     result["reference"]["spec"] = args.ref
@@ -96,14 +96,14 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
     start = time.time()
     device = resolve_device(args.device)
     precision = report_precision("classifier train", args.precision, device)
-    kwargs = dict(seed=args.seed, device=device, progress=True, config=config, flip=not args.no_flip,
-                  bf16=precision.bf16)
-    for name in ("epochs", "steps", "batch_size"):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
+    recipe = ClassifierRecipe(seed=args.seed, flip=not args.no_flip, bf16=precision.bf16,
+                              **{name: getattr(args, name) for name in ("epochs", "steps", "batch_size")
+                                 if getattr(args, name) is not None})
+    evaluation = {}
     if test is not None and args.eval_every_epoch:
-        kwargs.update(eval_images=test.images, eval_labels=test.labels)
-    model, history = train_classifier(train.images, train.labels, train.num_classes, **kwargs)
+        evaluation = dict(eval_images=test.images, eval_labels=test.labels)
+    model, history = train_classifier(train.images, train.labels, train.num_classes, recipe, config=config,
+                                      device=device, progress=True, **evaluation)
     minutes = (time.time() - start) / 60
     accuracy = None
     if test is not None:
@@ -146,11 +146,11 @@ def cmd_cas(args: argparse.Namespace) -> int:
         )
     device = resolve_device(args.device)
     precision = report_precision("cas", args.precision, device)
-    recipe = dict(seed=args.seed, device=device, bf16=precision.bf16)
-    if args.epochs is not None:
-        recipe["epochs"] = args.epochs
+    recipe = ClassifierRecipe(seed=args.seed, bf16=precision.bf16,
+                              **({"epochs": args.epochs} if args.epochs is not None else {}))
     start = time.time()
-    generated = classification_accuracy_score(images, labels, test.images, test.labels, num_classes, **recipe)
+    generated = classification_accuracy_score(images, labels, test.images, test.labels, num_classes, recipe,
+                                              device=device)
     result = {"samples": str(args.samples), "test": test.source, "generated": generated,
               "precision": precision.name}
     line = f"CAS on {test.source}: generated top-1 {100 * generated['top1']:.2f}% top-5 {100 * generated['top5']:.2f}%"
@@ -162,7 +162,8 @@ def cmd_cas(args: argparse.Namespace) -> int:
         rng = np.random.default_rng(args.seed)
         pick = np.sort(rng.choice(len(real.images), size=min(len(images), len(real.images)), replace=False))
         baseline = classification_accuracy_score(
-            np.asarray(real.images[pick]), np.asarray(real.labels[pick]), test.images, test.labels, num_classes, **recipe
+            np.asarray(real.images[pick]), np.asarray(real.labels[pick]), test.images, test.labels, num_classes, recipe,
+            device=device,
         )
         result["real"] = {**baseline, "source": real.source}
         line += f"; real-data baseline ({baseline['n_train']} images) top-1 {100 * baseline['top1']:.2f}% top-5 {100 * baseline['top5']:.2f}%"
@@ -187,8 +188,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         cascade = Cascade.load(args.run_dirs, pretrained=args.pretrained, device=device, weights=args.weights)
         extractor = get_feature_extractor(args.features, device)
         final = cascade.stages[-1]
-        reference = reference_stats(args.ref, extractor, resolution=final.resolution, channels=final.channels,
-                                    distributed=world_size > 1)
+        reference = reference_stats(args.ref, extractor, resolution=final.resolution, channels=final.channels)
         ground_truth = None if args.no_ground_truth else (args.ground_truth or (args.ref if ":" in args.ref or not args.ref.endswith(".npz") else None))
         sampling = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
                         autocast=precision.bf16)
@@ -199,7 +199,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         result = augmentation_sweep(
             cascade, args.aug_levels, num=args.num, reference=reference, extractor=extractor, labels=labels,
             ground_truth=ground_truth, truncated=bool(args.truncated), seed=args.seed, batch_size=args.batch_size,
-            sampling={k: v for k, v in sampling.items() if v is not None}, distributed=world_size > 1,
+            sampling={k: v for k, v in sampling.items() if v is not None},
         )
     if rank != 0:
         return 0

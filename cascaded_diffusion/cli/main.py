@@ -8,7 +8,7 @@ import sys
 import zipfile
 
 from ..checkpoint import CheckpointError
-from ..errors import describe_os_error
+from ..errors import describe_os_error, render
 from ..training import NonFiniteLossError, TrainingStopped
 from . import demo, evaluate, prepare, sample, share, train
 
@@ -19,6 +19,16 @@ def build_parser() -> argparse.ArgumentParser:
     for commands in (train, sample, share, prepare, evaluate, demo):  # train, export | sample | push, upscale | ... | demo
         commands.add_commands(sub)
     return parser
+
+
+# The library's names of the settings its errors name -> this command line's options, where they are not
+# "--" + the name with "-" for "_" (device -> --device, batch_size -> --batch-size)
+OPTIONS = {"run_dir": "--out", "class_labels": "--class-label", "overrides": "--set", "reference": "--ref"}
+
+
+def cli_option(setting: str) -> str:
+    """The command-line option of a setting a library error names (an option already is one)."""
+    return setting if setting.startswith("-") else OPTIONS.get(setting, "--" + setting.replace("_", "-"))
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -50,7 +60,7 @@ def user_error_message(error: BaseException, args: argparse.Namespace) -> str | 
     if isinstance(error, zipfile.BadZipFile):
         return f"not a readable zip/.npz file ({error}); it is truncated or corrupt"
     if isinstance(error, (ValueError, CheckpointError, NonFiniteLossError)):  # ConfigError, UserError included
-        return str(error)
+        return render(error, cli_option)
     return None
 
 

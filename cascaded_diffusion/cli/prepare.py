@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..prepare import DEFAULT_CHUNK_SIZE, MANIFEST, prepare_dataset
+from ..data.prepare import DEFAULT_CHUNK_SIZE, MANIFEST, prepare_dataset
 from .common import int_list, positive_int
 
 

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cascade import Cascade, balanced_labels, grid_indices
+from ..cascade import Cascade
+from ..labels import grid_indices
 from ..data import load_images
 from ..distributed import distributed_from_env
 from ..errors import UserError, check_distinct_paths, check_output_dir, check_output_file
-from ..fileio import grid_by_class, npz_array_shape, save_grid
+from ..fileio import npz_array_shape
+from ..images import grid_by_class, save_grid
 from ..hardware import SamplingMemoryError, check_sampling_memory, resolve_device
 from ..sharded_sampling import sample_sharded
 from .common import (add_sampling_args, check_image_path, class_proportions_labels, nonneg_int_list, positive_int,
@@ -38,10 +40,9 @@ def low_res_start_stage(cascade: Cascade, path: str) -> int:
     raise UserError(f"--low-res-samples {path} holds {size}px images; this cascade's SR stages take {inputs}")
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    """Under ``torchrun`` the samples are split over the processes (docs/sampling.md); a killed job resumes from
-    ``OUT.shards``."""
-    # every output is checked before anything is loaded or sampled
+def check_outputs(args: argparse.Namespace) -> dict:
+    """Every output is checked before anything is loaded or sampled; returns the inputs (option -> path) that no
+    output may overwrite."""
     check_output_file(args.out, "--out")
     if args.grid:
         check_image_path(args.grid, "--grid")
@@ -53,6 +54,49 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_distinct_paths({"--out": args.out, "--grid": args.grid}, inputs)
     if args.pretrained and args.run_dirs:
         raise UserError("give either run directories or --pretrained, not both")
+    return inputs
+
+
+def labels_and_inputs(args: argparse.Namespace, cascade: Cascade, start_stage: int):
+    """The labels to sample and, with ``--low-res-samples``, the given inputs of the first stage run."""
+    if args.class_proportions:
+        if args.class_label:
+            raise UserError("--class-label and --class-proportions exclude each other")
+        labels = class_proportions_labels(args.class_proportions, args.num, cascade.num_classes,
+                                          cascade.stages[0].resolution)
+    else:
+        labels = cascade.labels_for(args.num, class_labels=args.class_label)
+    if not args.low_res_samples:
+        return labels, None
+    first = cascade.stages[start_stage]
+    data = load_images(f"npz:{args.low_res_samples}", first.low_res, channels=first.channels)
+    if len(data.images) < args.num:
+        raise UserError(f"--low-res-samples has {len(data.images)} images, fewer than --num {args.num}")
+    labels = torch.from_numpy(data.labels[: args.num])
+    if len(labels) and int(labels.max()) >= cascade.num_classes:  # else an IndexError once sampling ran
+        raise UserError(f"--low-res-samples {args.low_res_samples}: arr_1 has label {int(labels.max())}, but "
+                        f"the cascade has classes 0..{cascade.num_classes - 1}")
+    return labels, data.images[: args.num]
+
+
+def stage_outputs(args: argparse.Namespace, cascade: Cascade, start_stage: int, options: dict,
+                  inputs: dict) -> list[Path | None] | None:
+    """``--save-stages``: one file per stage run, None for a stage that hands its noisy z_s on (truncated
+    sampling), which is not an image and is not written."""
+    if not args.save_stages:
+        return None
+    noisy = cascade.noisy_outputs(options["aug_levels"], options["truncated"])
+    paths = [None if noisy[i] else Path(args.save_stages) / f"stage{i + 1}_{cascade.stages[i].resolution}px.npz"
+             for i in range(start_stage, len(cascade.stages))]
+    check_distinct_paths({"--out": args.out, "--grid": args.grid,
+                          **{f"--save-stages ({p.name})": p for p in paths if p is not None}}, inputs)
+    return paths
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Under ``torchrun`` the samples are split over the processes (docs/sampling.md); a killed job resumes from
+    ``OUT.shards``."""
+    inputs = check_outputs(args)
     with distributed_from_env(args.device) as (rank, world_size, local_rank):
         device = resolve_device(args.device, local_rank)
         precision = report_precision("sample", args.precision, device, rank)
@@ -65,55 +109,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
         except SamplingMemoryError as e:
             flag = "--batch-size" if e.option == "batch_size" else "--num"
             raise UserError(f"{e.detail}; lower {flag} (it is {e.value})") from None
-        if args.class_proportions:
-            if args.class_label:
-                raise UserError("--class-label and --class-proportions exclude each other")
-            labels = class_proportions_labels(args.class_proportions, args.num, cascade.num_classes,
-                                              cascade.stages[0].resolution)
-        else:
-            labels = balanced_labels(args.num, cascade.num_classes, args.class_label)
-        low_res = None
-        if args.low_res_samples:
-            first = cascade.stages[start_stage]
-            data = load_images(f"npz:{args.low_res_samples}", first.low_res, channels=first.channels)
-            if len(data.images) < args.num:
-                raise UserError(f"--low-res-samples has {len(data.images)} images, fewer than --num {args.num}")
-            low_res, labels = data.images[: args.num], torch.from_numpy(data.labels[: args.num])
-            if len(labels) and int(labels.max()) >= cascade.num_classes:  # else an IndexError once sampling ran
-                raise UserError(f"--low-res-samples {args.low_res_samples}: arr_1 has label {int(labels.max())}, but "
-                                f"the cascade has classes 0..{cascade.num_classes - 1}")
-        truncated = cascade.default_truncated if args.truncated is None else args.truncated
-        kwargs = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, eta=args.eta,
-                      truncated=truncated, aug_levels=args.aug_level, autocast=precision.bf16)
-        stages_run = cascade.stages[start_stage:]
-        stage_paths = None
-        if args.save_stages:
-            stage_paths = [Path(args.save_stages) / f"stage{i + 1 + start_stage}_{s.resolution}px.npz"
-                           for i, s in enumerate(stages_run)]
-            check_distinct_paths({"--out": args.out, "--grid": args.grid,
-                                  **{f"--save-stages ({p.name})": p for p in stage_paths}}, inputs)
+        labels, low_res = labels_and_inputs(args, cascade, start_stage)
+        options = cascade.sampling_options(steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+                                           eta=args.eta, truncated=args.truncated, aug_levels=args.aug_level,
+                                           autocast=precision.bf16)
+        stage_paths = stage_outputs(args, cascade, start_stage, options, inputs)
         label_array = labels.numpy().astype(np.int64)
         select = grid_indices(label_array, per_class=args.grid_per_class) if args.grid else None
         result = sample_sharded(
             cascade, labels, args.out, seed=args.seed, batch_size=args.batch_size, low_res=low_res,
             start_stage=start_stage, stage_paths=stage_paths, select=select, settings={"weights": args.weights},
-            progress=not args.quiet, **kwargs
+            progress=not args.quiet, **options
         )
     if rank != 0:
         return 0
-    notes = []
-    if stage_paths:
-        noisy = cascade.noisy_outputs(args.aug_level, truncated)[start_stage:]
-        for i, path in enumerate(stage_paths):
-            if noisy[i]:  # truncated: this stage stopped at level s and handed its noisy z_s on; not an image
-                path.unlink(missing_ok=True)
-                notes.append(f"stage {i + 1 + start_stage} handed its noisy z_s on (truncated) and is not saved")
     if args.grid:
         grid = grid_by_class(result.selected, label_array[select], per_class=args.grid_per_class)
         save_grid(grid[None], args.grid, nrow=1, padding=0)
-    res = "→".join(str(s.resolution) for s in stages_run)
+    res = "→".join(str(s.resolution) for s in cascade.stages[start_stage:])
     resumed = f"; {result.resumed} resumed from {args.out}.shards" if result.resumed else ""
     processes = f" on {world_size} processes" if world_size > 1 else ""
+    notes = [f"stage {i + 1 + start_stage} handed its noisy z_s on (truncated) and is not saved"
+             for i, path in enumerate(stage_paths or []) if path is None]
     print(
         f"wrote {result.num} samples ({res}px) to {args.out} in {result.seconds:.1f} s: "
         f"{result.new} sampled at {result.rate:.1f} samples/s{processes}{resumed}"

@@ -11,7 +11,7 @@ from ..cascade import Cascade
 from ..checkpoint import STAGE_FILE, list_checkpoints
 from ..errors import UserError, check_output_dir
 from ..hardware import resolve_device
-from ..training import is_run_dir
+from ..rundir import is_run_dir
 from .common import add_precision_arg, nonneg_int_list, positive_int, report_precision, sampler_list
 from .train import add_cascade_export_args, cascade_export_options
 

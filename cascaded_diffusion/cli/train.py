@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, export_stage, list_checkpoints, read_newest_checkpoint
+from ..checkpoint import export_stage, list_checkpoints, resolve_checkpoint
 from ..config import load_config
 from ..errors import UserError, check_output_dir
 from ..hardware import PRECISIONS
-from ..training import is_run_dir, train_stage
+from ..rundir import is_run_dir
+from ..training import train_stage
 from .common import nonneg_int, positive_int
 
 
@@ -55,16 +56,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     def export(ckpt: Path) -> Path:
         return export_stage(ckpt, args.out, dtype=dtype, weights=args.weights, config_overrides=args.set)
 
-    if (given / "state.json").is_file():
-        ckpt, written = given, export(given)
-    else:  # a trainer may prune the chosen checkpoint while it is read: the next newest is taken
-        written, ckpt, corrupt = read_newest_checkpoint(given, (args.weights,), export)
-        for path, reason in corrupt:
-            print(f"warning: skipping the unreadable checkpoint {path} ({reason})", file=sys.stderr)
-        if ckpt is None and corrupt:
-            raise CheckpointError(f"{given} holds no readable checkpoint")
-    if ckpt is None:
-        raise CheckpointError(f"{given} holds no checkpoint (give a run directory or one checkpoints/step_* dir)")
+    # a trainer may prune the chosen checkpoint while it is read: the next newest is taken
+    written, ckpt = resolve_checkpoint(given, export, stems=(args.weights,),
+                                       warn=lambda message: print(f"warning: {message}", file=sys.stderr))
     print(f"exported {ckpt} ({args.weights} weights, {args.dtype or 'fp32'}) to {written}")
     return 0
 

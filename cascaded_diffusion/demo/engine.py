@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..cascade import Cascade, CascadeError
-from ..fileio import tensor_to_images
+from ..images import tensor_to_images
 from ..hardware import choose_precision
 from ..rng import PerSampleGenerator
 from ..samplers import SamplerStep

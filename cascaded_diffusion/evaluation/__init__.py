@@ -9,6 +9,7 @@ from .classifier import (
     DEFAULT_CLASSIFIER_PATH,
     ClassifierConfig,
     ResNetClassifier,
+    ClassifierRecipe,
     TrainingHistory,
     classifier_outputs,
     evaluate_classifier,
@@ -26,15 +27,14 @@ from .features import (
 )
 from .inception import INCEPTION_WEIGHTS_ENV, FIDInceptionV3, load_inception, resize_bilinear_tf1
 from .metrics import (
-    FeatureStats,
     PrecisionRecall,
-    check_compatible,
     fid_from_stats,
     frechet_distance,
     inception_score,
     kid,
     precision_recall,
 )
+from .stats import FeatureStats, check_compatible
 
 __all__ = [
     "DEFAULT_CLASSIFIER_PATH",
@@ -47,6 +47,7 @@ __all__ = [
     "InceptionFeatureExtractor",
     "PrecisionRecall",
     "ResNetClassifier",
+    "ClassifierRecipe",
     "TrainingHistory",
     "check_compatible",
     "classification_accuracy_score",

@@ -10,8 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
-from .classifier import check_images_uint8_nhwc, evaluate_classifier, train_classifier
+from .classifier import (ClassifierConfig, ClassifierRecipe, check_images_uint8_nhwc, evaluate_classifier,
+                         train_classifier)
 
 
 def classification_accuracy_score(
@@ -20,13 +22,17 @@ def classification_accuracy_score(
     test_images: np.ndarray,
     test_labels: np.ndarray,
     num_classes: int,
-    **recipe: Any,
+    recipe: ClassifierRecipe | None = None,
+    *,
+    config: ClassifierConfig | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Train on ``train_images`` (generated, or real for the baseline), evaluate on the real test split.
 
-    ``recipe`` is forwarded to :func:`classifier.train_classifier` (epochs, steps, batch_size, lr, seed,
-    device, bf16, ...); keep it identical between the generated and the real-data runs. The test split
-    is used only once, after training (never for model selection).
+    ``recipe`` (:class:`~.classifier.ClassifierRecipe`), ``config``, ``device`` and ``progress`` go to
+    :func:`~.classifier.train_classifier`; keep them identical between the generated and the real-data runs.
+    The test split is used only once, after training (never for model selection).
 
     Returns ``{"top1", "top5", "n_train", "n_test"}``.
     """
@@ -37,10 +43,7 @@ def classification_accuracy_score(
             f"train images have {train.shape[-1]} channels but test images have {test.shape[-1]}; "
             "CAS needs the generated and real images in the same format"
         )
-    for key in ("eval_images", "eval_labels"):
-        if key in recipe:
-            raise ValueError(f"{key} is not a CAS recipe option: the real test split is scored once, after training")
-    recipe.setdefault("progress", False)
-    model, _ = train_classifier(train, train_labels, num_classes, **recipe)
+    model, _ = train_classifier(train, train_labels, num_classes, recipe, config=config, device=device,
+                                progress=progress)
     scores = evaluate_classifier(model, test, test_labels)
     return {"top1": scores["top1"], "top5": scores["top5"], "n_train": int(train.shape[0]), "n_test": int(test.shape[0])}

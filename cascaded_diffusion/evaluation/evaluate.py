@@ -17,19 +17,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..errors import naming
 from ..fileio import cache_dir, read_samples_npz
-from .features import FeatureExtractor, extract
-from .metrics import (
-    FeatureStats,
-    NotAStatsFile,
-    check_compatible,
-    check_images_match,
-    fid_from_stats,
-    inception_score,
-    kid,
-    precision_recall,
-    warn_if_rank_deficient,
-)
+from ..distributed import distributed_context
+from .features import FeatureExtractor, extract_over_ranks
+from .metrics import fid_from_stats, inception_score, kid, precision_recall
+from .stats import FeatureStats, NotAStatsFile, check_compatible, check_images_match, warn_if_rank_deficient
 
 METRICS = ("fid", "kid", "is", "pr")
 
@@ -43,7 +36,8 @@ def load_samples(path: str | os.PathLike, num: int | None = None) -> tuple[np.nd
         raise ValueError(f"{path}: arr_1 has {labels.shape[0]} labels for {images.shape[0]} images")
     if num is not None:
         if num > images.shape[0]:
-            raise ValueError(f"{path} holds {images.shape[0]} samples, fewer than --num {num}")
+            raise naming(ValueError, "{path} holds {count} samples, fewer than {option} {num}", {"option": "num"},
+                         path=path, count=images.shape[0], num=num)
         images = images[:num]
         labels = labels[:num] if labels is not None else None
     return images, (labels.astype(np.int64) if labels is not None else None)
@@ -62,11 +56,11 @@ def reference_stats(
     num: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 250,
-    distributed: bool = False,
     resize: str = "any",
 ) -> FeatureStats:
-    """Statistics of a reference: a stats ``.npz`` file as is, or a dataset spec computed and cached. ``resize``:
-    how an ``npz:`` reference at another resolution is treated (:func:`cascaded_diffusion.data.load_images`)."""
+    """Statistics of a reference: a stats ``.npz`` file as is, or a dataset spec computed (split over the ranks
+    inside ``distributed_from_env``; rank 0 writes the cache) and cached. ``resize``: how an ``npz:`` reference at
+    another resolution is treated (:func:`cascaded_diffusion.data.load_images`)."""
     path = Path(ref)
     precomputed = None
     if ref.endswith(".npz") and path.is_file() and not ref.startswith("npz:"):
@@ -95,17 +89,14 @@ def reference_stats(
         except (ValueError, OSError):
             cached.unlink(missing_ok=True)
     stats = FeatureStats.from_features(
-        extract(np.asarray(images), extractor, batch_size=batch_size, distributed=distributed)[0],
+        extract_over_ranks(np.asarray(images), extractor, batch_size=batch_size)[0],
         network=extractor.name,
         source=f"{ref} @ {resolution}px, n={len(images)}",
     )
     stats.resolution, stats.channels = resolution, int(images.shape[-1])
     try:
-        if distributed:
-            from ..distributed import distributed_context
-
-            if distributed_context()[0] != 0:  # rank 0 writes the cache
-                return _check_precomputed(stats, precomputed, extractor, ref)
+        if distributed_context()[0] != 0:  # rank 0 writes the cache
+            return _check_precomputed(stats, precomputed, extractor, ref)
         cache.mkdir(parents=True, exist_ok=True)
         stats.save(cached)  # atomic
     except OSError as e:  # a cache that cannot be written costs a recomputation next time, not this result
@@ -178,14 +169,13 @@ def evaluate_images(
     kid_subset_size: int = 1000,
     pr_k: int = 3,
     source: str = "",
-    distributed: bool = False,
 ) -> dict[str, Any]:
-    """Score uint8 NHWC ``images`` against ``reference``; returns a JSON-ready dict. ``distributed``: every
-    rank of the process group calls this alike and extracts a share of the features (see :func:`extract`)."""
+    """Score uint8 NHWC ``images`` against ``reference``; returns a JSON-ready dict. Inside ``distributed_from_env``
+    every rank calls this alike and extracts a share of the features (:func:`extract_over_ranks`)."""
     _check_metrics(metrics)
     check_images_match(np.shape(images), reference, f"the samples {source}".rstrip())
-    features, probs = extract(images, extractor, batch_size=batch_size, with_probs="is" in metrics,
-                              distributed=distributed)
+    features, probs = extract_over_ranks(np.asarray(images), extractor, batch_size=batch_size,
+                                         with_probs="is" in metrics)
     return evaluate_features(features, probs, reference, extractor.name, metrics, kid_subsets=kid_subsets,
                              kid_subset_size=kid_subset_size, pr_k=pr_k, source=source)
 
@@ -234,10 +224,9 @@ def evaluate_features(
             result["fid_warning"] = "; ".join(str(w.message) for w in caught)
     if "kid" in metrics or "pr" in metrics:
         if reference.features is None:
-            raise ValueError(
-                "KID and precision/recall need the reference's raw features; recompute the reference with "
-                "`cdm stats` (it keeps them) or pass a dataset spec as --ref"
-            )
+            raise naming(ValueError, "KID and precision/recall need the reference's raw features; recompute the "
+                         "reference with `cdm stats` (it keeps them) or pass a dataset spec as {option}",
+                         {"option": "reference"})
     if "kid" in metrics:
         mean, std = kid(features, reference.features, num_subsets=kid_subsets, subset_size=kid_subset_size)
         result["kid"] = {"mean": mean, "std": std}

@@ -29,7 +29,7 @@ from .classifier import (
     load_classifier,
 )
 from .inception import INCEPTION_FEATURE_DIM, load_inception
-from .metrics import FeatureStats
+from .stats import FeatureStats
 
 
 @runtime_checkable
@@ -145,23 +145,12 @@ def extract(
     extractor: FeatureExtractor,
     batch_size: int = 200,
     with_probs: bool = False,
-    distributed: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Run ``extractor`` over an image array (or an iterable of uint8 NHWC batches).
 
-    ``distributed`` (an array only): every rank of the initialised process group calls this with the same
-    images, extracts every world-size-th one and gets all the features back.
-
-    Returns ``(features (N, dim), probs (N, C) or None)``, both float64.
+    Returns ``(features (N, dim), probs (N, C) or None)``, both float64. Over many processes:
+    :func:`extract_over_ranks`.
     """
-    if distributed and isinstance(images_uint8, np.ndarray):
-        from ..distributed import all_gather_rows, distributed_context, my_positions
-
-        if 1 < distributed_context()[1] <= len(images_uint8):
-            n = len(images_uint8)
-            features, probs = extract(images_uint8[my_positions(n)], extractor, batch_size, with_probs)
-            gathered = all_gather_rows([features] + ([probs] if with_probs else []), n)
-            return gathered[0], (gathered[1] if with_probs else None)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     features, probs = [], []
@@ -175,6 +164,20 @@ def extract(
     if not features:
         raise ValueError("no images to extract features from")
     return np.concatenate(features), (np.concatenate(probs) if with_probs else None)
+
+
+def extract_over_ranks(images_uint8: np.ndarray, extractor: FeatureExtractor, batch_size: int = 200,
+                       with_probs: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`extract` of an image array, split over the ranks inside ``distributed_from_env``
+    (:func:`~cascaded_diffusion.distributed.over_ranks`; every rank gets all the features), else in this process."""
+    from ..distributed import over_ranks
+
+    def compute(positions: np.ndarray) -> list[np.ndarray]:
+        features, probs = extract(images_uint8[positions], extractor, batch_size, with_probs)
+        return [features] + ([probs] if with_probs else [])
+
+    rows = over_ranks(len(images_uint8), compute)
+    return rows[0], (rows[1] if with_probs else None)
 
 
 def compute_stats(

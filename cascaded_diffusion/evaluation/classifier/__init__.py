@@ -32,13 +32,14 @@ from .model import (
     pixels_to_model_input,
     uint8_batch_to_pixels,
 )
-from .recipe import TrainingHistory, evaluate_classifier, random_crop_and_flip, train_classifier
+from .recipe import ClassifierRecipe, TrainingHistory, evaluate_classifier, random_crop_and_flip, train_classifier
 
 __all__ = [
     "CLASSIFIER_FORMAT",
     "CLASSIFIER_FORMAT_VERSION",
     "DEFAULT_CLASSIFIER_PATH",
     "ClassifierConfig",
+    "ClassifierRecipe",
     "ResNetClassifier",
     "ResidualBlock",
     "TrainingHistory",

@@ -2,7 +2,7 @@
 ``.npz`` files, and the pixel operations every reader shares (channel conversion, ADM/BigGAN center crop and resize).
 
 On disk and in :class:`ImageArray` images are uint8 N x H x W x C; inside the library they are float tensors in
-[-1, 1], N x C x H x W (:func:`cascaded_diffusion.fileio.images_to_tensor` / ``tensor_to_images``).
+[-1, 1], N x C x H x W (:func:`cascaded_diffusion.images.images_to_tensor` / ``tensor_to_images``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .fileio import read_samples_npz
+from ..fileio import read_samples_npz
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",

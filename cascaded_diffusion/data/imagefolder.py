@@ -1,5 +1,5 @@
 """Image folders (ImageNet layout, one subfolder per class): listing, fingerprinting, decoding with ADM/BigGAN
-preprocessing in a thread pool, and the uncached in-memory load. ``cdm prepare`` (:mod:`cascaded_diffusion.prepare`)
+preprocessing in a thread pool, and the uncached in-memory load. ``cdm prepare`` (:mod:`cascaded_diffusion.data.prepare`)
 decodes with the same functions into memory-mapped arrays, and the ``imagefolder:`` source's cache is such a
 preparation at one resolution."""
 
@@ -86,24 +86,55 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(((array * 255 + 32767) // 65535).astype(np.uint8))
 
 
-def preprocess_image(image: Image.Image, resolution: int, mode: str) -> np.ndarray:
-    """The training data's rule for one decoded image: 16-bit scaled to 8, converted to ``mode`` (``L`` or
-    ``RGB``; alpha dropped), then the ADM centre crop + resize to resolution x resolution x C uint8."""
+def convert_image(image: Image.Image, mode: str) -> Image.Image:
+    """A decoded image as the training data holds it before resizing: 16-bit and float images scaled to 8 bits,
+    then converted to ``mode`` (``L`` or ``RGB``; alpha dropped)."""
     if needs_8bit_scaling(image):
         image = to_8bit(image)
     with warnings.catch_warnings():
         # Palette images with transparency warn on RGB conversion; the alpha is meant to be dropped.
         warnings.simplefilter("ignore", UserWarning)
-        image = image.convert(mode)
-    array = center_crop_resize(image, resolution)
+        return image.convert(mode)
+
+
+def open_image(path: str, mode: str) -> Image.Image:
+    """Decode one image file, completely (truncated data raises instead of decoding a partly grey image), and
+    :func:`convert_image` it: the one decoder of image folders and of ``cdm prepare``."""
+    with Image.open(path) as image:
+        image.load()
+        return convert_image(image, mode)
+
+
+def preprocess_image(image: Image.Image, resolution: int, mode: str) -> np.ndarray:
+    """The training data's rule for one decoded image: :func:`convert_image`, then the ADM centre crop + resize
+    to resolution x resolution x C uint8."""
+    array = center_crop_resize(convert_image(image, mode), resolution)
     return array[..., None] if array.ndim == 2 else array
 
 
 def decode_image(path: str, resolution: int, mode: str) -> np.ndarray:
     """Decode one image file and preprocess it to resolution x resolution x C uint8 (C from ``mode``)."""
-    with Image.open(path) as image:
-        image.load()  # raises on truncated data instead of decoding a partly grey image
-        return preprocess_image(image, resolution, mode)
+    array = center_crop_resize(open_image(path, mode), resolution)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def images_at(images, resolution: int, channels: int, what: str = "images") -> np.ndarray:
+    """PIL images or uint8 H x W [x C] arrays of any size as one uint8 N x R x R x C array: each brought to
+    ``resolution`` by the training data's rule (:func:`preprocess_image`); an array already at that size and channel
+    count is used as it is. ``what`` names the caller in the error for anything else."""
+    size, mode = resolution, ("RGB" if channels == 3 else "L")
+    fed = []
+    for image in images:
+        if not isinstance(image, Image.Image):
+            array = np.asarray(image)
+            if array.dtype != np.uint8 or array.ndim not in (2, 3):
+                raise ValueError(f"{what}: expected uint8 H x W [x C] images, got {array.dtype} {array.shape}")
+            if array.shape[:2] == (size, size) and (array.shape[2:] or (1,))[0] == channels:
+                fed.append(array.reshape(size, size, channels))
+                continue
+            image = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+        fed.append(preprocess_image(image, size, mode))
+    return np.stack(fed) if fed else np.zeros((0, size, size, channels), np.uint8)
 
 
 def decode_into(

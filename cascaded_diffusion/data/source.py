@@ -6,7 +6,7 @@ Dataset specs:
   files; 28x28 images are zero-padded to 32x32 (2 px each side), then resized to ``resolution``.
 * ``imagefolder:PATH`` -- ImageNet layout, one subfolder per class (sorted folder names give labels 0..K-1);
   ADM/BigGAN preprocessing; decoded once into the cache directory by the machinery of ``cdm prepare``
-  (:mod:`cascaded_diffusion.prepare`) and memory-mapped.
+  (:mod:`cascaded_diffusion.data.prepare`) and memory-mapped.
 * ``npz:PATH`` -- the guided-diffusion evaluator format: ``arr_0`` uint8 NHWC, optional ``arr_1`` labels.
 * ``prepared:DIR`` -- a directory written by ``cdm prepare``, memory-mapped at the requested resolution.
 
@@ -96,7 +96,7 @@ def load_images(
             path = Path(os.path.expanduser(os.fspath(root))) / path
         if kind == "npz":
             return load_npz(path, resolution, channels=channels, resize=resize)
-        if kind == "prepared":  # a `cdm prepare` directory, memory-mapped (cascaded_diffusion.prepare)
+        if kind == "prepared":  # a `cdm prepare` directory, memory-mapped (cascaded_diffusion.data.prepare)
             return load_prepared(path, resolution, channels=channels, on_corrupt=on_corrupt)
         folder, channels = path.resolve(), 3 if channels is None else channels
         if use_cache:  # the cache is a `cdm prepare` of the folder at this one resolution
