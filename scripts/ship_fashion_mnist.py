@@ -25,9 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from cdm_call import cdm  # noqa: E402
-from study_tables import cas_top1_over_seeds, load_cas  # noqa: E402
 from cdm_command import cdm  # noqa: E402
+from study_tables import cas_top1_over_seeds, load_cas  # noqa: E402
+
 # name in the study -> (SR run directory, s used at sampling: None = the sweep's best level)
 CANDIDATES = {
     "cascade_noise": ("sr8to32", None),
@@ -58,7 +58,7 @@ def export(run: Path, out: Path, sampler: str | None, steps: int | None, level: 
     overrides += [f"sample.steps={steps}"] if steps else []
     if level is not None:
         overrides.append(f"conditioning.sample_s={level}")
-from cdm_command import cdm  # noqa: E402
+    cdm("export", str(run), "--out", str(out), "--dtype", "fp16", *[x for item in overrides for x in ("--set", item)])
 
 
 def main() -> None:
