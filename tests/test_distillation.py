@@ -245,3 +245,17 @@ def test_clear_errors(tmp_path, capsys):
     # the command line says it in one line
     assert main(["distill", str(tmp_path / "junk"), "--out", str(tmp_path / "o9")]) == 2
     assert "cdm distill: error: teacher" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage,rounds,first,last", [("base8", 5, 32, 2), ("sr8to32_noaug", 4, 8, 1)])
+def test_the_fashion_mnist_distill_configs_resolve_against_the_bundle(stage, rounds, first, last):
+    from cascaded_diffusion.distill_config import read_distill_file, resolve_settings, resolve_teacher, student_config
+
+    root = Path(__file__).resolve().parents[1]
+    settings, student = resolve_settings(None, read_distill_file(root / f"configs/fashion-mnist/distill_{stage}.toml"),
+                                         [], {})
+    _, teacher = resolve_teacher(f"pretrained:fashion-mnist/{stage}")
+    settings.validate(teacher.diffusion.timesteps)
+    configs = [student_config(teacher, settings, student, k, 1.0) for k in range(1, settings.rounds + 1)]
+    assert (len(configs), configs[0].sample.steps, configs[-1].sample.steps) == (rounds, first, last)
+    assert all(c.train.precision == "auto" and c.train.crop == teacher.train.crop for c in configs)
