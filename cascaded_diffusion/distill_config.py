@@ -233,14 +233,15 @@ def resolve_teacher(spec: str, weights: str = "ema") -> tuple[TeacherRef, StageC
 
 
 def check_teacher(stored: dict, ref: TeacherRef) -> TeacherRef:
-    """On resume: the teacher given now must be the one recorded, and its weights unchanged; returns the recorded
-    reference (its concrete checkpoint, not the run's newest one)."""
+    """On resume with another teacher argument, or when the recorded weights file is gone (a moved checkout): the
+    weights given now must be the recorded ones (the same sha256). Returns the recorded reference while its file is
+    there (its concrete checkpoint, not a run's newest one), else the one given now."""
     old = TeacherRef(**stored)
     if ref.sha256 != old.sha256:
         raise UserError(f"teacher {ref.source}: its weights ({ref.path}, sha256 {ref.sha256[:12]}…) are not the ones "
                         f"this distillation started from ({old.path}, sha256 {old.sha256[:12]}…); give the original "
                         "teacher, or distill into a new --out")
-    return old
+    return old if (Path(old.path) / f"{old.stem}.safetensors").is_file() else ref
 
 
 def verify_teacher(ref: TeacherRef) -> None:

@@ -283,10 +283,10 @@ def distill(teacher: str, out: str | Path, *, rounds: int | None = None, start_s
         source = f"{out / DISTILL_FILE}" if stored else "distill"
         settings, student = resolve_settings(stored, read_distill_file(config), list(overrides or []),
                                              {"rounds": rounds, "start_steps": start_steps}, source)
-        if stored:  # the recorded checkpoint, not what a teacher run directory holds newest now
+        if stored:  # the recorded weights (not what a teacher run directory holds newest now), wherever they are
             ref = TeacherRef(**stored["teacher"])
-            if str(teacher) != ref.source:
-                check_teacher(stored["teacher"], resolve_teacher(str(teacher), ref.stem)[0])
+            if str(teacher) != ref.source or not (Path(ref.path) / f"{ref.stem}.safetensors").is_file():
+                ref = check_teacher(stored["teacher"], resolve_teacher(str(teacher), ref.stem)[0])
             tconfig = StageConfig.from_dict(stored["teacher_config"], source=str(out / DISTILL_FILE))
         else:
             ref, tconfig = resolve_teacher(str(teacher), settings.teacher_weights)
@@ -294,7 +294,7 @@ def distill(teacher: str, out: str | Path, *, rounds: int | None = None, start_s
         settings.validate(tconfig.diffusion.timesteps)
         guidance = tconfig.sample.guidance if settings.guidance < 0 else settings.guidance
         configs = [student_config(tconfig, settings, student, k, guidance) for k in range(1, settings.rounds + 1)]
-        atomic_write_text(out / DISTILL_FILE, json.dumps({
+        atomic_write_text(out / DISTILL_FILE, json.dumps({  # (a moved teacher's new path included)
             "format_version": FORMAT_VERSION, "method": METHOD, "teacher": ref.to_dict(),
             "teacher_config": tconfig.to_dict(), "distill": settings.to_dict(), "student": student,
             "guidance": guidance, "grid": "trailing: t_i = round(i*T/N) - 1, i = N..1, then clean data",

@@ -239,9 +239,16 @@ def test_clear_errors(tmp_path, capsys):
     other = tiny_teacher(tmp_path, "other", seed=1)
     with pytest.raises(UserError, match="are not the ones this distillation started from"):
         distill(str(other), run, log=quiet)
-    save_file({"x": torch.zeros(1)}, str(teacher / "model.safetensors"))
-    with pytest.raises(UserError, match="changed since this distillation started"):
+    moved = tmp_path / "moved"  # a teacher moved elsewhere (another checkout) is found by its hash
+    shutil.copytree(teacher, moved)
+    shutil.move(str(teacher), tmp_path / "gone")
+    with pytest.raises(UserError, match="no such directory"):
         distill(str(teacher), run, log=quiet)
+    assert distill(str(moved), run, device="cpu", log=quiet).finished
+    assert json.loads((run / "distill.json").read_text())["teacher"]["path"] == str(moved.resolve())
+    save_file({"x": torch.zeros(1)}, str(moved / "model.safetensors"))
+    with pytest.raises(UserError, match="changed since this distillation started"):
+        distill(str(moved), run, log=quiet)
     # the command line says it in one line
     assert main(["distill", str(tmp_path / "junk"), "--out", str(tmp_path / "o9")]) == 2
     assert "cdm distill: error: teacher" in capsys.readouterr().err
