@@ -15,6 +15,9 @@ samples):
   teacher base at its default, DPM-Solver++ 20);
 * ``cascade/pdB+pdS`` (any mix of pd, dpmpp, dpmpp…t per stage): both stages as given.
 
+Every distilled point is compared with both DPM-Solver++ twins (``paired_gaps``): at a few steps the default grid
+spends its last evaluation at index 0, next to clean data, so the trailing grid can be the stronger baseline.
+
 ``--runs`` holds the distillations ``base8/`` and ``sr8to32_noaug/`` (``cdm distill`` outputs); their rounds are
 exported to ``OUT/stages/`` (fp32). Samples go to ``OUT/samples/`` (resumable shards), scores to ``OUT/results.json``
 (a rerun skips scored points), the cost of every round (CPU-hours from the checkpoints' records) too. ``--speed``
@@ -170,12 +173,12 @@ def paired_gap(fa: np.ndarray, fb: np.ndarray, name: str, reference: FeatureStat
 def default_points(distilled: list[dict[int, Path]]) -> list[str]:
     points = ["base/dpmpp20"]  # also the shipped cascade (dpmpp 20 + 10) and the SR points' fixed base samples
     for kind, per in (("base", distilled[0]), ("sr", distilled[1])):
-        for steps in sorted(per, reverse=True):
-            points += [f"{kind}/pd{steps}", f"{kind}/dpmpp{steps}"]
+        for steps in sorted(per, reverse=True):  # DPM-Solver++ on both grids: the better one is the baseline
+            points += [f"{kind}/pd{steps}", f"{kind}/dpmpp{steps}", f"{kind}/dpmpp{steps}t"]
     for b in sorted(distilled[0], reverse=True):
         for s in sorted(distilled[1], reverse=True):
             if b + s <= 8:
-                points += [f"cascade/pd{b}+pd{s}", f"cascade/dpmpp{b}+dpmpp{s}"]
+                points += [f"cascade/pd{b}+pd{s}", f"cascade/dpmpp{b}+dpmpp{s}", f"cascade/dpmpp{b}t+dpmpp{s}t"]
     return points
 
 
@@ -189,15 +192,18 @@ def speed(args, teachers, distilled, precision) -> dict:
             continue
         cascades[point] = (load_cascade(parts, args.device), [p[2] for p in parts], [p[1] for p in parts])
     labels = balanced_labels(args.batch_size, 10)
-    times: dict[str, list[float]] = {p: [] for p in cascades}
+    times: dict[str, list[tuple[float, float]]] = {p: [] for p in cascades}
     for repeat in range(args.speed_repeats + 1):
         for point, (cascade, steps, sampler) in cascades.items():
             gen = torch.Generator().manual_seed(repeat)
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             cascade.sample(labels, steps=steps, sampler=sampler, truncated=False, autocast=precision.bf16, generator=gen)
             if repeat:  # the first round warms up
-                times[point].append(time.perf_counter() - start)
-    return {p: {"samples_per_s": args.batch_size / min(t), "seconds": t, "batch": args.batch_size}
+                times[point].append((time.perf_counter() - wall, time.process_time() - cpu))
+    # wall clock and CPU time of this process (beside other jobs the CPU time is the steadier of the two)
+    return {p: {"samples_per_s": args.batch_size / min(w for w, _ in t),
+                "samples_per_cpu_s": args.batch_size / min(c for _, c in t), "seconds": [w for w, _ in t],
+                "cpu_seconds": [c for _, c in t], "batch": args.batch_size, "threads": torch.get_num_threads()}
             for p, t in times.items() if t}
 
 
@@ -207,8 +213,8 @@ def main() -> None:
     p.add_argument("--pretrained", default="fashion-mnist", help="the teachers' cascade")
     p.add_argument("--ref", required=True, help="reference stats (.npz from cdm stats) or a data spec")
     p.add_argument("--num", type=int, default=5000)
-    p.add_argument("--points", help="comma-separated points (default: every student, its DPM-Solver++ twin, and "
-                                    "the cascades of at most 8 evaluations)")
+    p.add_argument("--points", help="comma-separated points (default: every student, its DPM-Solver++ twins, and "
+                                    "the cascades of at most 8 evaluations); none: only --speed")
     p.add_argument("--bootstrap", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
@@ -231,7 +237,7 @@ def main() -> None:
     results.update({"num": args.num, "seed": args.seed, "feature_network": extractor.name, "reference": reference.source,
                     "device": device_name(args.device), "precision": precision.name, "torch": torch.__version__,
                     "cost": {name: distill_report(args.runs / name) for name in STAGES}})
-    points = args.points.split(",") if args.points else default_points(distilled)
+    points = [] if args.points == "none" else args.points.split(",") if args.points else default_points(distilled)
     if any(parse_point(pt)[0] == "sr" for pt in points) and "base/dpmpp20" not in points:
         points.insert(0, "base/dpmpp20")
     fixed_base = args.out / "samples" / "base_dpmpp20.base.npz"
@@ -248,12 +254,11 @@ def main() -> None:
             print(f"{point}: FID {rec['fid']:.3f} ± {rec['fid_bootstrap_std']:.3f}, KID×10³ {1e3 * rec['kid']['mean']:.2f}",
                   flush=True)
             results_path.write_text(json.dumps(results, indent=1))
-    for point in feats:  # distilled against DPM-Solver++ at the same steps: paired
-        twin = point.replace("pd", "dpmpp")
-        if "pd" in point and twin in feats and "paired_gap" not in results["points"][point]:
-            results["points"][point]["paired_gap_vs"] = twin
-            results["points"][point]["paired_gap"] = paired_gap(feats[point], feats[twin], extractor.name, reference,
-                                                                args.bootstrap)
+    for point in feats:  # distilled against DPM-Solver++ at the same steps (either grid): FID(pd) - FID(twin), paired
+        gaps = results["points"][point].setdefault("paired_gaps", {}) if "/pd" in point else {}
+        for twin in (re.sub(r"pd(\d+)", r"dpmpp\1", point), re.sub(r"pd(\d+)", r"dpmpp\1t", point)):
+            if "/pd" in point and twin in feats and twin not in gaps:
+                gaps[twin] = paired_gap(feats[point], feats[twin], extractor.name, reference, args.bootstrap)
     if args.speed:
         results["speed"] = speed(args, teachers, distilled, precision)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -269,13 +274,15 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    series = (("distilled (DDIM on its grid)", "pd", ""), ("DPM-Solver++, undistilled", "dpmpp", ""),
+              ("DPM-Solver++, undistilled, trailing grid", "dpmpp", "t"))
     for ax, kind in zip(axes, ("base", "sr", "cascade")):
-        for label, pattern in (("distilled (DDIM on its grid)", "pd"), ("DPM-Solver++ (undistilled)", "dpmpp")):
+        for label, pattern, grid in series:
             rows = []
             for point, rec in results["points"].items():
                 k, settings = parse_point(point)
                 if k != kind or not all(SETTING.match(s) and SETTING.match(s).group(1) == pattern
-                                        and not SETTING.match(s).group(3) for s in settings):
+                                        and SETTING.match(s).group(3) == grid for s in settings):
                     continue
                 evals = sum(int(SETTING.match(s).group(2)) for s in settings)
                 rows.append((evals, rec["fid"], rec["fid_bootstrap_std"]))

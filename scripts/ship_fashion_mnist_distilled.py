@@ -8,15 +8,16 @@ rounds whose students take ``--base-steps`` and ``--sr-steps`` are exported as f
 records its sampler (deterministic DDIM on the distillation grid), its steps and its teacher, so
 ``cdm sample --pretrained fashion-mnist-distilled`` samples with base + SR steps network evaluations by default.
 ``--study``: the few-steps study's results (scripts/few_steps_study.py), whose point ``cascade/pdB+pdS`` (and CAS
-files beside it, ``cascade_pdB_pdS.cas*.json``) go into cascade.json; the model card's facts come from the
-``fashion-mnist`` bundle. Nothing is changed unless every export succeeds; rewrite the card afterwards with
-scripts/write_bundle_cards.py.
+files beside it, ``cascade_pdB_pdS.cas*.json``) go into cascade.json; the model card's facts and the evaluation
+classifier come from the ``fashion-mnist`` bundle. Nothing is changed unless every export succeeds; rewrite the
+card afterwards with scripts/write_bundle_cards.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -76,6 +77,8 @@ def main() -> None:
         staged.mkdir()
         for name, ckpt in zip(STAGES, ckpts):
             export_stage(ckpt, staged / name, dtype=torch.float16)
+        for name in ("classifier.json", "classifier.safetensors"):  # the features its numbers were measured with
+            shutil.copy2(PRETRAINED / "fashion-mnist" / name, staged / name)
         teacher = json.loads((PRETRAINED / "fashion-mnist" / "cascade.json").read_text())
         manifest = {
             "name": "fashion-mnist-distilled",
