@@ -35,7 +35,8 @@ def write_data(tmp_path: Path, resolution: int = 8) -> Path:
 
 
 def tiny_teacher(tmp_path: Path, name: str = "base", kind: str = "base", prediction: str = "eps",
-                 learn_sigma: bool = True, seed: int = 0, **model) -> Path:
+                 learn_sigma: bool = True, seed: int = 0, conditioning: dict | None = None, train: dict | None = None,
+                 **model) -> Path:
     """An exported stage (model.safetensors + stage.json) with random weights: 8 px, or 8 -> 16 px for SR."""
     sr = kind == "sr"
     raw = {
@@ -46,7 +47,8 @@ def tiny_teacher(tmp_path: Path, name: str = "base", kind: str = "base", predict
                       "loss": "hybrid" if learn_sigma else "simple"},
         "model": {"channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8 if sr else 4],
                   "norm_groups": 4, "dropout": 0.1, **model},
-        "train": {"precision": "fp32", "progress": False},
+        "conditioning": conditioning or {},
+        "train": {"precision": "fp32", "progress": False, **(train or {})},
         "sample": {"sampler": "dpmpp", "steps": 6},
     }
     config = StageConfig.from_dict(raw)
@@ -200,6 +202,25 @@ def test_cascades_mix_distilled_and_undistilled_stages(students, tmp_path):
     code = main(["sample", str(student["base"]), str(teacher["sr"]), "--num", "3", "--out", str(tmp_path / "s.npz"),
                  "--device", "cpu", "--precision", "fp32", "--quiet"])
     assert code == 0 and np.load(tmp_path / "s.npz")["arr_0"].shape == (3, 16, 16, 1)
+
+
+def test_noise_augmented_sr_on_crops_and_a_guided_teacher(tmp_path):
+    """The other paths through the loss: an SR teacher with noise augmentation trained on crops, distilled at its
+    sampling level s; a teacher with label dropout distilled at guidance 2 (the student learns the guided
+    prediction: it samples without guidance and trains without label dropout)."""
+    sr = tiny_teacher(tmp_path, "sr_noise", kind="sr", prediction="v",
+                      conditioning={"augmentation": "noise", "noise_timesteps": T, "s_max": 20, "sample_s": 5},
+                      train={"crop": 8})
+    summary = distill(str(sr), tmp_path / "d_sr", rounds=1, start_steps=4, device="cpu", log=quiet,
+                      overrides=[*QUICK, "distill.round_steps=[2]", "distill.conditioning=sample"])
+    config = StageConfig.from_dict(load_state(summary.final_checkpoint)["config"])
+    assert config.train.crop == 8 and config.uses_aug_level and config.conditioning.sample_s == 5
+    guided = tiny_teacher(tmp_path, "guided", label_dropout=0.2)
+    summary = distill(str(guided), tmp_path / "d_guided", rounds=1, start_steps=4, device="cpu", log=quiet,
+                      overrides=[*QUICK, "distill.round_steps=[2]", "distill.guidance=2"])
+    state = load_state(summary.final_checkpoint)
+    assert state["distillation"]["guidance"] == 2.0
+    assert state["config"]["model"]["label_dropout"] == 0.0 and state["config"]["sample"]["guidance"] == 1.0
 
 
 # --- (e) refusals ----------------------------------------------------------------------------------------
