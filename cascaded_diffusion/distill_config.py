@@ -92,10 +92,12 @@ class DistillSettings:
         if self.start_steps < 2:
             fail("start_steps", f"must be >= 2, got {self.start_steps}")
         if self.start_steps % (1 << self.rounds):
+            example = (1 << self.rounds) * max(1, self.start_steps >> self.rounds)
             fail("start_steps", f"{self.start_steps} steps cannot be halved {self.rounds} times: use a multiple of "
-                 f"2**rounds = {1 << self.rounds} (e.g. {(1 << self.rounds) * max(1, self.start_steps >> self.rounds)})")
+                 f"2**rounds = {1 << self.rounds} (e.g. {example})")
         if self.start_steps > num_timesteps:
-            fail("start_steps", f"must be <= the teacher's diffusion.timesteps ({num_timesteps}), got {self.start_steps}")
+            fail("start_steps", f"must be <= the teacher's diffusion.timesteps ({num_timesteps}), got "
+                 f"{self.start_steps}")
         if not self.round_steps or any(s < 1 for s in self.round_steps):
             fail("round_steps", f"must be one or more step counts >= 1, got {self.round_steps}")
         if len(self.round_steps) not in (1, self.rounds):
@@ -184,7 +186,8 @@ NOT_A_STAGE = ("expected a training run directory (checkpoints/step_*), one chec
 def _pretrained_stage_dir(spec: str) -> Path:
     name, sep, stage = spec[len(PRETRAINED_PREFIX):].rstrip("/").rpartition("/")
     if not sep or not name or not stage:
-        raise UserError(f"teacher {spec}: give {PRETRAINED_PREFIX}CASCADE/STAGE, e.g. {PRETRAINED_PREFIX}fashion-mnist/base8")
+        raise UserError(f"teacher {spec}: give {PRETRAINED_PREFIX}CASCADE/STAGE, e.g. "
+                        f"{PRETRAINED_PREFIX}fashion-mnist/base8")
     folder = find_cascade(name)
     if stage not in folder.manifest["stages"]:
         raise UserError(f"teacher {spec}: the cascade {name} has no stage {stage!r} (its stages: "

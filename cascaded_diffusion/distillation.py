@@ -74,7 +74,8 @@ class StepGrid:
         T = len(alphas_cumprod)
         student, teacher = distillation_grid(T, student_steps), distillation_grid(T, 2 * student_steps)
         if teacher[::2] != student:  # timestep_sequence's trailing rule nests by construction
-            raise AssertionError(f"the {student_steps}-step grid is not every other point of the {2 * student_steps}-step one")
+            raise AssertionError(f"the {student_steps}-step grid is not every other point of the "
+                                 f"{2 * student_steps}-step one")
         self.student, self.teacher = student, teacher
         self.t = torch.tensor(student, device=device)
         self.mid = torch.tensor(teacher[1::2], device=device)
@@ -115,7 +116,8 @@ def loss_weight(alpha: torch.Tensor, sigma: torch.Tensor, weighting: str) -> tor
     return snr.clamp(min=1.0) if weighting == "truncated_snr" else snr + 1.0
 
 
-def student_init(net: torch.nn.Module, teacher_tensors: dict[str, torch.Tensor], channels: int) -> dict[str, torch.Tensor]:
+def student_init(net: torch.nn.Module, teacher_tensors: dict[str, torch.Tensor],
+                 channels: int) -> dict[str, torch.Tensor]:
     """The teacher's weights for the student's network: a learned-variance teacher's output layer loses its variance
     channels (its first ``channels`` outputs are the prediction)."""
     expected = net.state_dict()
@@ -352,10 +354,10 @@ def distill_report(out: str | Path) -> list[dict[str, Any]]:
         if ckpt is not None:
             state = load_state(ckpt)
             rec = state.get("distillation", {})
-            rows.append({"round": k, "teacher_steps": rec.get("teacher_steps"), "student_steps": rec.get("student_steps"),
-                         "step": state["step"], "of": state["config"]["train"]["steps"],
-                         "cpu_hours": rec.get("cpu_seconds", 0.0) / 3600, "wall_hours": rec.get("wall_seconds", 0.0) / 3600,
-                         "checkpoint": str(ckpt)})
+            rows.append({"round": k, "teacher_steps": rec.get("teacher_steps"),
+                         "student_steps": rec.get("student_steps"), "step": state["step"],
+                         "of": state["config"]["train"]["steps"], "cpu_hours": rec.get("cpu_seconds", 0.0) / 3600,
+                         "wall_hours": rec.get("wall_seconds", 0.0) / 3600, "checkpoint": str(ckpt)})
         k += 1
     return rows
 
