@@ -41,7 +41,8 @@ from typing import Any, Callable
 import torch
 
 from .augment import NoiseAugmentation, downsample
-from .checkpoint import LOCK_FILE, RunLock, latest_valid_checkpoint, load_state, load_tensors, load_weights_into
+from .checkpoint import (LOCK_FILE, RunLock, latest_valid_checkpoint, list_checkpoints, load_state, load_tensors,
+                         load_weights_into)
 from .config import ConfigError, StageConfig
 from .diffusion import GaussianDiffusion, mean_flat, x0_eps_from_prediction
 from .distill_config import (DISTILL_FILE, FORMAT_VERSION, DistillSettings, TeacherRef, check_teacher,
@@ -280,6 +281,8 @@ def distill(teacher: str, out: str | Path, *, rounds: int | None = None, start_s
     optimizer steps in this call (to simulate an interruption)."""
     out = Path(out)
     stored = read_record(out)
+    if stored and not any(list_checkpoints(p) for p in out.glob("round_*")):
+        stored = None  # nothing trained yet (a start that failed early): the settings may still change
     check_output_dir(out, "--out")
     with RunLock(out):
         source = f"{out / DISTILL_FILE}" if stored else "distill"

@@ -249,6 +249,9 @@ def test_clear_errors(tmp_path, capsys):
     with pytest.raises(UserError, match="needs a stage trained with label dropout"):
         distill(str(teacher), tmp_path / "o8", rounds=1, start_steps=8, overrides=[*QUICK, "distill.guidance=2"],
                 log=quiet)
+    # nothing was trained there yet: the same --out takes other settings
+    assert distill(str(teacher), tmp_path / "o8", rounds=1, start_steps=8, device="cpu", log=quiet,
+                   overrides=[*QUICK, "distill.round_steps=[1]"]).finished
     # a resumed run must keep its settings (only rounds may change) and its teacher
     run = tmp_path / "run"
     distill(str(teacher), run, rounds=1, start_steps=8, overrides=[*QUICK, "distill.round_steps=[1]"], device="cpu",
