@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# The kill -9 check of docs/results.md ("Few steps"), as run on 2026-12-07 (paths of that session: /tmp/d33, the venv /work/venv33).
 # kill -9 a distillation mid-round, rerun it, and compare every tensor of every round's final checkpoint with an
 # uninterrupted run of the same command
 set -u
