@@ -416,5 +416,7 @@ def export_stage(
         "weights": weights,
         "source": str(checkpoint_dir),
     }
+    if "distillation" in state:  # a `cdm distill` student: its teacher, round, step grid (distillation.py)
+        meta["distillation"] = state["distillation"]
     atomic_write_text(out / STAGE_FILE, json.dumps(meta, indent=1))
     return out

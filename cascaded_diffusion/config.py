@@ -18,7 +18,7 @@ from typing import Any
 
 from .augment import AUGMENTATIONS
 from .diffusion import LOSS_WEIGHTINGS, LOSSES, PREDICTIONS
-from .samplers import SAMPLE_VARIANCES, SAMPLERS
+from .samplers import SAMPLE_VARIANCES, SAMPLERS, SPACINGS
 from .unet_config import LOW_RES_UPSAMPLE_MODES, ModelOptions, UNetConfig, UNetConfigError
 from .errors import naming
 from .tomlsections import ConfigError, build_section, parse_override, toml_value, tomllib
@@ -134,6 +134,10 @@ class SampleSection:
     variance: str = field(default="auto", metadata=_choices(*SAMPLE_VARIANCES))
     guidance: float = 1.0  # 1.0 = plain conditional sampling
     clip_denoised: bool = True
+    # where the steps' network evaluations lie (samplers.timestep_sequence): "trailing" is the grid a progressively
+    # distilled stage was trained on (`cdm distill`). Written to a stored config only when not "linspace", so run
+    # directories and bundles made before this key keep their bytes
+    spacing: str = field(default="linspace", metadata=_choices(*SPACINGS))
 
 
 @dataclass
@@ -152,6 +156,8 @@ class StageConfig:
         # written only when false: run directories and bundles made before the option keep their bytes
         if values["model"].get("middle_attention", True):
             values["model"].pop("middle_attention", None)
+        if values["sample"].get("spacing") == "linspace":
+            values["sample"].pop("spacing", None)
         if not values["train"].get("eval_every"):
             for key in ("eval_every", "eval_num", "eval_features"):
                 values["train"].pop(key, None)

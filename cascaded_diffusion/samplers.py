@@ -23,6 +23,11 @@ from .rng import Generator, randn
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 SAMPLE_VARIANCES = ("auto", *VARIANCES)  # "auto": learned when the model learns it, else fixed_large
+# where the evaluation indices of a K-step sampler lie: "linspace" includes both ends (the last network evaluation
+# is at index 0, next to clean data); "trailing" puts them at stop + round(i*(start - stop)/K), i = K..1, so the last
+# step goes from about (start - stop)/K straight to clean data and the K-step grid is every other index of the
+# 2K-step one: the grid a progressively distilled stage is trained on (distillation.py)
+SPACINGS = ("linspace", "trailing")
 NetCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -91,17 +96,23 @@ def make_cfg_model_fn(
 # --- timestep sequences ----------------------------------------------------------------------------------
 
 
-def timestep_sequence(start_t: int, stop_t: int, steps: int | None) -> list[int]:
+def timestep_sequence(start_t: int, stop_t: int, steps: int | None, spacing: str = "linspace") -> list[int]:
     """Decreasing indices start_t = t_K > … > t_1 at which the network is evaluated; the last step goes from
-    t_1 to ``stop_t``. ``steps=None`` (or >= start_t − stop_t) takes every index; otherwise ``steps`` indices
-    evenly spaced from start_t down to stop_t + 1."""
+    t_1 to ``stop_t``. ``steps=None`` (or >= start_t − stop_t) takes every index; otherwise ``steps`` indices:
+    ``spacing="linspace"`` evenly spaced from start_t down to stop_t + 1, ``"trailing"`` at
+    stop_t + round(i·(start_t − stop_t)/steps) for i = steps … 1 (rounding halves up, in integers), so the
+    ``steps``-index grid is exactly every other index of the ``2·steps`` one."""
     if not -1 <= stop_t < start_t:
         raise ValueError(f"need -1 <= stop_t < start_t, got start_t={start_t}, stop_t={stop_t}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r} (valid: {', '.join(SPACINGS)})")
     available = start_t - stop_t
     if steps is None or steps >= available:
         return list(range(start_t, stop_t, -1))
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be None or an int >= 1, got {steps!r}")
+    if spacing == "trailing":  # spacing available/steps > 1, so no two indices merge
+        return [stop_t + (2 * i * available + steps) // (2 * steps) for i in range(steps, 0, -1)]
     if steps == 1:
         return [start_t]
     # spacing (available-1)/(steps-1) > 1, so rounding never merges two indices
@@ -119,6 +130,7 @@ def sample(
     *,
     sampler: str = "ddpm",
     steps: int | None = None,
+    spacing: str = "linspace",
     eta: float = 0.0,
     variance: str | None = None,
     x_start: torch.Tensor | None = None,
@@ -138,6 +150,8 @@ def sample(
         sampler: ``"ddpm"`` (ancestral), ``"ddim"`` (with ``eta``: 0 deterministic, 1 the same walk as
             ancestral sampling with fixed_small variances) or ``"dpmpp"`` (DPM-Solver++(2M), deterministic).
         steps: number of network evaluations, evenly spaced over the schedule (None: every index).
+        spacing: where those evaluations lie (:func:`timestep_sequence`): ``"linspace"`` (both ends) or
+            ``"trailing"`` (the grid a progressively distilled stage was trained on).
         variance: DDPM only — ``"learned"``, ``"fixed_small"`` or ``"fixed_large"``; None or "auto" picks learned when
             the model learns it, else fixed_large. Strided steps use the step's own β = 1 − ᾱ_t/ᾱ_s and
             posterior variance, as an Improved-DDPM respaced model.
@@ -168,7 +182,7 @@ def sample(
 
     if stop_t == start_t:  # nothing to run: x_start already is the sample at that level (e.g. s = T)
         return (x, x) if return_pred_x0 else x
-    seq = timestep_sequence(start_t, stop_t, steps)
+    seq = timestep_sequence(start_t, stop_t, steps, spacing)
     targets = seq[1:] + [stop_t]
     abar = diffusion.alphas_cumprod.tolist()
     n, channels = shape[0], shape[1]

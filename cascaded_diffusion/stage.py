@@ -283,6 +283,7 @@ class Stage:
             (labels.shape[0], c, r, r),
             sampler=sampler,
             steps=steps or None,
+            spacing=defaults.spacing,  # a distilled stage's grid ("trailing") whatever the steps
             eta=defaults.eta if eta is None else eta,
             variance=variance,
             x_start=x_start,

@@ -171,6 +171,10 @@ class StageTraining:
             tensors["torch_cuda"] = torch.cuda.get_rng_state(self.device)
         return tensors
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """More JSON for every checkpoint's state.json (a subclass's own record: the distiller's teacher and round)."""
+        return {}
+
     def save(self) -> Path | None:
         """Write a checkpoint (rank 0); every rank's RNG goes in as ``rng_rank{r}``."""
         rng_all = {f"rank{self.rank}.{k}": v.cpu() for k, v in self._rng_tensors().items()}
@@ -188,6 +192,7 @@ class StageTraining:
                 "world_size": self.world_size,
                 "version": __version__,
                 "torch": torch.__version__,
+                **self.checkpoint_state(),
             }
             path = save_checkpoint(
                 self.run_dir,

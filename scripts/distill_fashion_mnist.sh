@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Progressive distillation of the bundled Fashion-MNIST cascade (docs/sampling.md "Distill your own cascade",
+# docs/results.md "Few steps"). Restartable: rerun the same command after any interruption (kill -9 included) and
+# every job resumes bit-exactly from its newest checkpoint; finished rounds and scored points are skipped.
+#
+#   scripts/distill_fashion_mnist.sh train   # both stages' distillations, side by side, one thread and one core each
+#   scripts/distill_fashion_mnist.sh study   # quality against steps (distilled vs DPM-Solver++), cost, speed
+#   scripts/distill_fashion_mnist.sh ship    # the fashion-mnist-distilled bundle (BASE_STEPS + SR_STEPS <= 8)
+#
+# RUNS (default /work/runs/distill), NUM (samples per study point, default 5000; the bundle's point is also scored
+# at 10000), NICE (default 19) and FIRST_CPU (default 0) can be set in the environment.
+set -euo pipefail
+CODE="$(cd "$(dirname "$0")/.." && pwd)"
+RUNS="${RUNS:-/work/runs/distill}"
+NUM="${NUM:-5000}"
+BASE_STEPS="${BASE_STEPS:-4}"
+SR_STEPS="${SR_STEPS:-4}"
+export PYTHONPATH="$CODE" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+cd "$CODE"
+mkdir -p "$RUNS"
+cdm() { nice -n "${NICE:-19}" python -m cascaded_diffusion.cli "$@"; }
+
+case "${1:-}" in
+  train)
+    # base8: eps-prediction + learned variances -> a v-prediction student; 64 -> 32 -> 16 -> 8 -> 4 -> 2 steps
+    # sr8to32_noaug: v-prediction + learned variances; 16 -> 8 -> 4 -> 2 -> 1 steps
+    cpu="${FIRST_CPU:-0}"
+    ncpu=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+    for job in "base8 pretrained:fashion-mnist/base8" "sr8to32_noaug pretrained:fashion-mnist/sr8to32_noaug"; do
+      set -- $job
+      nohup taskset -c "$cpu" nice -n "${NICE:-19}" python -m cascaded_diffusion.cli distill "$2" --out "$RUNS/$1" \
+        --config "configs/fashion-mnist/distill_$1.toml" >> "$RUNS/$1.out" 2>&1 &
+      cpu=$(( (cpu + 1) % ncpu ))
+    done
+    wait
+    ;;
+  study)
+    # the reference: the 60000 training images' classifier features, as for the shipped cascade's numbers
+    [ -f "$RUNS/ref_fmnist_train_32.npz" ] || cdm stats fashion-mnist --features classifier --resolution 32 \
+      --out "$RUNS/ref_fmnist_train_32.npz"
+    nice -n "${NICE:-19}" python scripts/few_steps_study.py --runs "$RUNS" --ref "$RUNS/ref_fmnist_train_32.npz" \
+      --num "$NUM" --out "$RUNS/study" --plot "$RUNS/study/few_steps.png"
+    # the bundle's point and the shipped cascade at the target's 10000 samples, with CAS over 3 classifier seeds, and
+    # the speed of both (interleaved batches of 250)
+    nice -n "${NICE:-19}" python scripts/few_steps_study.py --runs "$RUNS" --ref "$RUNS/ref_fmnist_train_32.npz" \
+      --num 10000 --out "$RUNS/study10k" --points "base/dpmpp20,cascade/pd${BASE_STEPS}+pd${SR_STEPS}" \
+      --speed --speed-points "cascade/dpmpp20+dpmpp10,cascade/pd${BASE_STEPS}+pd${SR_STEPS}"
+    for point in base_dpmpp20 "cascade_pd${BASE_STEPS}_pd${SR_STEPS}"; do
+      for seed in 0 1 2; do
+        out="$RUNS/study10k/samples/$point.cas$seed.json"
+        [ -f "$out" ] || cdm cas "$RUNS/study10k/samples/$point.npz" --test fashion-mnist:test --seed "$seed" --out "$out"
+      done
+    done
+    ;;
+  ship)
+    python scripts/ship_fashion_mnist_distilled.py "$RUNS" --base-steps "$BASE_STEPS" --sr-steps "$SR_STEPS" \
+      --study "$RUNS/study10k/results.json"
+    python scripts/write_bundle_cards.py fashion-mnist-distilled
+    ;;
+  *)
+    echo "usage: $0 train|study|ship" >&2
+    exit 2
+    ;;
+esac
