@@ -29,7 +29,8 @@ from typing import Any
 
 from .checkpoint import STAGE_FILE, CheckpointError, latest_valid_checkpoint, list_checkpoints, load_state, \
     verify_checkpoint
-from .config import ConfigError, StageConfig, _build_section, apply_overrides
+from .config import ConfigError, StageConfig, apply_overrides
+from .tomlsections import build_section
 from .errors import UserError
 from .pretrained import file_sha256, find_cascade
 
@@ -144,7 +145,7 @@ def resolve_settings(stored: dict | None, file_raw: dict, overrides: list[str], 
             raise ConfigError(f"--set {text!r}: a distillation takes distill.*, train.*, data.* or model.* keys")
     merged = apply_overrides(base, overrides)
     merged["distill"].update({k: v for k, v in options.items() if v is not None})
-    settings = _build_section(DistillSettings, merged["distill"], "distill", source)
+    settings = build_section(DistillSettings, merged["distill"], "distill", source)
     student = {name: merged[name] for name in STUDENT_SECTIONS if merged[name]}
     if stored:
         old = dict(stored.get("distill", {}))

@@ -41,8 +41,7 @@ from typing import Any, Callable
 import torch
 
 from .augment import NoiseAugmentation, downsample
-from .checkpoint import (LOCK_FILE, RunLock, latest_valid_checkpoint, list_checkpoints, load_state, load_tensors,
-                         load_weights_into)
+from .checkpoint import latest_valid_checkpoint, list_checkpoints, load_state, load_tensors, load_weights_into
 from .config import ConfigError, StageConfig
 from .diffusion import GaussianDiffusion, mean_flat, x0_eps_from_prediction
 from .distill_config import (DISTILL_FILE, FORMAT_VERSION, DistillSettings, TeacherRef, check_teacher,
@@ -51,6 +50,7 @@ from .errors import UserError, check_output_dir
 from .fileio import atomic_write_text
 from .hardware import bf16_autocast
 from .pretrained import file_sha256
+from .rundir import LOCK_FILE, RunLock
 from .data.readers import ImageArray
 from .samplers import timestep_sequence
 from .stage import Stage, build_network
