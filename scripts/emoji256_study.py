@@ -47,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' shared 
 from cdm_command import cdm  # noqa: E402
 
 RUNS = ("base16", "sr16to64", "sr16to64_noaug", "sr64to256", "sr64to256_noaug", "sr64to256_noise")
+# the shippable chain; an ablation run that does not exist (yet) is skipped, its settings and pairs with it
+REQUIRED_RUNS = ("base16", "sr16to64", "sr64to256")
 # (setting A, setting B): each row of the ablation table is KID(A) - KID(B), paired
 PAIRS = (
     ("x256_noaug", "x256_blur", "top stage: none − blur (generated 64 px inputs)"),
@@ -104,6 +106,12 @@ def main() -> None:
     steps_at = {k: int(v) for k, v in (item.split("=") for item in args.step)}
     stage = {n: str(args.runs / n / "checkpoints" / f"step_{steps_at[n]:08d}") if n in steps_at else str(args.runs / n)
              for n in RUNS}
+    missing = [n for n in RUNS if not Path(stage[n]).is_dir()]
+    if any(n in missing for n in REQUIRED_RUNS):
+        raise SystemExit(f"{args.runs} lacks {', '.join(n for n in REQUIRED_RUNS if n in missing)}: the study needs "
+                         f"at least {', '.join(REQUIRED_RUNS)}")
+    for n in missing:
+        print(f"{n}: no run at {stage[n]}; its settings are skipped", flush=True)
     train_dir, test_dir = args.data / "emoji256-train", args.data / "emoji256-test"
 
     def sampling(num_stages: int) -> list[str]:
@@ -134,7 +142,8 @@ def main() -> None:
     held_out = int(np.load(real16)["arr_1"].shape[0])
     low = ["--low-res-samples", str(base)]
     settings["x64_aug"] = sample("x64_aug", [b, m], *low, num=args.num)
-    settings["x64_noaug"] = sample("x64_noaug", [b, stage["sr16to64_noaug"]], *low, num=args.num)
+    if "sr16to64_noaug" not in missing:
+        settings["x64_noaug"] = sample("x64_noaug", [b, stage["sr16to64_noaug"]], *low, num=args.num)
     levels = [int(v) for v in args.levels.split(",") if v.strip()]
     for s in levels:
         settings[f"x64_aug_s{s}"] = sample(f"x64_aug_s{s}", [b, m], *low, "--aug-level", str(s), num=args.num)
@@ -142,20 +151,24 @@ def main() -> None:
     gt16 = ["--low-res-samples", str(real16)]
     for s in levels:
         settings[f"gt64_aug_s{s}"] = sample(f"gt64_aug_s{s}", [b, m], *gt16, "--aug-level", str(s), num=num_gt)
-    settings["gt64_noaug"] = sample("gt64_noaug", [b, stage["sr16to64_noaug"]], *gt16, num=num_gt)
+    if "sr16to64_noaug" not in missing:
+        settings["gt64_noaug"] = sample("gt64_noaug", [b, stage["sr16to64_noaug"]], *gt16, num=num_gt)
 
     if args.max_resolution is None or args.max_resolution >= 256:
         n256 = min(args.num_256, args.num)
         inputs = {"aug": save_subset(settings["x64_aug"], out / "in64_aug.npz", n256),
-                  "noaug": save_subset(settings["x64_noaug"], out / "in64_noaug.npz", n256),
                   "real": save_subset(real64, out / "in64_real.npz", min(n256, held_out))}
         for top, run in (("blur", "sr64to256"), ("noaug", "sr64to256_noaug"), ("noise", "sr64to256_noise")):
+            if run in missing:
+                continue
             three = [b, m, stage[run]]
             settings[f"x256_{top}"] = sample(f"x256_{top}", three, "--low-res-samples", str(inputs["aug"]), num=n256)
             settings[f"gt256_{top}"] = sample(f"gt256_{top}", three, "--low-res-samples", str(inputs["real"]),
                                               num=min(n256, held_out))
-        settings["x256_blur_on_noaug"] = sample("x256_blur_on_noaug", [b, stage["sr16to64_noaug"], t],
-                                                "--low-res-samples", str(inputs["noaug"]), num=n256)
+        if "sr16to64_noaug" not in missing:
+            inputs["noaug"] = save_subset(settings["x64_noaug"], out / "in64_noaug.npz", n256)
+            settings["x256_blur_on_noaug"] = sample("x256_blur_on_noaug", [b, stage["sr16to64_noaug"], t],
+                                                    "--low-res-samples", str(inputs["noaug"]), num=n256)
         for item in (v for v in args.top_samplers.split(",") if v.strip()):
             # the inputs are 64 px, so only the top stage runs: one --sampler/--steps value reaches it
             sampler, n_steps = item.split(":")
@@ -172,6 +185,7 @@ def main() -> None:
     results = score(settings, args, train_dir, test_dir)
     results["_pairs"] = paired_differences(results, args.bootstrap)
     results["_meta"] = {"num": args.num, "num_256": args.num_256, "num_ground_truth": num_gt,
+                        "missing_runs": missing,
                         "sampling": sampling(3) or "stage defaults", "stages": stage,
                         "features": args.features, "features_256": args.features_256 or args.features}
     (out / "metrics.json").write_text(json.dumps({k: v for k, v in results.items()
@@ -295,6 +309,9 @@ def tables(results: dict) -> str:
         for key, g in pairs.items():
             lines.append(f"| {g['what']} (`{key}`) | {g['num']} | {1e3 * g['kid_gap']:+.2f} ± "
                          f"{1e3 * g['kid_gap_std']:.2f} | {g['fid_gap']:+.2f} ± {g['fid_gap_std']:.2f} |")
+    missing = (results.get("_meta") or {}).get("missing_runs")
+    if missing:
+        lines += ["", f"Not trained, so not in these tables: {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@
 #   scripts/emoji256_train.sh lower    # base16 and sr16to64 (noise)
 #   scripts/emoji256_train.sh rest     # sr16to64_noaug and sr64to256_noise
 #   FIRST_CPU=1 scripts/emoji256_train.sh base16   # any run names (configs/emoji256/NAME.toml), one core each
+#   STEPS=2000 scripts/emoji256_train.sh sr64to256  # stop at a budget below train.steps (resume later with more)
 #
 # RUNS (default /work/runs/emoji256), DATA (default /work/data: emoji256/, emoji256-train/, emoji256-test/) and
 # CODE (default: this checkout; the runs of 2026-12-07 use a frozen worktree of commit 5fd358b at /work/frozen256,
@@ -39,7 +40,7 @@ mkdir -p "$RUNS"
 cpu="${FIRST_CPU:-0}"
 for name in "${pair[@]}"; do
   nohup taskset -c "$cpu" python -m cascaded_diffusion.cli train "configs/emoji256/$name.toml" --out "$RUNS/$name" \
-    --set "data.source=prepared:$DATA/emoji256-train" --set train.progress=false > "$RUNS/$name.out" 2>&1 &
+    --set "data.source=prepared:$DATA/emoji256-train" --set train.progress=false ${STEPS:+--steps "$STEPS"} > "$RUNS/$name.out" 2>&1 &
   cpu=$(( (cpu + 1) % $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) ))  # nproc alone obeys OMP_NUM_THREADS=1
 done
 wait

@@ -120,3 +120,29 @@ def test_emoji256_study_pairs_every_ablation_and_resumes(tiny_runs, run_script):
     assert (chosen["sampler"], chosen["steps"]) in {("dpmpp", 1), ("dpmpp", 2)}
     assert (cascade.stages[2].config.sample.sampler, cascade.stages[2].config.sample.steps) == (
         chosen["sampler"], chosen["steps"])
+
+
+def test_emoji256_study_skips_ablation_runs_not_trained_yet(tiny_runs, run_script, tmp_path, capsys):
+    tmp, clf = tiny_runs
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for name in ("base16", "sr16to64", "sr64to256", "sr64to256_noaug"):
+        (runs / name).symlink_to(tmp / "runs" / name, target_is_directory=True)
+    cmd = ["--runs", runs, "--data", tmp / "data", "--features", f"classifier:{clf[16]}",
+           "--features-256", f"classifier:{clf[256]}", "--num", "4", "--num-256", "2", "--steps", "1,1,1",
+           "--levels", "10", "--top-samplers", "", "--bootstrap", "2", "--grid-per-class", "1"]
+    status, out = run_script("emoji256_study.py", *cmd)
+    assert status == 0, out
+    assert "sr16to64_noaug: no run at" in out and "sr64to256_noise: no run at" in out
+    results = json.loads((runs / "study" / "metrics.json").read_text())
+    assert {"x256_blur", "x256_noaug", "gt256_blur", "gt256_noaug", "x64_aug"} <= set(results)
+    assert not {"x64_noaug", "gt64_noaug", "x256_noise", "gt256_noise", "x256_blur_on_noaug"} & set(results)
+    assert set(results["_pairs"]) == {"x256_noaug - x256_blur", "gt256_noaug - gt256_blur"}
+    assert results["_meta"]["missing_runs"] == ["sr16to64_noaug", "sr64to256_noise"]
+    assert "Not trained, so not in these tables: sr16to64_noaug, sr64to256_noise." in (
+        runs / "study" / "tables.md").read_text()
+
+    (runs / "sr64to256").unlink()
+    capsys.readouterr()
+    status, _ = run_script("emoji256_study.py", *cmd)
+    assert status != 0 and "lacks sr64to256" in capsys.readouterr().err
