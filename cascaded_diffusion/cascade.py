@@ -249,15 +249,7 @@ class Cascade:
             # what this stage hands to the next one: its level s (0 = clean)
             next_level = levels[i] if i + 1 < n else 0
             stop_t = next_level - 1 if (truncated and next_level > 0) else -1
-            if i > 0:
-                cond, cond_level = handed_on, handed_level
-                if cond_level is None:  # clean input: apply non-truncated augmentation here
-                    s = levels[i - 1]
-                    cond_level = torch.full((labels.shape[0],), s, dtype=torch.long, device=device)
-                    if s > 0:
-                        cond = stage.augmentation.apply(cond, cond_level, generator=generator)
-            else:
-                cond = cond_level = None
+            cond, cond_level = self._conditioning(i, handed_on, handed_level, levels, labels.shape[0], generator)
             conditioning.append(cond)
             stage_callback = None
             if callback is not None:
@@ -284,6 +276,20 @@ class Cascade:
                 handed_on = x.clamp(-1, 1)
                 handed_level = None
         return CascadeOutput(images=outputs[-1], stages=outputs, labels=labels, conditioning=conditioning)
+
+    def _conditioning(self, i: int, handed_on: torch.Tensor | None, handed_level: torch.Tensor | None,
+                      levels: list[int], num: int, generator: Generator
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Stage ``i``'s low-resolution input and its noise level from what the stage before handed on."""
+        if i == 0:
+            return None, None
+        cond, cond_level = handed_on, handed_level
+        if cond_level is None:  # clean input: apply non-truncated augmentation here
+            s = levels[i - 1]
+            cond_level = torch.full((num,), s, dtype=torch.long, device=self.stages[0].device)
+            if s > 0:
+                cond = self.stages[i].augmentation.apply(cond, cond_level, generator=generator)
+        return cond, cond_level
 
     def labels_for(self, num: int | None = None, labels=None,
                    class_labels: Sequence[int] | None = None) -> torch.Tensor:

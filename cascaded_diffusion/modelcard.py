@@ -243,20 +243,12 @@ def _value_text(m: dict) -> str:
     return f"{value:.3g}" + (f" ± {std:.2g}" if std else "")
 
 
-def render_card(root: str | Path, manifest: dict, *, load_names: Sequence[str], grid: str | None = GRID_FILE,
-                grid_command: str | None = None) -> str:
-    """``README.md`` for the cascade folder ``root``. ``load_names``: what to pass to ``--pretrained`` (a Hub
-    name first, then e.g. the bundled name); ``grid``: the per-stage grid image beside it, if any, and
-    ``grid_command`` the ``cdm sample`` command that draws the same grid."""
-    root = Path(root)
+def _intro_lines(manifest: dict, stages: list[dict], chain: str, grid: str | None,
+                 grid_command: str | None) -> list[str]:
     card = manifest.get("card") or {}
-    data = card.get("data") or {}
-    stages = stage_summaries(root, manifest)
-    metrics = card_metrics(manifest)
     first = stages[0]["config"]
-    chain = " → ".join(str(s["config"].stage.resolution) for s in stages)
     title = card.get("title") or f"{manifest.get('name', 'cascade')}: cascaded diffusion model ({chain} px)"
-    lines = ["---", *to_yaml(card_metadata(manifest, stages, metrics)), "---", "", f"# {title}", ""]
+    lines = [f"# {title}", ""]
     if manifest.get("description"):
         lines += [manifest["description"], ""]
     lines += [f"A class-conditional cascaded diffusion model (Ho et al., *Cascaded Diffusion Models for High Fidelity "
@@ -268,8 +260,12 @@ def render_card(root: str | Path, manifest: dict, *, load_names: Sequence[str], 
                   f"*{grid}: one row per class; each sample at every stage ({chain} px), low resolution to high, "
                   "drawn with the default sampling settings below."
                   + (f" The same grid: `{grid_command}`.*" if grid_command else "*"), ""]
-    lines += ["## Use", "", "Install `cascaded-diffusion` with its Hub extra (`pip install -e '.[hub]'` in its source "
-              "tree), then:", "", "```bash"]
+    return lines
+
+
+def _use_lines(stages: list[dict], load_names: Sequence[str]) -> list[str]:
+    lines = ["## Use", "", "Install `cascaded-diffusion` with its Hub extra (`pip install -e '.[hub]'` in its source "
+             "tree), then:", "", "```bash"]
     for name in load_names:
         lines.append(SAMPLE_COMMAND.format(name=name))
     name = load_names[0]
@@ -284,9 +280,14 @@ def render_card(root: str | Path, manifest: dict, *, load_names: Sequence[str], 
         lines += ["The download goes into the standard Hugging Face cache (`HF_HOME`), works offline from there "
                   "(`HF_HUB_OFFLINE=1`), and `hf://OWNER/REPO@REVISION` pins a branch, tag or commit. Before anything "
                   "is loaded, every weight and config file is checked against the sha256 in `cascade.json`.", ""]
-    lines += ["## Stages", "",
-              "| stage | kind | resolution | prediction | conditioning augmentation (training) | sampling default "
-              "| steps trained | parameters |", "|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _stage_lines(manifest: dict, stages: list[dict]) -> list[str]:
+    """The stages table, then the sampling defaults table and the conditioning augmentation mode."""
+    lines = ["## Stages", "",
+             "| stage | kind | resolution | prediction | conditioning augmentation (training) | sampling default "
+             "| steps trained | parameters |", "|---|---|---|---|---|---|---|---|"]
     for s in stages:
         c = s["config"]
         trained, sampled = augmentation_text(c)
@@ -304,27 +305,30 @@ def render_card(root: str | Path, manifest: dict, *, load_names: Sequence[str], 
               "previous stage " + ("stops at level s and hands its noisy z_s on" if truncated else
                                    "samples to clean data, re-noised to level s where a stage takes noise") + "). "
               "Every option of `cdm sample` overrides these (`--sampler`, `--steps`, `--aug-level`, `--truncated`).", ""]
-    if card.get("classes"):
-        lines += ["## Classes", "", ", ".join(f"{i} {n}" for i, n in enumerate(card["classes"])), ""]
-    if metrics:
-        lines += ["## Evaluation", "", "| metric | value | features | against | samples | sampling |",
-                  "|---|---|---|---|---|---|"]
-        for m in metrics:
-            against = f"{data.get('name', 'data')} {m['split']} split" if m.get("split") else "—"
-            features = feature_label(m.get("feature_network")) or _METRIC_HELP.get(m["type"], "—")
-            extra = f" ({m['note']})" if m.get("note") else ""
-            lines.append(f"| {_METRIC_NAMES.get(m['type'], m['type'])} | {_value_text(m)}{extra} | {features} | "
-                         f"{against} | {m.get('num_samples') or '?'} | `{m.get('sampling') or 'defaults'}` |")
-        networks = sorted({m["feature_network"] for m in metrics if m.get("feature_network")})
-        if any(n.startswith("classifier") for n in networks):
-            lines += ["", "*Classifier features, not Inception*: these FID/KID values use the features of this "
-                      "project's small classifier for the training data (`" + "`, `".join(
-                          n for n in networks if n.startswith("classifier")) + "`, bundled here), not of Inception: "
-                      "they are not comparable to the Inception-feature FIDs of the literature."]
-        lines.append("")
-    if card.get("docs"):
-        lines += [f"How these numbers were measured: {card['docs']} in the `{LIBRARY_NAME}` source.", ""]
-    lines += ["## Training data", ""]
+    return lines
+
+
+def _evaluation_lines(metrics: list[dict], data: dict) -> list[str]:
+    lines = ["## Evaluation", "", "| metric | value | features | against | samples | sampling |",
+             "|---|---|---|---|---|---|"]
+    for m in metrics:
+        against = f"{data.get('name', 'data')} {m['split']} split" if m.get("split") else "—"
+        features = feature_label(m.get("feature_network")) or _METRIC_HELP.get(m["type"], "—")
+        extra = f" ({m['note']})" if m.get("note") else ""
+        lines.append(f"| {_METRIC_NAMES.get(m['type'], m['type'])} | {_value_text(m)}{extra} | {features} | "
+                     f"{against} | {m.get('num_samples') or '?'} | `{m.get('sampling') or 'defaults'}` |")
+    networks = sorted({m["feature_network"] for m in metrics if m.get("feature_network")})
+    if any(n.startswith("classifier") for n in networks):
+        lines += ["", "*Classifier features, not Inception*: these FID/KID values use the features of this "
+                  "project's small classifier for the training data (`" + "`, `".join(
+                      n for n in networks if n.startswith("classifier")) + "`, bundled here), not of Inception: "
+                  "they are not comparable to the Inception-feature FIDs of the literature."]
+    lines.append("")
+    return lines
+
+
+def _training_data_lines(root: Path, stages: list[dict], data: dict) -> list[str]:
+    lines = ["## Training data", ""]
     if data:
         lines += [f"- **{data.get('name', 'training data')}**" + (f", <{data['url']}>" if data.get("url") else ""),
                   f"- licence: {data.get('license', 'not stated')}"
@@ -336,17 +340,47 @@ def render_card(root: str | Path, manifest: dict, *, load_names: Sequence[str], 
     else:
         sources = sorted({s["config"].data.source for s in stages})
         lines.append(f"- `{'`, `'.join(sources)}` (the stages' data.source); licence not stated")
-    lines += ["", "## Licence", "",
-              f"Weights: {card.get('license', 'not stated')}. Training data: {data.get('license', 'not stated')}"
-              " (see above).", "",
-              "## Files", "",
-              "- `cascade.json`: the stages (base first), the sampling mode, the measured numbers, and the sha256 and "
-              "size of every file below that is loaded",
-              "- `STAGE/model.safetensors` (EMA weights) and `STAGE/stage.json` (the resolved training config)"]
+    return lines
+
+
+def _licence_and_files_lines(root: Path, card: dict, data: dict, grid: str | None) -> list[str]:
+    lines = ["", "## Licence", "",
+             f"Weights: {card.get('license', 'not stated')}. Training data: {data.get('license', 'not stated')}"
+             " (see above).", "",
+             "## Files", "",
+             "- `cascade.json`: the stages (base first), the sampling mode, the measured numbers, and the sha256 and "
+             "size of every file below that is loaded",
+             "- `STAGE/model.safetensors` (EMA weights) and `STAGE/stage.json` (the resolved training config)"]
     if (root / "classifier.safetensors").is_file():
         lines.append("- `classifier.safetensors`, `classifier.json`: the classifier whose features the metrics use")
     if (root / ATTRIBUTION_FILE).is_file():
         lines.append(f"- `{ATTRIBUTION_FILE}`: the credit the training data's licences require; keep it with the "
                      "weights")
     lines += [f"- `{CARD_FILE}` (this card)" + (f", `{grid}`" if grid else ""), ""]
+    return lines
+
+
+def render_card(root: str | Path, manifest: dict, *, load_names: Sequence[str], grid: str | None = GRID_FILE,
+                grid_command: str | None = None) -> str:
+    """``README.md`` for the cascade folder ``root``. ``load_names``: what to pass to ``--pretrained`` (a Hub
+    name first, then e.g. the bundled name); ``grid``: the per-stage grid image beside it, if any, and
+    ``grid_command`` the ``cdm sample`` command that draws the same grid."""
+    root = Path(root)
+    card = manifest.get("card") or {}
+    data = card.get("data") or {}
+    stages = stage_summaries(root, manifest)
+    metrics = card_metrics(manifest)
+    chain = " → ".join(str(s["config"].stage.resolution) for s in stages)
+    lines = ["---", *to_yaml(card_metadata(manifest, stages, metrics)), "---", ""]
+    lines += _intro_lines(manifest, stages, chain, grid, grid_command)
+    lines += _use_lines(stages, load_names)
+    lines += _stage_lines(manifest, stages)
+    if card.get("classes"):
+        lines += ["## Classes", "", ", ".join(f"{i} {n}" for i, n in enumerate(card["classes"])), ""]
+    if metrics:
+        lines += _evaluation_lines(metrics, data)
+    if card.get("docs"):
+        lines += [f"How these numbers were measured: {card['docs']} in the `{LIBRARY_NAME}` source.", ""]
+    lines += _training_data_lines(root, stages, data)
+    lines += _licence_and_files_lines(root, card, data, grid)
     return "\n".join(lines)

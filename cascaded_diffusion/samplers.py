@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -170,15 +170,7 @@ def sample(
         x (N, C, …), or (x, x̂0) with ``return_pred_x0``.
     """
     variance, start_t = _check_options(diffusion, shape, sampler, variance, eta, start_t, stop_t)
-    if device is None:
-        device = x_start.device if x_start is not None else torch.device("cpu")
-    device = torch.device(device)
-    if x_start is None:
-        x = randn(tuple(shape), generator, device)
-    else:
-        if tuple(x_start.shape) != tuple(shape):
-            raise ValueError(f"x_start has shape {tuple(x_start.shape)}, expected {tuple(shape)}")
-        x = x_start.to(device=device, dtype=torch.float32)
+    x, device = _initial_sample(shape, x_start, generator, device)
 
     if stop_t == start_t:  # nothing to run: x_start already is the sample at that level (e.g. s = T)
         return (x, x) if return_pred_x0 else x
@@ -190,11 +182,7 @@ def sample(
     t_scaled = diffusion.scale_timesteps(torch.tensor(seq, dtype=torch.long, device=device))
     t_rows = t_scaled.view(-1, 1).expand(-1, n).contiguous()
 
-    iterator = range(len(seq))
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc=f"{sampler} sampling", leave=False, dynamic_ncols=True)
+    iterator = _step_indices(len(seq), sampler, progress)
     dpm_state: tuple[torch.Tensor, float] | None = None
     x0 = x
     for i in iterator:
@@ -212,6 +200,28 @@ def sample(
         if callback is not None:
             callback(SamplerStep(step=i + 1, total=len(seq), t=t, x=x, pred_x0=x0))
     return (x, x0) if return_pred_x0 else x
+
+
+def _initial_sample(shape: tuple[int, ...], x_start: torch.Tensor | None, generator: Generator,
+                    device: str | torch.device | None) -> tuple[torch.Tensor, torch.device]:
+    """``x_start`` in float32 on ``device``, or N(0, I) noise drawn there (default device: x_start's, else CPU);
+    and that device."""
+    if device is None:
+        device = x_start.device if x_start is not None else torch.device("cpu")
+    device = torch.device(device)
+    if x_start is None:
+        return randn(tuple(shape), generator, device), device
+    if tuple(x_start.shape) != tuple(shape):
+        raise ValueError(f"x_start has shape {tuple(x_start.shape)}, expected {tuple(shape)}")
+    return x_start.to(device=device, dtype=torch.float32), device
+
+
+def _step_indices(num_steps: int, sampler: str, progress: bool) -> Iterable[int]:
+    if not progress:
+        return range(num_steps)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(num_steps), desc=f"{sampler} sampling", leave=False, dynamic_ncols=True)
 
 
 def _check_options(diffusion: GaussianDiffusion, shape: tuple[int, ...], sampler: str, variance: str | None,

@@ -202,6 +202,27 @@ def _progress_bar(num: int, resumed: int, world_size: int):
                 unit="img", dynamic_ncols=True, smoothing=0.1)
 
 
+def _checked_inputs(cascade: Cascade, labels: torch.Tensor | np.ndarray, low_res: np.ndarray | None,
+                    batch_size: int, chunk_size: int | None, start_stage: int,
+                    stage_paths: Sequence[str | os.PathLike | None] | None
+                    ) -> tuple[np.ndarray, int, list[Path | None]]:
+    """``labels`` as int64 numpy, the chunk size, and ``stage_paths`` as Paths, once they make a job."""
+    labels_np = (labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)).astype(np.int64)
+    num = len(labels_np)
+    if num == 0:
+        raise ValueError("nothing to sample (no labels)")
+    if low_res is not None and len(low_res) != num:
+        raise ValueError(f"low_res holds {len(low_res)} images for {num} labels")
+    chunk_size = int(chunk_size or batch_size)
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError("batch_size and chunk_size must be >= 1")
+    num_stages = len(cascade.stages) - start_stage
+    paths = [None if p is None else Path(p) for p in (stage_paths or [])]
+    if len(paths) not in (0, num_stages):
+        raise ValueError(f"stage_paths: got {len(paths)} paths for {num_stages} stages")
+    return labels_np, chunk_size, paths
+
+
 def sample_sharded(
     cascade: Cascade,
     labels: torch.Tensor | np.ndarray,
@@ -250,19 +271,9 @@ def sample_sharded(
         rank, world_size = distributed_context()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size}")
-    labels_np = (labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)).astype(np.int64)
-    num = len(labels_np)
-    if num == 0:
-        raise ValueError("nothing to sample (no labels)")
-    if low_res is not None and len(low_res) != num:
-        raise ValueError(f"low_res holds {len(low_res)} images for {num} labels")
-    chunk_size = int(chunk_size or batch_size)
-    if batch_size < 1 or chunk_size < 1:
-        raise ValueError("batch_size and chunk_size must be >= 1")
-    num_stages = len(cascade.stages) - start_stage
-    stage_paths = [None if p is None else Path(p) for p in (stage_paths or [])]
-    if len(stage_paths) not in (0, num_stages):
-        raise ValueError(f"stage_paths: got {len(stage_paths)} paths for {num_stages} stages")
+    labels_np, chunk_size, stage_paths = _checked_inputs(cascade, labels, low_res, batch_size, chunk_size,
+                                                         start_stage, stage_paths)
+    num, num_stages = len(labels_np), len(cascade.stages) - start_stage
     check_sampling_memory(cascade, num, batch_size, start_stage=start_stage, world_size=world_size,
                           labels_allocated=True)  # before a batch grows until the kernel kills us
     manifest = job_manifest(cascade, labels_np, seed=seed, low_res=low_res, start_stage=start_stage,

@@ -107,6 +107,27 @@ def load_names(repo_id: str | None, pretrained: str | None, out: Path) -> list[s
     return names or [str(out)]
 
 
+def _write_stage_files(out: Path, run_dirs: Sequence[str | Path], pretrained: str | None, repo_id: str | None,
+                       name: str | None, dtype: torch.dtype | None, weights: str) -> dict:
+    """The stages' files written into ``out`` (copied from ``pretrained``, or exported from ``run_dirs``), and the
+    manifest so far: the source's without its file list and format version, or a new one for run directories."""
+    if pretrained:
+        source = find_cascade(pretrained)
+        manifest = {k: copy.deepcopy(v) for k, v in source.manifest.items() if k not in ("files", "format_version")}
+        for rel in loaded_files(source.root, source.manifest):
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.root / rel, out / rel)
+        return manifest
+    taken: set[str] = set()
+    stages = []
+    for run_dir in run_dirs:
+        stage = _stage_name(Path(run_dir), taken)
+        _export_stage_dir(Path(run_dir), out / stage, dtype, weights)
+        stages.append(stage)
+    return {"name": name or (repo_id.split("/")[1] if repo_id else out.resolve().name),
+            "stages": stages, "sampling": {"truncated": False}}
+
+
 def export_cascade(
     out: str | Path,
     run_dirs: Sequence[str | Path] = (),
@@ -141,21 +162,7 @@ def export_cascade(
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        if pretrained:
-            source = find_cascade(pretrained)
-            manifest = {k: copy.deepcopy(v) for k, v in source.manifest.items() if k not in ("files", "format_version")}
-            for rel in loaded_files(source.root, source.manifest):
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source.root / rel, out / rel)
-        else:
-            taken: set[str] = set()
-            stages = []
-            for run_dir in run_dirs:
-                stage = _stage_name(Path(run_dir), taken)
-                _export_stage_dir(Path(run_dir), out / stage, dtype, weights)
-                stages.append(stage)
-            manifest = {"name": name or (repo_id.split("/")[1] if repo_id else out.resolve().name),
-                        "stages": stages, "sampling": {"truncated": False}}
+        manifest = _write_stage_files(out, run_dirs, pretrained, repo_id, name, dtype, weights)
         if name:
             manifest["name"] = name
         if card:

@@ -25,6 +25,7 @@ from PIL import Image
 from .cascade import Cascade
 from .errors import UserError
 from .fileio import atomic_write_bytes
+from .stage import Stage
 from .data.imagefolder import IMAGE_EXTENSIONS, preprocess_image
 
 # An input whose short side is over this many times the SR stage's input size loses most of its pixels to the
@@ -96,6 +97,47 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _labels_by_file(files: list[Path], label: int | None, labels: dict[str, int] | None,
+                    num_classes: int) -> dict[Path, int]:
+    """Each file's class: ``label`` for all, or its row in ``labels`` by file name, else by stem."""
+    wanted = {}
+    for path in files:
+        value = label if labels is None else labels.get(path.name, labels.get(path.stem))
+        if value is None:
+            raise UserError(f"no label for {path} in the labels table (by file name {path.name!r} or stem "
+                            f"{path.stem!r})")
+        if not 0 <= value < num_classes:
+            raise UserError(f"label {value} for {path} is outside the cascade's classes 0..{num_classes - 1}")
+        wanted[path] = value
+    return wanted
+
+
+def _read_inputs(files: list[Path], first: Stage, resolution: int, report: UpscaleReport,
+                 say: Callable[[str], None]) -> tuple[list[np.ndarray], list[Path]]:
+    """The readable files as the first SR stage takes them, and those files; an unreadable one goes to
+    ``report.failed`` and one much larger than that stage takes to ``report.warnings``, each said as it happens."""
+    mode = "RGB" if first.channels == 3 else "L"
+    fed, good = [], []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.load()  # raises on truncated data instead of decoding a partly grey image
+                size = image.size
+                fed.append(preprocess_image(image, first.low_res, mode))
+        except Exception as e:  # any decoder failure means "unreadable file": report it, go on with the rest
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            report.failed.append((str(path), f"cannot read the image ({type(e).__name__}: {reason[:200]})"))
+            say(f"skipped {path}: {report.failed[-1][1]}")
+            continue
+        good.append(path)
+        if min(size) > MUCH_LARGER * first.low_res:
+            report.warnings.append(f"{path} is {size[0]}x{size[1]}, much larger than the {first.low_res}x"
+                                   f"{first.low_res} the first SR stage takes: it is centre-cropped and shrunk to "
+                                   f"that, and the {resolution}px result has less detail than the input")
+            say(f"warning: {report.warnings[-1]}")
+    return fed, good
+
+
 def upscale_files(
     cascade: Cascade,
     inputs: Sequence[str | os.PathLike],
@@ -131,15 +173,7 @@ def upscale_files(
         if path.stem in stems:
             raise UserError(f"{stems[path.stem]} and {path} would both be written as {path.stem}.png; rename one")
         stems[path.stem] = path
-    wanted = {}
-    for path in files:
-        value = label if labels is None else labels.get(path.name, labels.get(path.stem))
-        if value is None:
-            raise UserError(f"no label for {path} in the labels table (by file name {path.name!r} or stem "
-                            f"{path.stem!r})")
-        if not 0 <= value < cascade.num_classes:
-            raise UserError(f"label {value} for {path} is outside the cascade's classes 0..{cascade.num_classes - 1}")
-        wanted[path] = value
+    wanted = _labels_by_file(files, label, labels, cascade.num_classes)
     out = Path(out_dir)
     stage_sizes = [first.low_res] + [s.resolution for s in cascade.stages[1:-1]] if save_stages else []
 
@@ -150,25 +184,7 @@ def upscale_files(
     if existing and not overwrite:
         raise OutputsExistError(existing)
 
-    mode = "RGB" if first.channels == 3 else "L"
-    fed, good = [], []
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                image.load()  # raises on truncated data instead of decoding a partly grey image
-                size = image.size
-                fed.append(preprocess_image(image, first.low_res, mode))
-        except Exception as e:  # any decoder failure means "unreadable file": report it, go on with the rest
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            report.failed.append((str(path), f"cannot read the image ({type(e).__name__}: {reason[:200]})"))
-            say(f"skipped {path}: {report.failed[-1][1]}")
-            continue
-        good.append(path)
-        if min(size) > MUCH_LARGER * first.low_res:
-            report.warnings.append(f"{path} is {size[0]}x{size[1]}, much larger than the {first.low_res}x"
-                                   f"{first.low_res} the first SR stage takes: it is centre-cropped and shrunk to "
-                                   f"that, and the {top.resolution}px result has less detail than the input")
-            say(f"warning: {report.warnings[-1]}")
+    fed, good = _read_inputs(files, first, top.resolution, report, say)
     if not good:
         return report
     out.mkdir(parents=True, exist_ok=True)

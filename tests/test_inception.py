@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from cascaded_diffusion.evaluation import inception as inception_module
+from cascaded_diffusion.evaluation import inception_weights as weights_module
 from cascaded_diffusion.evaluation.features import InceptionFeatureExtractor, get_feature_extractor
 from cascaded_diffusion.evaluation.inception import (
     INCEPTION_WEIGHTS_ENV,
@@ -204,7 +205,7 @@ def test_failed_download_gives_instructions_and_leaves_no_file(tmp_path, monkeyp
     monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     # Port 9 (discard) on localhost refuses connections immediately: a fast, offline failure.
-    monkeypatch.setattr(inception_module, "INCEPTION_WEIGHTS_URL", "http://127.0.0.1:9/weights.pth")
+    monkeypatch.setattr(weights_module, "INCEPTION_WEIGHTS_URL", "http://127.0.0.1:9/weights.pth")
     with pytest.raises(FileNotFoundError, match="downloading it failed") as info:
         load_inception()
     assert INCEPTION_WEIGHTS_ENV in str(info.value)
@@ -216,7 +217,7 @@ def test_cache_path_is_used_when_present(weights, tmp_path, monkeypatch) -> None
     monkeypatch.setenv("HOME", str(tmp_path))
     # the cached file is checked against the hash prefix in its name: name the random weights after their own hash
     prefix = inception_module.file_sha256(weights["pth"], length=8)
-    monkeypatch.setattr(inception_module, "INCEPTION_WEIGHTS_FILENAME", f"pt_inception-test-{prefix}.pth")
+    monkeypatch.setattr(weights_module, "INCEPTION_WEIGHTS_FILENAME", f"pt_inception-test-{prefix}.pth")
     cached = tmp_path / ".cache" / "cascaded_diffusion" / f"pt_inception-test-{prefix}.pth"
     cached.parent.mkdir(parents=True)
     cached.symlink_to(weights["pth"])

@@ -570,7 +570,7 @@ def test_a_genuine_bug_keeps_its_traceback(tmp_path, monkeypatch):
 def test_inception_download_is_checked_against_the_hash_in_its_name(tmp_path, monkeypatch):
     import hashlib
 
-    from cascaded_diffusion.evaluation import inception
+    from cascaded_diffusion.evaluation import inception_weights as inception
 
     payload = b"definitely not the inception weights"
     monkeypatch.setattr(inception.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))

@@ -25,7 +25,8 @@ from .features import (
     extract,
     get_feature_extractor,
 )
-from .inception import INCEPTION_WEIGHTS_ENV, FIDInceptionV3, load_inception, resize_bilinear_tf1
+from .inception import FIDInceptionV3, load_inception, resize_bilinear_tf1
+from .inception_weights import INCEPTION_WEIGHTS_ENV
 from .metrics import (
     PrecisionRecall,
     fid_from_stats,

@@ -18,7 +18,7 @@ import sys
 
 from ...checkpoint import CheckpointError, load_tensors, load_weights_into
 from ...fileio import atomic_write_bytes, atomic_write_text
-from ..inception import file_sha256
+from ..inception_weights import file_sha256
 from .files import (
     LEGACY_FORMAT,
     classifier_file_contents,
