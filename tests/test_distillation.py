@@ -278,6 +278,22 @@ def test_clear_errors(tmp_path, capsys):
     assert "cdm distill: error: teacher" in capsys.readouterr().err
 
 
+def test_library_errors_name_the_parameters_and_cdm_distill_names_its_options(tmp_path, capsys):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("x")
+    with pytest.raises(UserError) as info:  # the directory is read before the teacher
+        distill("unused", full, log=quiet)
+    assert str(info.value).startswith(f"out {full} is not empty") and "--" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        distill("unused", tmp_path / "new", overrides=["foo.x=1"], log=quiet)
+    assert str(info.value).startswith("overrides 'foo.x=1': a distillation takes")
+    assert main(["distill", "unused", "--out", str(full)]) == 2
+    assert f"cdm distill: error: --out {full} is not empty" in capsys.readouterr().err
+    assert main(["distill", "unused", "--out", str(tmp_path / "new2"), "--set", "foo.x=1"]) == 2
+    assert "cdm distill: error: --set 'foo.x=1': a distillation takes" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("stage,rounds,first,last", [("base8", 5, 32, 2), ("sr8to32_noaug", 4, 8, 1)])
 def test_the_fashion_mnist_distill_configs_resolve_against_the_bundle(stage, rounds, first, last):
     from cascaded_diffusion.distill_config import read_distill_file, resolve_settings, resolve_teacher, student_config
