@@ -48,12 +48,11 @@ from .distill_config import (DISTILL_FILE, FORMAT_VERSION, OUT, DistillSettings,
                              read_distill_file, resolve_settings, resolve_teacher, student_config, verify_teacher)
 from .errors import UserError, check_output_dir, naming
 from .fileio import atomic_write_text
-from .hardware import bf16_autocast
 from .pretrained import file_sha256
 from .rundir import LOCK_FILE, RunLock
 from .data.readers import ImageArray
 from .samplers import timestep_sequence
-from .stage import Stage, build_network
+from .stage import Stage, build_network, network_call
 from .training import Trainer
 
 METHOD = "progressive distillation (Salimans & Ho 2022)"
@@ -203,9 +202,7 @@ class DistillTrainer(Trainer):
     def _loss(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         n, gen = x0.shape[0], self.generator
-        if cfg.model.label_dropout > 0:
-            drop = torch.rand(n, generator=gen, device=self.device) < cfg.model.label_dropout
-            y = torch.where(drop, torch.full_like(y, cfg.stage.num_classes), y)
+        y = self._dropped_labels(y)
         low_res = level = aug_level = None
         if cfg.is_sr:  # as the trainer builds it, one tensor for teacher and student
             low_res = downsample(x0, cfg.stage.low_res)
@@ -226,10 +223,9 @@ class DistillTrainer(Trainer):
         teacher_fn = self.teacher.model_fn(y, low_res, level, guidance=self.guidance, autocast=self.precision.bf16)
         target, _ = distillation_target(teacher_fn, self.teacher.diffusion, self.grid, z_t, t, mid, s,
                                         self.teacher_clip)
-        net_in = z_t.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else z_t
-        with bf16_autocast(self.device, self.precision):
-            v = self.train_net(net_in, self.diffusion.scale_timesteps(t), y=y, aug_level=aug_level, low_res=low_res)
-        x_hat = alpha * z_t - sigma * v.float()
+        call = network_call(self.train_net, self.device, autocast=self.precision, channels_last=cfg.train.channels_last)
+        v = call(z_t, self.diffusion.scale_timesteps(t), y, aug_level, low_res)
+        x_hat = alpha * z_t - sigma * v
         losses = mean_flat((x_hat - target) ** 2) * loss_weight(alpha, sigma, self.settings.weighting).flatten()
         self.loss_by_t.add(t, losses)
         return losses.mean()
