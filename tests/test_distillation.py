@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from cascaded_diffusion.cascade import Cascade
-from cascaded_diffusion.checkpoint import export_stage, latest_checkpoint, list_checkpoints, load_state, load_tensors
+from cascaded_diffusion.checkpoint import export_stage, latest_checkpoint, list_checkpoints, load_state
 from cascaded_diffusion.cli.main import main
 from cascaded_diffusion.config import ConfigError, StageConfig
 from cascaded_diffusion.diffusion import GaussianDiffusion
@@ -21,6 +21,8 @@ from cascaded_diffusion.distillation import StepGrid, distill, distillation_grid
 from cascaded_diffusion.errors import UserError
 from cascaded_diffusion.samplers import sample, timestep_sequence
 from cascaded_diffusion.stage import Stage, build_network
+
+from conftest import all_tensors
 
 T = 40
 
@@ -118,10 +120,6 @@ def test_one_student_step_on_the_target_lands_on_two_teacher_ddim_steps(tmp_path
 
 
 # --- (b) resume ------------------------------------------------------------------------------------------
-
-
-def all_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    return {f"{stem}/{k}": v for stem in ("model", "ema", "optimizer") for k, v in load_tensors(ckpt, stem).items()}
 
 
 def drop_after(run: Path, step: int) -> None:
