@@ -73,11 +73,13 @@ class PerSampleGenerator:
             draw(row, generator=g, out=out[k])
         return out.to(device if device is not None else self.device, non_blocking=True)
 
-    def randn(self, shape, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def randn(self, shape, device: str | torch.device | None = None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Standard normal numbers of ``shape`` (N, ...): row k from generator k."""
         return self._draw(torch.randn, shape, device, dtype)
 
-    def rand(self, shape, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def rand(self, shape, device: str | torch.device | None = None,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Uniform [0, 1) numbers of ``shape`` (N, ...): row k from generator k."""
         return self._draw(torch.rand, shape, device, dtype)
 
