@@ -25,6 +25,7 @@ _EXPORTS = {
     "StageConfig": "config",       # a stage's validated TOML config
     "load_config": "config",       # TOML file + "section.key=value" overrides -> StageConfig
     "train_stage": "training",     # train (or resume) one stage into a run directory
+    "distill": "distillation",     # progressive distillation of one stage into a few-step student (resumable)
     "sample_sharded": "sharded_sampling",  # many samples over torchrun's processes, resumable, into one .npz
     "export_cascade": "sharing",   # a shareable cascade folder (weights, hashed manifest, model card)
     "load_images": "data",  # a data spec (fashion-mnist, npz:, imagefolder:, prepared:) -> ImageArray
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .cascade import Cascade
     from .config import StageConfig, load_config
     from .data import load_images
+    from .distillation import distill
     from .errors import UserError
     from .images import images_to_tensor, tensor_to_images
     from .sharded_sampling import sample_sharded

@@ -31,7 +31,7 @@ from .checkpoint import STAGE_FILE, CheckpointError, latest_valid_checkpoint, li
     verify_checkpoint
 from .config import ConfigError, StageConfig, apply_overrides
 from .tomlsections import build_section
-from .errors import UserError
+from .errors import UserError, naming
 from .pretrained import file_sha256, find_cascade
 
 if sys.version_info >= (3, 11):
@@ -40,6 +40,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DISTILL_FILE = "distill.json"
+# the setting that names a distillation's directory, as errors name it (the CLI shows it as --out)
+OUT = {"option": "out"}
 FORMAT_VERSION = 1
 WEIGHTINGS = ("truncated_snr", "snr_plus_one")
 CONDITIONINGS = ("train", "sample")
@@ -142,7 +144,8 @@ def resolve_settings(stored: dict | None, file_raw: dict, overrides: list[str], 
     for text in overrides:
         section = text.split("=", 1)[0].strip().split(".")[0]
         if section not in base:
-            raise ConfigError(f"--set {text!r}: a distillation takes distill.*, train.*, data.* or model.* keys")
+            raise naming(ConfigError, "{option} {text!r}: a distillation takes distill.*, train.*, data.* or model.* "
+                         "keys", {"option": "overrides"}, text=text)
     merged = apply_overrides(base, overrides)
     merged["distill"].update({k: v for k, v in options.items() if v is not None})
     settings = build_section(DistillSettings, merged["distill"], "distill", source)
@@ -155,8 +158,9 @@ def resolve_settings(stored: dict | None, file_raw: dict, overrides: list[str], 
         if student != stored.get("student", {}):
             changed.append(f"the student's tables: stored {stored.get('student', {})}, now {student}")
         if changed:
-            raise ConfigError(f"{source} was started with other settings ({'; '.join(changed)}): rerun with the "
-                              "original ones (only distill.rounds may change), or distill into a new --out")
+            raise naming(ConfigError, "{source} was started with other settings ({changed}): rerun with the original "
+                         "ones (only distill.rounds may change), or distill into a new {option}", OUT, source=source,
+                         changed="; ".join(changed))
     return settings, student
 
 
@@ -242,9 +246,10 @@ def check_teacher(stored: dict, ref: TeacherRef) -> TeacherRef:
     there (its concrete checkpoint, not a run's newest one), else the one given now."""
     old = TeacherRef(**stored)
     if ref.sha256 != old.sha256:
-        raise UserError(f"teacher {ref.source}: its weights ({ref.path}, sha256 {ref.sha256[:12]}…) are not the ones "
-                        f"this distillation started from ({old.path}, sha256 {old.sha256[:12]}…); give the original "
-                        "teacher, or distill into a new --out")
+        raise naming(UserError, "teacher {source}: its weights ({path}, sha256 {sha}…) are not the ones this "
+                     "distillation started from ({old_path}, sha256 {old_sha}…); give the original teacher, or distill "
+                     "into a new {option}", OUT, source=ref.source, path=ref.path, sha=ref.sha256[:12],
+                     old_path=old.path, old_sha=old.sha256[:12])
     return old if (Path(old.path) / f"{old.stem}.safetensors").is_file() else ref
 
 
@@ -254,8 +259,8 @@ def verify_teacher(ref: TeacherRef) -> None:
         raise UserError(f"the teacher's weights {weights_file} are gone (a pruned checkpoint?); this distillation "
                         "cannot go on without them")
     if file_sha256(weights_file) != ref.sha256:
-        raise UserError(f"the teacher's weights {weights_file} changed since this distillation started (sha256 "
-                        f"{ref.sha256[:12]}… recorded); distill into a new --out")
+        raise naming(UserError, "the teacher's weights {file} changed since this distillation started (sha256 {sha}… "
+                     "recorded); distill into a new {option}", OUT, file=weights_file, sha=ref.sha256[:12])
 
 
 # --- the student ------------------------------------------------------------------------------------------

@@ -44,16 +44,15 @@ from .augment import NoiseAugmentation, downsample
 from .checkpoint import latest_valid_checkpoint, list_checkpoints, load_state, load_tensors, load_weights_into
 from .config import ConfigError, StageConfig
 from .diffusion import GaussianDiffusion, mean_flat, x0_eps_from_prediction
-from .distill_config import (DISTILL_FILE, FORMAT_VERSION, DistillSettings, TeacherRef, check_teacher,
+from .distill_config import (DISTILL_FILE, FORMAT_VERSION, OUT, DistillSettings, TeacherRef, check_teacher,
                              read_distill_file, resolve_settings, resolve_teacher, student_config, verify_teacher)
-from .errors import UserError, check_output_dir
+from .errors import UserError, check_output_dir, naming
 from .fileio import atomic_write_text
-from .hardware import bf16_autocast
 from .pretrained import file_sha256
 from .rundir import LOCK_FILE, RunLock
 from .data.readers import ImageArray
 from .samplers import timestep_sequence
-from .stage import Stage, build_network
+from .stage import Stage, build_network, network_call
 from .training import Trainer
 
 METHOD = "progressive distillation (Salimans & Ho 2022)"
@@ -178,8 +177,9 @@ class DistillTrainer(Trainer):
         if ckpt is not None:
             stored = load_state(ckpt).get("distillation", {}).get("teacher", {}).get("sha256")
             if stored != self.record["teacher"]["sha256"]:
-                raise ConfigError(f"{self.run_dir} was distilled from another teacher (sha256 {str(stored)[:12]}…, now "
-                                  f"{self.record['teacher']['sha256'][:12]}…); distill into a new --out")
+                raise naming(ConfigError, "{run_dir} was distilled from another teacher (sha256 {old}…, now {new}…); "
+                             "distill into a new {option}", OUT, run_dir=self.run_dir, old=str(stored)[:12],
+                             new=self.record["teacher"]["sha256"][:12])
         return ckpt
 
     def resume(self, ckpt: Path) -> None:
@@ -202,9 +202,7 @@ class DistillTrainer(Trainer):
     def _loss(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         n, gen = x0.shape[0], self.generator
-        if cfg.model.label_dropout > 0:
-            drop = torch.rand(n, generator=gen, device=self.device) < cfg.model.label_dropout
-            y = torch.where(drop, torch.full_like(y, cfg.stage.num_classes), y)
+        y = self._dropped_labels(y)
         low_res = level = aug_level = None
         if cfg.is_sr:  # as the trainer builds it, one tensor for teacher and student
             low_res = downsample(x0, cfg.stage.low_res)
@@ -225,10 +223,9 @@ class DistillTrainer(Trainer):
         teacher_fn = self.teacher.model_fn(y, low_res, level, guidance=self.guidance, autocast=self.precision.bf16)
         target, _ = distillation_target(teacher_fn, self.teacher.diffusion, self.grid, z_t, t, mid, s,
                                         self.teacher_clip)
-        net_in = z_t.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else z_t
-        with bf16_autocast(self.device, self.precision):
-            v = self.train_net(net_in, self.diffusion.scale_timesteps(t), y=y, aug_level=aug_level, low_res=low_res)
-        x_hat = alpha * z_t - sigma * v.float()
+        call = network_call(self.train_net, self.device, autocast=self.precision, channels_last=cfg.train.channels_last)
+        v = call(z_t, self.diffusion.scale_timesteps(t), y, aug_level, low_res)
+        x_hat = alpha * z_t - sigma * v
         losses = mean_flat((x_hat - target) ** 2) * loss_weight(alpha, sigma, self.settings.weighting).flatten()
         self.loss_by_t.add(t, losses)
         return losses.mean()
@@ -254,9 +251,11 @@ def read_record(out: Path) -> dict | None:
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise UserError(f"{path} is not readable ({e}); distill into a new --out") from None
+            raise naming(UserError, "{path} is not readable ({reason}); distill into a new {option}", OUT, path=path,
+                         reason=e) from None
     if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
-        raise UserError(f"--out {out} is not empty and holds no {DISTILL_FILE}: give a new or empty directory")
+        raise naming(UserError, "{option} {out} is not empty and holds no {file}: give a new or empty directory", OUT,
+                     out=out, file=DISTILL_FILE)
     return None
 
 
@@ -283,7 +282,7 @@ def distill(teacher: str, out: str | Path, *, rounds: int | None = None, start_s
     stored = read_record(out)
     if stored and not any(list_checkpoints(p) for p in out.glob("round_*")):
         stored = None  # nothing trained yet (a start that failed early): the settings may still change
-    check_output_dir(out, "--out")
+    check_output_dir(out, "out")
     with RunLock(out):
         source = f"{out / DISTILL_FILE}" if stored else "distill"
         settings, student = resolve_settings(stored, read_distill_file(config), list(overrides or []),

@@ -65,21 +65,23 @@ class PerSampleGenerator:
             )
         return shape[1:]
 
-    def randn(self, shape, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Standard normal numbers of ``shape`` (N, ...): row k from generator k."""
+    def _draw(self, draw, shape, device: str | torch.device | None, dtype: torch.dtype) -> torch.Tensor:
+        """``draw`` (``torch.randn`` or ``torch.rand``) of ``shape`` (N, ...): row k from generator k."""
         row = self._rows(shape)
         out = torch.empty((len(self.generators), *row), device=self.device, dtype=dtype)
         for k, g in enumerate(self.generators):
-            torch.randn(row, generator=g, out=out[k])
+            draw(row, generator=g, out=out[k])
         return out.to(device if device is not None else self.device, non_blocking=True)
 
-    def rand(self, shape, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def randn(self, shape, device: str | torch.device | None = None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard normal numbers of ``shape`` (N, ...): row k from generator k."""
+        return self._draw(torch.randn, shape, device, dtype)
+
+    def rand(self, shape, device: str | torch.device | None = None,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Uniform [0, 1) numbers of ``shape`` (N, ...): row k from generator k."""
-        row = self._rows(shape)
-        out = torch.empty((len(self.generators), *row), device=self.device, dtype=dtype)
-        for k, g in enumerate(self.generators):
-            torch.rand(row, generator=g, out=out[k])
-        return out.to(device if device is not None else self.device, non_blocking=True)
+        return self._draw(torch.rand, shape, device, dtype)
 
     def __repr__(self) -> str:
         span = f"{self.indices[0]}..{self.indices[-1]}" if self.indices else "none"

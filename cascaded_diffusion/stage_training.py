@@ -240,13 +240,19 @@ class StageTraining:
         x0 = images_to_tensor(images, device=self.device, flip_mask=flip)
         return x0, labels.to(self.device, non_blocking=True)
 
+    def _dropped_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """Label dropout: each label becomes the null class with probability ``model.label_dropout``."""
+        cfg = self.config
+        if cfg.model.label_dropout > 0:
+            drop = torch.rand(len(y), generator=self.generator, device=self.device) < cfg.model.label_dropout
+            y = torch.where(drop, torch.full_like(y, cfg.stage.num_classes), y)
+        return y
+
     def _loss(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         n = x0.shape[0]
         gen = self.generator
-        if cfg.model.label_dropout > 0:
-            drop = torch.rand(n, generator=gen, device=self.device) < cfg.model.label_dropout
-            y = torch.where(drop, torch.full_like(y, cfg.stage.num_classes), y)
+        y = self._dropped_labels(y)
         low_res = aug_level = None
         if cfg.is_sr:
             low_res = downsample(x0, cfg.stage.low_res)

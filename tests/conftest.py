@@ -7,6 +7,7 @@ them than two and immune to the pathological slow-downs of spinning OpenMP threa
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import runpy
 import sys
@@ -15,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from cascaded_diffusion.checkpoint import load_tensors
 from cascaded_diffusion.cli import main
 from cascaded_diffusion.config import StageConfig
 from cascaded_diffusion.stage import Stage, build_network
@@ -156,3 +159,40 @@ def run_script(monkeypatch):
         return status, out.getvalue()
 
     return run
+
+
+def load_module(path: str, name: str):
+    """The file ``ROOT/path`` (a script or a benchmark, not a package module) imported as the module ``name``, with
+    its folder first on ``sys.path`` as when it runs as a script (for the scripts' ``from cdm_command import``)."""
+    folder = str((ROOT / path).parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- checkpoints and data on disk -------------------------------------------------------------------------
+
+
+def all_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (weights, EMA, optimizer state), keyed ``stem/name``: two runs compared
+    bit for bit."""
+    return {f"{stem}/{k}": v for stem in ("model", "ema", "optimizer") for k, v in load_tensors(ckpt, stem).items()}
+
+
+EMOJI_CLASSES = ("0_red", "1_green", "2_blue")
+
+
+def class_image_folder(root: Path, per_class: int, rng, size: int) -> None:
+    """An image folder of :data:`EMOJI_CLASSES`: ``per_class`` RGB PNGs of ``size`` px each, dark noise with a
+    square in the class's colour over the middle half."""
+    lo, hi = size // 4, 3 * size // 4
+    for k, name in enumerate(EMOJI_CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            a = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            a[lo:hi, lo:hi, k] = 255
+            Image.fromarray(a).save(root / name / f"{i}.png")

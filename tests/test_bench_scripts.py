@@ -3,7 +3,6 @@ sampler curve scores what it sampled, resumes, and accepts per-stage step counts
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -15,15 +14,9 @@ import torch
 
 from cascaded_diffusion.hardware import device_name
 
+from conftest import load_module
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -32,7 +25,7 @@ def _load(path: str, name: str):
 
 
 def test_parse_points_forms_and_errors():
-    curve = _load("scripts/sampler_curve.py", "sampler_curve_under_test")
+    curve = load_module("scripts/sampler_curve.py", "sampler_curve_under_test")
     assert curve.parse_points("ddpm:1000, dpmpp:20/10,ddim:5") == [("ddpm", 1000), ("dpmpp", (20, 10)), ("ddim", 5)]
     for bad in ("euler:10", "ddpm:0", "ddpm:", "dpmpp:20/x", "ddim:-3"):
         with pytest.raises(SystemExit):
@@ -41,7 +34,7 @@ def test_parse_points_forms_and_errors():
 
 @pytest.mark.filterwarnings("ignore:.*rank-deficient")
 def test_sampler_curve_scores_resumes_and_plots(tmp_path, monkeypatch):
-    curve = _load("scripts/sampler_curve.py", "sampler_curve_under_test")
+    curve = load_module("scripts/sampler_curve.py", "sampler_curve_under_test")
     from cascaded_diffusion.evaluation.evaluate import reference_stats
     from cascaded_diffusion.evaluation.features import get_feature_extractor
 
@@ -87,7 +80,7 @@ def test_sampler_curve_scores_resumes_and_plots(tmp_path, monkeypatch):
 
 
 def test_cascade_sampling_benchmark_compares_modes_on_the_same_samples(capsys):
-    bench = _load("benchmarks/cascade_sampling.py", "cascade_sampling_under_test")
+    bench = load_module("benchmarks/cascade_sampling.py", "cascade_sampling_under_test")
     torch._dynamo.reset()
     # the tiny fixture cascade and dynamo's capture alone ("eager" backend): the benchmark's plumbing of modes is
     # what is tested; AOT tracing took ~30 s of the suite, tests/test_cascade.py does it once
@@ -107,7 +100,7 @@ def test_cascade_sampling_benchmark_compares_modes_on_the_same_samples(capsys):
 
 
 def test_cascade_sampling_benchmark_times_sampling_and_a_training_step_in_both_precisions(capsys):
-    bench = _load("benchmarks/cascade_sampling.py", "cascade_sampling_precisions")
+    bench = load_module("benchmarks/cascade_sampling.py", "cascade_sampling_precisions")
     summary = bench.main(["--pretrained", "fashion-mnist", "--device", "cpu", "--batch-size", "2", "--batches", "1",
                           "--steps", "1/1", "--precisions", "bf16,fp32", "--train-steps", "1", "--train-batch", "2"])
     assert set(summary["samples_per_s"]) == {"eager/bf16", "eager/fp32"}
@@ -129,7 +122,7 @@ def test_cascade_sampling_benchmark_times_sampling_and_a_training_step_in_both_p
 @pytest.fixture()
 def bench(monkeypatch):
     pytest.importorskip("diffusers")
-    module = _load("benchmarks/unet_throughput.py", "unet_throughput_under_test")
+    module = load_module("benchmarks/unet_throughput.py", "unet_throughput_under_test")
     tiny = module.BenchConfig("tiny", 16, 3, 32, (1, 2), 1, (8,), 16, 10, 2)
     monkeypatch.setitem(module.CONFIGS, "tiny", tiny)
     return module, tiny
@@ -209,7 +202,7 @@ def test_benchmark_compiles_ours_as_one_graph(bench, capsys):
 
 
 def test_cpu_fast_paths_benchmark_compares_each_path_with_its_pytorch_op(capsys):
-    fast_paths = _load("benchmarks/cpu_fast_paths.py", "cpu_fast_paths_under_test")
+    fast_paths = load_module("benchmarks/cpu_fast_paths.py", "cpu_fast_paths_under_test")
     import cascaded_diffusion.unet as unet
 
     originals = {attr: getattr(unet, attr) for attr, _ in fast_paths.PLAIN_OPS.values()}
@@ -241,7 +234,7 @@ def test_cpu_fast_paths_benchmark_compares_each_path_with_its_pytorch_op(capsys)
 
 
 def test_plain_pytorch_ops_restores_the_fast_paths_after_an_error():
-    fast_paths = _load("benchmarks/cpu_fast_paths.py", "cpu_fast_paths_under_test")
+    fast_paths = load_module("benchmarks/cpu_fast_paths.py", "cpu_fast_paths_under_test")
     import cascaded_diffusion.unet as unet
 
     before = unet._scale_shift
@@ -266,7 +259,7 @@ def test_device_name_says_what_the_measurement_ran_on():
 
 
 def test_inductor_traffic_gpu_code_paths_are_the_gpu_branches():
-    traffic = _load("benchmarks/inductor_traffic.py", "inductor_traffic_under_test")
+    traffic = load_module("benchmarks/inductor_traffic.py", "inductor_traffic_under_test")
     import cascaded_diffusion.unet as unet
 
     before = {name: getattr(unet, name) for name in ("_attention", "_scale_shift")}
@@ -290,8 +283,8 @@ def test_inductor_traffic_gpu_code_paths_are_the_gpu_branches():
                     reason="inductor's CPU backend needs a C++ compiler")
 def test_inductor_traffic_counts_the_bytes_of_a_compiled_step():
     """A two-conv model compiles in seconds: the counts must add up and see both kinds of kernel."""
-    traffic = _load("benchmarks/inductor_traffic.py", "inductor_traffic_under_test")
-    bench = _load("benchmarks/unet_throughput.py", "unet_throughput_for_traffic")
+    traffic = load_module("benchmarks/inductor_traffic.py", "inductor_traffic_under_test")
+    bench = load_module("benchmarks/unet_throughput.py", "unet_throughput_for_traffic")
     bc = bench.BenchConfig("tiny", 8, 3, 8, (1,), 1, (), 8, 2, 2, learn_sigma=False)
 
     def build(bc, device):
@@ -306,7 +299,7 @@ def test_inductor_traffic_counts_the_bytes_of_a_compiled_step():
 
 
 def test_data_pipeline_benchmark_prepares_the_generated_folder_and_reads_it(tmp_path, monkeypatch):
-    bench = _load("benchmarks/data_pipeline.py", "data_pipeline_bench")
+    bench = load_module("benchmarks/data_pipeline.py", "data_pipeline_bench")
     out = tmp_path / "bench"
     monkeypatch.setattr(sys, "argv", ["data_pipeline.py", "--images", "12", "--out", str(out), "--resolutions",
                                       "32,64", "--workers", "1", "--batches", "3", "--json", str(tmp_path / "r.json")])

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from cascaded_diffusion.cascade import Cascade
-from cascaded_diffusion.checkpoint import export_stage, latest_checkpoint, list_checkpoints, load_state, load_tensors
+from cascaded_diffusion.checkpoint import export_stage, latest_checkpoint, list_checkpoints, load_state
 from cascaded_diffusion.cli.main import main
 from cascaded_diffusion.config import ConfigError, StageConfig
 from cascaded_diffusion.diffusion import GaussianDiffusion
@@ -21,6 +21,8 @@ from cascaded_diffusion.distillation import StepGrid, distill, distillation_grid
 from cascaded_diffusion.errors import UserError
 from cascaded_diffusion.samplers import sample, timestep_sequence
 from cascaded_diffusion.stage import Stage, build_network
+
+from conftest import all_tensors
 
 T = 40
 
@@ -118,10 +120,6 @@ def test_one_student_step_on_the_target_lands_on_two_teacher_ddim_steps(tmp_path
 
 
 # --- (b) resume ------------------------------------------------------------------------------------------
-
-
-def all_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    return {f"{stem}/{k}": v for stem in ("model", "ema", "optimizer") for k, v in load_tensors(ckpt, stem).items()}
 
 
 def drop_after(run: Path, step: int) -> None:
@@ -276,6 +274,22 @@ def test_clear_errors(tmp_path, capsys):
     # the command line says it in one line
     assert main(["distill", str(tmp_path / "junk"), "--out", str(tmp_path / "o9")]) == 2
     assert "cdm distill: error: teacher" in capsys.readouterr().err
+
+
+def test_library_errors_name_the_parameters_and_cdm_distill_names_its_options(tmp_path, capsys):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("x")
+    with pytest.raises(UserError) as info:  # the directory is read before the teacher
+        distill("unused", full, log=quiet)
+    assert str(info.value).startswith(f"out {full} is not empty") and "--" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        distill("unused", tmp_path / "new", overrides=["foo.x=1"], log=quiet)
+    assert str(info.value).startswith("overrides 'foo.x=1': a distillation takes")
+    assert main(["distill", "unused", "--out", str(full)]) == 2
+    assert f"cdm distill: error: --out {full} is not empty" in capsys.readouterr().err
+    assert main(["distill", "unused", "--out", str(tmp_path / "new2"), "--set", "foo.x=1"]) == 2
+    assert "cdm distill: error: --set 'foo.x=1': a distillation takes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stage,rounds,first,last", [("base8", 5, 32, 2), ("sr8to32_noaug", 4, 8, 1)])

@@ -9,21 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from cascaded_diffusion.cli import main
 
+from conftest import class_image_folder
+
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ("0_red", "1_green", "2_blue")
-
-
-def _image_folder(root: Path, per_class: int, rng) -> None:
-    for k, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            a = rng.integers(0, 60, (256, 256, 3), dtype=np.uint8)
-            a[64:192, 64:192, k] = 255
-            Image.fromarray(a).save(root / name / f"{i}.png")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +22,7 @@ def tiny_runs(tmp_path_factory):
     rng = np.random.default_rng(0)
     tmp = tmp_path_factory.mktemp("emoji256")
     for split, n in (("train", 6), ("test", 3)):
-        _image_folder(tmp / "folders" / split, n, rng)
+        class_image_folder(tmp / "folders" / split, n, rng, 256)
         assert main(["prepare", f"imagefolder:{tmp / 'folders' / split}", "--resolutions", "16,64,256", "--out",
                      str(tmp / "data" / f"emoji256-{split}"), "--workers", "1", "--quiet"]) == 0
     tiny = ["stage.num_classes=3", "model.channels=8", "model.norm_groups=4", "model.channel_mult=[1,1]",

@@ -9,29 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from cascaded_diffusion.cli import main
 
+from conftest import class_image_folder
+
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ("0_red", "1_green", "2_blue")
-
-
-def _image_folder(root: Path, per_class: int, rng) -> None:
-    for k, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            a = rng.integers(0, 60, (64, 64, 3), dtype=np.uint8)
-            a[16:48, 16:48, k] = 255  # a class-coloured square
-            Image.fromarray(a).save(root / name / f"{i}.png")
 
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     rng = np.random.default_rng(0)
     tmp = tmp_path_factory.mktemp("emoji")
-    _image_folder(tmp / "data" / "train", 8, rng)
-    _image_folder(tmp / "data" / "test", 4, rng)
+    class_image_folder(tmp / "data" / "train", 8, rng, 64)
+    class_image_folder(tmp / "data" / "test", 4, rng, 64)
     tiny = ["stage.num_classes=3", "model.channels=16", "model.norm_groups=4", "model.channel_mult=[1,1]",
             "model.num_res_blocks=1", "model.attention_resolutions=[]", "train.batch_size=4", "train.progress=false",
             "train.sample_every=0", "diffusion.timesteps=20", f"data.root={tmp / 'data'}"]

@@ -4,10 +4,8 @@ that the library's image-folder loader reads the result."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
@@ -15,19 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_module
+
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = "0.0.1-test"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("prepare_emoji_under_test", ROOT / "scripts/prepare_emoji.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-prep = _load_script()
+prep = load_module("scripts/prepare_emoji.py", "prepare_emoji_under_test")
 
 
 def _png(color: tuple[int, int, int], mark: int, mode: str = "RGBA") -> bytes:

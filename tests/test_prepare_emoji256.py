@@ -4,10 +4,8 @@ over the background, pinned tarball hashes, the attribution file, idempotent rer
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
@@ -15,21 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_module
+
 pytest.importorskip("resvg_py")
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location("prepare_emoji256_under_test", ROOT / "scripts/prepare_emoji256.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-prep = _load_script()
+prep = load_module("scripts/prepare_emoji256.py", "prepare_emoji256_under_test")
 
 # (unified as in emoji.json, category, short name): three classes, enough emoji for a split in each
 EMOJI = [

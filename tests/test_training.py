@@ -17,16 +17,9 @@ from cascaded_diffusion.config import ConfigError, StageConfig
 from cascaded_diffusion.rundir import read_log
 from cascaded_diffusion.training import NonFiniteLossError, Trainer
 
-from conftest import tiny_config
+from conftest import all_tensors, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def all_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for stem in ("model", "ema", "optimizer"):
-        out.update({f"{stem}/{k}": v for k, v in load_tensors(ckpt, stem).items()})
-    return out
 
 
 def test_resume_equals_uninterrupted_bitwise(tmp_path):
