@@ -97,6 +97,8 @@ def main() -> None:
     p.add_argument("--bootstrap", type=int, default=200, help="paired bootstrap rounds")
     p.add_argument("--out", type=Path, default=None, help="default RUNS/study")
     p.add_argument("--grid-per-class", type=int, default=2)
+    p.add_argument("--sample-only", action="store_true",
+                   help="sample every setting and stop (score later, e.g. while a feature network still trains)")
     p.add_argument("--max-resolution", type=int, default=None,
                    help="sample and score only up to this size (64 while the 256 px stages train)")
     args = p.parse_args()
@@ -182,6 +184,9 @@ def main() -> None:
             sample("grid_stages", [b, m, t], "--grid-per-class", str(args.grid_per_class), "--grid", str(grid),
                    num=num_classes * args.grid_per_class)
 
+    if args.sample_only:
+        print(f"sampled {len(settings)} settings into {out}; rerun without --sample-only to score them")
+        return
     results = score(settings, args, train_dir, test_dir)
     results["_pairs"] = paired_differences(results, args.bootstrap)
     results["_meta"] = {"num": args.num, "num_256": args.num_256, "num_ground_truth": num_gt,

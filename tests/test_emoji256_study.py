@@ -122,8 +122,12 @@ def test_emoji256_study_skips_ablation_runs_not_trained_yet(tiny_runs, run_scrip
     cmd = ["--runs", runs, "--data", tmp / "data", "--features", f"classifier:{clf[16]}",
            "--features-256", f"classifier:{clf[256]}", "--num", "4", "--num-256", "2", "--steps", "1,1,1",
            "--levels", "10", "--top-samplers", "", "--bootstrap", "2", "--grid-per-class", "1"]
+    status, out = run_script("emoji256_study.py", *cmd, "--sample-only")
+    assert status == 0, out
+    assert (runs / "study" / "x256_noaug.npz").is_file() and not (runs / "study" / "metrics.json").exists()
     status, out = run_script("emoji256_study.py", *cmd)
     assert status == 0, out
+    assert "+ cdm sample" not in out  # the scoring run samples nothing again
     assert "sr16to64_noaug: no run at" in out and "sr64to256_noise: no run at" in out
     results = json.loads((runs / "study" / "metrics.json").read_text())
     assert {"x256_blur", "x256_noaug", "gt256_blur", "gt256_noaug", "x64_aug"} <= set(results)
