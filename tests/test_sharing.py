@@ -330,7 +330,7 @@ def test_failed_export_leaves_nothing(tiny_runs, tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("bundle", ["fashion-mnist", "emoji"])
+@pytest.mark.parametrize("bundle", ["fashion-mnist", "emoji", "emoji-256"])
 def test_shipped_bundles_have_their_model_card(bundle):
     root = PRETRAINED_ROOT / bundle
     manifest = json.loads((root / "cascade.json").read_text())
@@ -340,7 +340,9 @@ def test_shipped_bundles_have_their_model_card(bundle):
     assert written == render_card(root, manifest, load_names=[bundle], grid="grid.png", grid_command=command)
     assert (root / "grid.png").is_file()
     meta = yaml.safe_load(written.split("---")[1])
-    assert meta["library_name"] == "cascaded-diffusion" and meta["license"] == "apache-2.0"
+    # the weights' licence: Apache 2.0, or the most restrictive of the training artwork's (OpenMoji's CC BY-SA)
+    assert meta["library_name"] == "cascaded-diffusion" and meta["license"] == manifest["card"]["license"]
+    assert meta["license"] == ("cc-by-sa-4.0" if bundle == "emoji-256" else "apache-2.0")
     assert any(t.startswith("training-data-license:") for t in meta["tags"])
     card = ModelCard(written)
     assert all("classifier features, not Inception" in r.metric_name
