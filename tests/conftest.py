@@ -161,6 +161,22 @@ def run_script(monkeypatch):
     return run
 
 
+@pytest.fixture
+def readme_sample(tmp_path, monkeypatch):
+    """``readme_sample("emoji", 36) -> (images, labels)``: README's ``cdm sample --pretrained NAME --num N --out
+    s.npz --grid s.png`` run from a directory that is not the checkout, its grid written, its arrays read back."""
+
+    def sample(name: str, num: int) -> tuple[np.ndarray, np.ndarray]:
+        monkeypatch.chdir(tmp_path)
+        assert main(["sample", "--pretrained", name, "--num", str(num), "--out", "s.npz", "--grid", "s.png",
+                     "--quiet"]) == 0
+        assert (tmp_path / "s.png").stat().st_size > 0
+        with np.load(tmp_path / "s.npz", allow_pickle=False) as f:
+            return f["arr_0"], f["arr_1"]
+
+    return sample
+
+
 def load_module(path: str, name: str):
     """The file ``ROOT/path`` (a script or a benchmark, not a package module) imported as the module ``name``, with
     its folder first on ``sys.path`` as when it runs as a script (for the scripts' ``from cdm_command import``)."""
