@@ -79,6 +79,20 @@ def test_emoji256_study_pairs_every_ablation_and_resumes(tiny_runs, run_script):
         assert np.isfinite(gap["kid_gap"]) and gap["kid_gap_std"] >= 0 and gap["num"] in (3, 6)
     assert "Paired ablations" in (study / "tables.md").read_text()
     assert (study / "grid_stages.png").stat().st_size > 500
+
+    # the ablation as a picture: every top stage's drawing of the same held-out inputs, one row each
+    sheet_path = tmp / "compare.png"
+    status, printed = run_script("emoji256_compare.py", study, "--data", tmp / "data", "--out", sheet_path,
+                                 "--indices", "0,2", "--crop", "64")
+    assert status == 0 and "5 rows x 2 images" in printed
+    sheet = np.asarray(Image.open(sheet_path))
+    assert sheet.shape == (5 * 260, 90 + 2 * 260, 3)
+    with np.load(study / "gt256_noaug.npz") as f:
+        drawn = f["arr_0"][2]
+    # rows: input, blur, no aug, noise, real; the no-aug row's second column is the central 64 x 64 of that
+    # sample, enlarged 4x (nearest)
+    tile = sheet[2 * 260:2 * 260 + 256, 90 + 260:90 + 260 + 256]
+    assert np.array_equal(tile[::4, ::4], drawn[96:160, 96:160])
     mtimes = {p.name: p.stat().st_mtime_ns for p in study.glob("*.npz")}
     status, again = run_script("emoji256_study.py", *cmd)
     assert status == 0
@@ -143,21 +157,3 @@ def test_emoji256_study_skips_ablation_runs_not_trained_yet(tiny_runs, run_scrip
     status, _ = run_script("emoji256_study.py", *cmd)
     assert status != 0 and "lacks sr64to256" in capsys.readouterr().err
 
-
-def test_emoji256_compare_shows_every_top_stage_on_the_same_inputs(tiny_runs, run_script, tmp_path):
-    tmp, _ = tiny_runs
-    study = tmp / "runs" / "study"
-    if not (study / "gt256_noise.npz").exists():
-        pytest.skip("needs the study of test_emoji256_study_pairs_every_ablation_and_resumes (same module)")
-    out = tmp_path / "compare.png"
-    status, printed = run_script("emoji256_compare.py", study, "--data", tmp / "data", "--out", out,
-                                 "--indices", "0,2", "--crop", "64")
-    assert status == 0 and "5 rows x 2 images" in printed
-    sheet = np.asarray(Image.open(out))
-    assert sheet.shape == (5 * 260, 90 + 2 * 260, 3)
-    with np.load(study / "gt256_noaug.npz") as f:
-        drawn = f["arr_0"][2]
-    # rows: input, blur, no aug, noise, real; the no-aug row's second column is the central 64 x 64 of that
-    # sample, enlarged 4x (nearest)
-    tile = sheet[2 * 260:2 * 260 + 256, 90 + 260:90 + 260 + 256]
-    assert np.array_equal(tile[::4, ::4], drawn[96:160, 96:160])
