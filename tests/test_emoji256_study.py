@@ -156,4 +156,3 @@ def test_emoji256_study_skips_ablation_runs_not_trained_yet(tiny_runs, run_scrip
     capsys.readouterr()
     status, _ = run_script("emoji256_study.py", *cmd)
     assert status != 0 and "lacks sr64to256" in capsys.readouterr().err
-
