@@ -4,6 +4,7 @@
 # every job resumes bit-exactly from its newest checkpoint; finished rounds and scored points are skipped.
 #
 #   scripts/distill_fashion_mnist.sh train   # both stages' distillations, side by side, one thread and one core each
+#   scripts/distill_fashion_mnist.sh train base8          # one stage only (or sr8to32_noaug), e.g. when one core is free
 #   scripts/distill_fashion_mnist.sh study   # quality against steps (distilled vs DPM-Solver++), cost, speed
 #   scripts/distill_fashion_mnist.sh ship    # the fashion-mnist-distilled bundle (BASE_STEPS + SR_STEPS <= 8)
 #
@@ -26,8 +27,10 @@ case "${1:-}" in
     # sr8to32_noaug: v-prediction + learned variances; 16 -> 8 -> 4 -> 2 -> 1 steps
     cpu="${FIRST_CPU:-0}"
     ncpu=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
-    for job in "base8 pretrained:fashion-mnist/base8" "sr8to32_noaug pretrained:fashion-mnist/sr8to32_noaug"; do
-      set -- $job
+    stages="${2:-base8 sr8to32_noaug}"
+    case "$stages" in base8|sr8to32_noaug|"base8 sr8to32_noaug") ;; *) echo "unknown stage: $stages" >&2; exit 2 ;; esac
+    for stage in $stages; do
+      set -- "$stage" "pretrained:fashion-mnist/$stage"
       nohup taskset -c "$cpu" nice -n "${NICE:-19}" python -m cascaded_diffusion.cli distill "$2" --out "$RUNS/$1" \
         --config "configs/fashion-mnist/distill_$1.toml" >> "$RUNS/$1.out" 2>&1 &
       cpu=$(( (cpu + 1) % ncpu ))
@@ -58,7 +61,7 @@ case "${1:-}" in
     python scripts/write_bundle_cards.py fashion-mnist-distilled
     ;;
   *)
-    echo "usage: $0 train|study|ship" >&2
+    echo "usage: $0 train [base8|sr8to32_noaug]|study|ship" >&2
     exit 2
     ;;
 esac
