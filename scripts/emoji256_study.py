@@ -21,6 +21,8 @@ Settings (file name: what it is)
   x256_{blur,noaug,noise}     SR 64 → 256 trained with blur / no / noise augmentation, on the first --num-256
                               images of x64_aug (the top-stage ablations)
   x256_blur_on_noaug          the blur top stage on x64_noaug: the middle-stage ablation seen at 256 px
+  x256_{blur,noaug,noise}_s{S} the top stages on the first --num-256 images of x64_aug_s{S} (--top-levels): the
+                              ablation on the inputs a bundle sampling the middle stage at s = S hands on
   gt256_{blur,noaug,noise}    the top stages on held-out real 64 px inputs (no generated-input mismatch)
   x256_blur_{sampler}{steps}  the top stage's sampler curve (--top-samplers), on the same inputs
 
@@ -55,9 +57,22 @@ PAIRS = (
     ("x256_noise", "x256_blur", "top stage: noise − blur (generated 64 px inputs)"),
     ("gt256_noaug", "gt256_blur", "top stage: none − blur (held-out real 64 px inputs)"),
     ("gt256_noise", "gt256_blur", "top stage: noise − blur (held-out real 64 px inputs)"),
+    ("x256_noise", "x256_noaug", "top stage: noise − none (generated 64 px inputs)"),
+    ("gt256_noise", "gt256_noaug", "top stage: noise − none (held-out real 64 px inputs)"),
     ("x64_noaug", "x64_aug", "middle stage: none − noise (at 64 px)"),
     ("x256_blur_on_noaug", "x256_blur", "middle stage: none − noise (seen at 256 px)"),
 )
+
+
+def level_pairs(levels: list[int], top_levels: list[int]) -> tuple[tuple[str, str, str], ...]:
+    """The pairs that depend on the levels swept: the unaugmented middle stage against the augmented one at each
+    swept s, and the top stages against each other on the augmented middle stage's outputs at each --top-levels s."""
+    pairs = [("x64_noaug", f"x64_aug_s{s}", f"middle stage: none − noise at s = {s} (at 64 px)") for s in levels]
+    for s in top_levels:
+        pairs += [(f"x256_{a}_s{s}", f"x256_{b}_s{s}", f"top stage: {wa} − {wb} (generated 64 px inputs at s = {s})")
+                  for a, b, wa, wb in (("noaug", "blur", "none", "blur"), ("noise", "blur", "noise", "blur"),
+                                       ("noise", "noaug", "noise", "none"))]
+    return tuple(pairs)
 
 
 def save_subset(src: Path, dst: Path, num: int) -> Path:
@@ -90,6 +105,8 @@ def main() -> None:
     p.add_argument("--levels", default="0,100,250,500", help="the s sweep of the augmented 16 → 64 stage")
     p.add_argument("--steps", default=None, help="cdm sample --steps for base,sr64,sr256 (default: stage.json)")
     p.add_argument("--sampler", default=None, help="cdm sample --sampler for base,sr64,sr256")
+    p.add_argument("--top-levels", default="",
+                   help="also run the top-stage ablation on x64_aug_s{S} for each of these --levels")
     p.add_argument("--top-samplers", default="dpmpp:2,dpmpp:4,dpmpp:8,dpmpp:16,ddpm:50",
                    help="the top stage's sampler curve: SAMPLER:STEPS,...")
     p.add_argument("--step", action="append", default=[], metavar="RUN=STEP",
@@ -167,6 +184,14 @@ def main() -> None:
             settings[f"x256_{top}"] = sample(f"x256_{top}", three, "--low-res-samples", str(inputs["aug"]), num=n256)
             settings[f"gt256_{top}"] = sample(f"gt256_{top}", three, "--low-res-samples", str(inputs["real"]),
                                               num=min(n256, held_out))
+        for s in (int(v) for v in args.top_levels.split(",") if v.strip()):
+            if s not in levels:
+                raise SystemExit(f"--top-levels {s}: not one of --levels {args.levels}")
+            at_s = save_subset(settings[f"x64_aug_s{s}"], out / f"in64_aug_s{s}.npz", n256)
+            for top, run in (("blur", "sr64to256"), ("noaug", "sr64to256_noaug"), ("noise", "sr64to256_noise")):
+                if run not in missing:
+                    settings[f"x256_{top}_s{s}"] = sample(f"x256_{top}_s{s}", [b, m, stage[run]],
+                                                          "--low-res-samples", str(at_s), num=n256)
         if "sr16to64_noaug" not in missing:
             inputs["noaug"] = save_subset(settings["x64_noaug"], out / "in64_noaug.npz", n256)
             settings["x256_blur_on_noaug"] = sample("x256_blur_on_noaug", [b, stage["sr16to64_noaug"], t],
@@ -188,9 +213,10 @@ def main() -> None:
         print(f"sampled {len(settings)} settings into {out}; rerun without --sample-only to score them")
         return
     results = score(settings, args, train_dir, test_dir)
-    results["_pairs"] = paired_differences(results, args.bootstrap)
+    top_levels = [int(v) for v in args.top_levels.split(",") if v.strip()]
+    results["_pairs"] = paired_differences(results, args.bootstrap, PAIRS + level_pairs(levels, top_levels))
     results["_meta"] = {"num": args.num, "num_256": args.num_256, "num_ground_truth": num_gt,
-                        "missing_runs": missing,
+                        "missing_runs": missing, "levels": levels, "top_levels": top_levels,
                         "sampling": sampling(3) or "stage defaults", "stages": stage,
                         "features": args.features, "features_256": args.features_256 or args.features}
     (out / "metrics.json").write_text(json.dumps({k: v for k, v in results.items()
@@ -249,14 +275,14 @@ def score(settings: dict[str, Path], args, train_dir: Path, test_dir: Path) -> d
     return results
 
 
-def paired_differences(results: dict, rounds: int, seed: int = 0) -> dict:
+def paired_differences(results: dict, rounds: int, pairs_to_score=PAIRS, seed: int = 0) -> dict:
     """KID(A) − KID(B) and FID(A) − FID(B) against the training split, with a paired bootstrap: one resampling
     of sample indices applies to both sets, which super-resolve the same inputs in the same order."""
     from cascaded_diffusion.evaluation.metrics import fid_from_stats, kid
     from cascaded_diffusion.evaluation.stats import FeatureStats
 
     pairs = {}
-    for a, b, what in PAIRS:
+    for a, b, what in pairs_to_score:
         if a not in results["_features"] or b not in results["_features"]:
             continue
         fa, fb = results["_features"][a], results["_features"][b]

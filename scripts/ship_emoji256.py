@@ -6,10 +6,11 @@
 Reads RUNS/study/metrics.json (scripts/emoji256_study.py) and decides by its numbers, each by the lower KID against
 the held-out split (new emoji, never seen in training), the setting's own feature network:
 
-- the 16 → 64 stage: noise-augmented (at the s of the sweep's lowest KID) or unaugmented, as each is seen at
-  256 px under the blur top stage (``x256_blur`` against ``x256_blur_on_noaug``);
-- the 64 → 256 stage: blur, none or noise augmentation in training (``x256_blur``, ``x256_noaug``, ``x256_noise``,
-  on the same 64 px inputs);
+- the 16 → 64 stage: noise-augmented (at the s of the sweep's lowest KID) or unaugmented, compared at 64 px on
+  the same base samples (``x64_aug_s{S}`` against ``x64_noaug``);
+- the 64 → 256 stage: blur, none or noise augmentation in training, on the same 64 px inputs: the augmented middle
+  stage's outputs at the chosen s (``x256_{blur,noaug,noise}_s{S}``, the study's ``--top-levels``) where the study
+  has them, else at its default level (``x256_blur``, ``x256_noaug``, ``x256_noise``);
 - the top stage's sampler and steps: the fewest network evaluations on the top-stage curve (``x256_blur_*``) whose
   KID is within one standard error (the KID subsets' std) of the curve's best.
 
@@ -69,15 +70,22 @@ def top_sampler(metrics: dict, stage_default: tuple[str, int]) -> dict:
 
 def choose(metrics: dict, stage_default: tuple[str, int]) -> dict:
     """The stages to ship, the s of the augmented 16 -> 64 stage, and the top stage's sampling, from the study."""
-    middle = "sr16to64"
-    if "x256_blur_on_noaug" in metrics and held_out_kid(metrics["x256_blur_on_noaug"]) < held_out_kid(metrics["x256_blur"]):
-        middle = "sr16to64_noaug"
-    top_setting = min((k for k in TOPS if k in metrics), key=lambda k: held_out_kid(metrics[k]))
     sweep = {int(k.rsplit("_s", 1)[1]): v for k, v in metrics.items() if re.fullmatch(r"x64_aug_s\d+", k)}
-    level = min(sweep, key=lambda s: held_out_kid(sweep[s])) if sweep and middle == "sr16to64" else None
-    # the shipped chain as measured: the blur top stage on the chosen middle stage, or the chosen top on the
-    # augmented middle stage (the study pairs each ablation with the paper's recipe, not every combination)
-    setting = "x256_blur_on_noaug" if middle == "sr16to64_noaug" else top_setting
+    level = min(sweep, key=lambda s: held_out_kid(sweep[s])) if sweep else None
+    augmented = sweep[level] if sweep else metrics.get("x64_aug")
+    # the middle stage at 64 px, where both were scored on the same base samples: the unaugmented stage against
+    # the augmented one at the s it would ship with
+    middle = "sr16to64"
+    if "x64_noaug" in metrics and augmented and held_out_kid(metrics["x64_noaug"]) < held_out_kid(augmented):
+        middle, level = "sr16to64_noaug", None
+    # the top stage on the inputs the shipped middle stage hands on, where the study ran the ablation on them
+    # (--top-levels); else on its default-level inputs
+    on_level = {k: f"{k}_s{level}" for k in TOPS if f"{k}_s{level}" in metrics} if level is not None else {}
+    candidates = on_level or {k: k for k in TOPS if k in metrics}
+    top_setting = min(candidates, key=lambda k: held_out_kid(metrics[candidates[k]]))
+    # the shipped chain as measured: the blur top stage on the unaugmented middle stage, or the chosen top stage
+    # on the augmented middle stage's outputs (the study pairs each ablation with the paper's recipe)
+    setting = "x256_blur_on_noaug" if middle == "sr16to64_noaug" else candidates[top_setting]
     return {"stages": ["base16", middle, TOPS[top_setting]], "aug_level": level, "setting": setting,
             "top": top_sampler(metrics, stage_default)}
 

@@ -52,13 +52,14 @@ def test_emoji256_study_pairs_every_ablation_and_resumes(tiny_runs, run_script):
     tmp, clf = tiny_runs
     cmd = ["--runs", tmp / "runs", "--data", tmp / "data", "--features", f"classifier:{clf[16]}",
            "--features-256", f"classifier:{clf[256]}", "--num", "6", "--num-256", "3", "--steps", "2,2,2",
-           "--levels", "10", "--top-samplers", "dpmpp:1", "--bootstrap", "3", "--grid-per-class", "1"]
+           "--levels", "0,10", "--top-levels", "0", "--top-samplers", "dpmpp:1", "--bootstrap", "3",
+           "--grid-per-class", "1"]
     study = tmp / "runs" / "study"
     status, _ = run_script("emoji256_study.py", *cmd)
     assert status == 0
     results = json.loads((study / "metrics.json").read_text())
     tops = {"x256_blur", "x256_noaug", "x256_noise", "gt256_blur", "gt256_noaug", "gt256_noise",
-            "x256_blur_on_noaug", "x256_blur_dpmpp1"}
+            "x256_blur_on_noaug", "x256_blur_dpmpp1", "x256_blur_s0", "x256_noaug_s0", "x256_noise_s0"}
     assert tops | {"base16", "x64_aug", "x64_noaug", "x64_aug_s10", "gt64_noaug"} <= set(results)
     assert {"real16_test", "real64_test", "real256_test"} <= set(results)
     for name in tops:
@@ -72,9 +73,18 @@ def test_emoji256_study_pairs_every_ablation_and_resumes(tiny_runs, run_script):
     for name in ("x256_blur", "x256_noaug", "x256_noise", "x256_blur_dpmpp1"):
         with np.load(study / f"{name}.npz") as f:
             assert f["arr_1"].tolist() == inputs
+    # --top-levels 0: the same ablation on the middle stage's s = 0 outputs, which differ from its default level's
+    with np.load(study / "in64_aug_s0.npz") as f, np.load(study / "x64_aug_s0.npz") as g:
+        assert np.array_equal(f["arr_0"], g["arr_0"][:3])
+    for name in ("x256_blur_s0", "x256_noaug_s0", "x256_noise_s0"):
+        with np.load(study / f"{name}.npz") as f:
+            assert f["arr_0"].shape == (3, 256, 256, 3)
     pairs = results["_pairs"]
     assert set(pairs) == {"x256_noaug - x256_blur", "x256_noise - x256_blur", "gt256_noaug - gt256_blur",
-                          "gt256_noise - gt256_blur", "x64_noaug - x64_aug", "x256_blur_on_noaug - x256_blur"}
+                          "gt256_noise - gt256_blur", "x256_noise - x256_noaug", "gt256_noise - gt256_noaug",
+                          "x64_noaug - x64_aug", "x256_blur_on_noaug - x256_blur", "x64_noaug - x64_aug_s0",
+                          "x64_noaug - x64_aug_s10", "x256_noaug_s0 - x256_blur_s0", "x256_noise_s0 - x256_blur_s0",
+                          "x256_noise_s0 - x256_noaug_s0"}
     for gap in pairs.values():
         assert np.isfinite(gap["kid_gap"]) and gap["kid_gap_std"] >= 0 and gap["num"] in (3, 6)
     assert "Paired ablations" in (study / "tables.md").read_text()
@@ -108,12 +118,14 @@ def test_emoji256_study_pairs_every_ablation_and_resumes(tiny_runs, run_script):
                                  attribution, "--bundle", bundle)
     assert status == 0 and "shipped" in shipped
     manifest = json.loads((bundle / "cascade.json").read_text())
-    kid = {k: results[k]["vs_test"]["kid"]["mean"] for k in ("x256_blur", "x256_noaug", "x256_noise",
-                                                             "x256_blur_on_noaug")}
-    assert manifest["stages"][1] == ("sr16to64" if kid["x256_blur"] <= kid["x256_blur_on_noaug"] else "sr16to64_noaug")
-    top = min(("x256_blur", "x256_noaug", "x256_noise"), key=kid.get)
-    assert manifest["stages"][2] == {"x256_blur": "sr64to256", "x256_noaug": "sr64to256_noaug",
-                                     "x256_noise": "sr64to256_noise"}[top]
+    kid = {k: v["vs_test"]["kid"]["mean"] for k, v in results.items() if not k.startswith("_") and "vs_test" in v}
+    level = min((0, 10), key=lambda s: kid[f"x64_aug_s{s}"])
+    augmented = kid[f"x64_aug_s{level}"] <= kid["x64_noaug"]
+    assert manifest["stages"][1] == ("sr16to64" if augmented else "sr16to64_noaug")
+    # on the s = 0 inputs when the bundle hands those on (the study ran the top stages there), else the default's
+    suffix = "_s0" if augmented and level == 0 else ""
+    top = min(("blur", "noaug", "noise"), key=lambda t: kid[f"x256_{t}{suffix}"])
+    assert manifest["stages"][2] == {"blur": "sr64to256", "noaug": "sr64to256_noaug", "noise": "sr64to256_noise"}[top]
     assert (bundle / "ATTRIBUTION.md").read_text() == attribution.read_text()
     assert (bundle / "classifier.safetensors").read_bytes() == clf[256].read_bytes()
     from cascaded_diffusion.cascade import Cascade
