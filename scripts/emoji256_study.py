@@ -51,6 +51,8 @@ from cdm_command import cdm  # noqa: E402
 RUNS = ("base16", "sr16to64", "sr16to64_noaug", "sr64to256", "sr64to256_noaug", "sr64to256_noise")
 # the shippable chain; an ablation run that does not exist (yet) is skipped, its settings and pairs with it
 REQUIRED_RUNS = ("base16", "sr16to64", "sr64to256")
+# the top stage's ablation: setting suffix -> its run
+TOP_RUNS = (("blur", "sr64to256"), ("noaug", "sr64to256_noaug"), ("noise", "sr64to256_noise"))
 # (setting A, setting B): each row of the ablation table is KID(A) - KID(B), paired
 PAIRS = (
     ("x256_noaug", "x256_blur", "top stage: none − blur (generated 64 px inputs)"),
@@ -132,6 +134,10 @@ def main() -> None:
     for n in missing:
         print(f"{n}: no run at {stage[n]}; its settings are skipped", flush=True)
     train_dir, test_dir = args.data / "emoji256-train", args.data / "emoji256-test"
+    levels = [int(v) for v in args.levels.split(",") if v.strip()]
+    top_levels = [int(v) for v in args.top_levels.split(",") if v.strip()]
+    if not set(top_levels) <= set(levels):
+        raise SystemExit(f"--top-levels {args.top_levels}: each must be one of --levels {args.levels}")
 
     def sampling(num_stages: int) -> list[str]:
         flags = []
@@ -140,7 +146,8 @@ def main() -> None:
                 flags += [flag, ",".join(value.split(",")[:num_stages])]
         return flags
 
-    timings: dict[str, float] = {}
+    timings_path = out / "timings.json"  # a rerun adds to the timings of earlier runs' samples
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
 
     def sample(name: str, stages: list[str], *extra: str, num: int, seed: int = 1) -> Path:
         path = out / f"{name}.npz"
@@ -149,7 +156,7 @@ def main() -> None:
             cdm("sample", *stages, "--num", str(num), "--out", str(path), "--seed", str(seed), "--quiet",
                 "--device", "cpu", *(extra if "--sampler" in extra else (*sampling(len(stages)), *extra)), echo=True)
             timings[name] = time.time() - start
-            (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+            timings_path.write_text(json.dumps(timings, indent=2) + "\n")
         return path
 
     b, m, t = stage["base16"], stage["sr16to64"], stage["sr64to256"]
@@ -163,7 +170,6 @@ def main() -> None:
     settings["x64_aug"] = sample("x64_aug", [b, m], *low, num=args.num)
     if "sr16to64_noaug" not in missing:
         settings["x64_noaug"] = sample("x64_noaug", [b, stage["sr16to64_noaug"]], *low, num=args.num)
-    levels = [int(v) for v in args.levels.split(",") if v.strip()]
     for s in levels:
         settings[f"x64_aug_s{s}"] = sample(f"x64_aug_s{s}", [b, m], *low, "--aug-level", str(s), num=args.num)
     num_gt = min(args.num, held_out)
@@ -177,18 +183,16 @@ def main() -> None:
         n256 = min(args.num_256, args.num)
         inputs = {"aug": save_subset(settings["x64_aug"], out / "in64_aug.npz", n256),
                   "real": save_subset(real64, out / "in64_real.npz", min(n256, held_out))}
-        for top, run in (("blur", "sr64to256"), ("noaug", "sr64to256_noaug"), ("noise", "sr64to256_noise")):
+        for top, run in TOP_RUNS:
             if run in missing:
                 continue
             three = [b, m, stage[run]]
             settings[f"x256_{top}"] = sample(f"x256_{top}", three, "--low-res-samples", str(inputs["aug"]), num=n256)
             settings[f"gt256_{top}"] = sample(f"gt256_{top}", three, "--low-res-samples", str(inputs["real"]),
                                               num=min(n256, held_out))
-        for s in (int(v) for v in args.top_levels.split(",") if v.strip()):
-            if s not in levels:
-                raise SystemExit(f"--top-levels {s}: not one of --levels {args.levels}")
+        for s in top_levels:
             at_s = save_subset(settings[f"x64_aug_s{s}"], out / f"in64_aug_s{s}.npz", n256)
-            for top, run in (("blur", "sr64to256"), ("noaug", "sr64to256_noaug"), ("noise", "sr64to256_noise")):
+            for top, run in TOP_RUNS:
                 if run not in missing:
                     settings[f"x256_{top}_s{s}"] = sample(f"x256_{top}_s{s}", [b, m, stage[run]],
                                                           "--low-res-samples", str(at_s), num=n256)
@@ -213,7 +217,6 @@ def main() -> None:
         print(f"sampled {len(settings)} settings into {out}; rerun without --sample-only to score them")
         return
     results = score(settings, args, train_dir, test_dir)
-    top_levels = [int(v) for v in args.top_levels.split(",") if v.strip()]
     results["_pairs"] = paired_differences(results, args.bootstrap, PAIRS + level_pairs(levels, top_levels))
     results["_meta"] = {"num": args.num, "num_256": args.num_256, "num_ground_truth": num_gt,
                         "missing_runs": missing, "levels": levels, "top_levels": top_levels,
