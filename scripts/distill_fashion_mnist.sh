@@ -5,17 +5,20 @@
 #
 #   scripts/distill_fashion_mnist.sh train   # both stages' distillations, side by side, one thread and one core each
 #   scripts/distill_fashion_mnist.sh train base8          # one stage only (or sr8to32_noaug), e.g. when one core is free
-#   scripts/distill_fashion_mnist.sh study   # quality against steps (distilled vs DPM-Solver++), cost, speed
+#   scripts/distill_fashion_mnist.sh study   # quality against steps (distilled vs DPM-Solver++), cost, CAS, speed
 #   scripts/distill_fashion_mnist.sh ship    # the fashion-mnist-distilled bundle (BASE_STEPS + SR_STEPS <= 8)
 #
-# RUNS (default /work/runs/distill), NUM (samples per study point, default 5000; the bundle's point is also scored
-# at 10000), NICE (default 19) and FIRST_CPU (default 0) can be set in the environment.
+# RUNS (default /work/runs/distill), NUM (samples per curve point, default 2000; the 8-evaluation cascades and the
+# shipped one are also scored at 10000), BASE_STEPS / SR_STEPS (default 4 / 4) and SR_SAMPLER (default dpmpp: the
+# study found DPM-Solver++ at 4 steps better than the 4-step SR student; "distilled" ships the student), NICE
+# (default 19) and FIRST_CPU (default 0) can be set in the environment. The speed comparison wants an idle machine.
 set -euo pipefail
 CODE="$(cd "$(dirname "$0")/.." && pwd)"
 RUNS="${RUNS:-/work/runs/distill}"
-NUM="${NUM:-5000}"
+NUM="${NUM:-2000}"
 BASE_STEPS="${BASE_STEPS:-4}"
 SR_STEPS="${SR_STEPS:-4}"
+SR_SAMPLER="${SR_SAMPLER:-dpmpp}"
 export PYTHONPATH="$CODE" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 cd "$CODE"
 mkdir -p "$RUNS"
@@ -43,21 +46,25 @@ case "${1:-}" in
       --out "$RUNS/ref_fmnist_train_32.npz"
     nice -n "${NICE:-19}" python scripts/few_steps_study.py --runs "$RUNS" --ref "$RUNS/ref_fmnist_train_32.npz" \
       --num "$NUM" --out "$RUNS/study" --plot "$RUNS/study/few_steps.png"
-    # the bundle's point and the shipped cascade at the target's 10000 samples, with CAS over 3 classifier seeds, and
-    # the speed of both (interleaved batches of 250)
+    # the 8-evaluation cascades (distilled base; SR stage distilled or DPM-Solver++) and the shipped cascade at the
+    # target's 10000 samples, each with CAS over 3 classifier seeds; then the speed of the three (interleaved batches
+    # of 250, both cores)
     nice -n "${NICE:-19}" python scripts/few_steps_study.py --runs "$RUNS" --ref "$RUNS/ref_fmnist_train_32.npz" \
-      --num 10000 --out "$RUNS/study10k" --points "base/dpmpp20,cascade/pd${BASE_STEPS}+pd${SR_STEPS}" \
-      --speed --speed-points "cascade/dpmpp20+dpmpp10,cascade/pd${BASE_STEPS}+pd${SR_STEPS}"
-    for point in base_dpmpp20 "cascade_pd${BASE_STEPS}_pd${SR_STEPS}"; do
+      --num 10000 --out "$RUNS/study10k" \
+      --points "cascade/pd${BASE_STEPS}+dpmpp${SR_STEPS},base/dpmpp20,cascade/pd${BASE_STEPS}+pd${SR_STEPS}"
+    for point in "cascade_pd${BASE_STEPS}_dpmpp${SR_STEPS}" base_dpmpp20 "cascade_pd${BASE_STEPS}_pd${SR_STEPS}"; do
       for seed in 0 1 2; do
         out="$RUNS/study10k/samples/$point.cas$seed.json"
         [ -f "$out" ] || cdm cas "$RUNS/study10k/samples/$point.npz" --test fashion-mnist:test --seed "$seed" --out "$out"
       done
     done
+    OMP_NUM_THREADS=$(env -u OMP_NUM_THREADS nproc) python scripts/few_steps_study.py --runs "$RUNS" \
+      --ref "$RUNS/ref_fmnist_train_32.npz" --num 10000 --out "$RUNS/study10k" --points none --speed --speed-repeats 3 \
+      --speed-points "cascade/dpmpp20+dpmpp10,cascade/pd${BASE_STEPS}+dpmpp${SR_STEPS},cascade/pd${BASE_STEPS}+pd${SR_STEPS}"
     ;;
   ship)
     python scripts/ship_fashion_mnist_distilled.py "$RUNS" --base-steps "$BASE_STEPS" --sr-steps "$SR_STEPS" \
-      --study "$RUNS/study10k/results.json"
+      --sr-sampler "$SR_SAMPLER" --study "$RUNS/study10k/results.json"
     python scripts/write_bundle_cards.py fashion-mnist-distilled
     ;;
   *)

@@ -222,6 +222,7 @@ def main() -> None:
     p.add_argument("--precision", default="auto")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--plot", type=Path)
+    p.add_argument("--tables", type=Path, help="also write the results as markdown tables (docs/results.md)")
     p.add_argument("--speed", action="store_true", help="also time --speed-points (interleaved)")
     p.add_argument("--speed-points", default="cascade/dpmpp20+dpmpp10,cascade/pd4+pd4")
     p.add_argument("--speed-repeats", type=int, default=3)
@@ -265,6 +266,56 @@ def main() -> None:
     results_path.write_text(json.dumps(results, indent=1))
     if args.plot:
         plot(results, args.plot)
+    if args.tables:
+        args.tables.write_text(tables(results))
+
+
+def _cell(results: dict, point: str) -> str:
+    rec = results["points"].get(point)
+    return f"{rec['fid']:.2f} ± {rec['fid_bootstrap_std']:.2f}" if rec else "–"
+
+
+def tables(results: dict) -> str:
+    """Markdown: per kind (base, sr, cascade) one row per step count, distilled against both DPM-Solver++ grids
+    (FID ± bootstrap std) and the paired gaps; then each round's cost."""
+    out = [f"FID (classifier features) ± bootstrap std, {results['num']} samples per point; gap = FID(distilled) − "
+           "FID(DPM-Solver++) ± paired bootstrap std (negative: distillation wins).", ""]
+    for kind, title in (("base", "base steps (SR stage: DPM-Solver++ 10)"), ("sr", "SR steps (base: DPM-Solver++ 20)")):
+        rows = sorted({pt.split("/", 1)[1].replace("dpmpp", "pd").replace("t", "") for pt in results["points"]
+                       if pt.startswith(kind + "/") and pt != "base/dpmpp20"},
+                      key=lambda s: [-int(n) for n in re.findall(r"\d+", s)])
+        if not rows:
+            continue
+        out += [f"| {title} | distilled | DPM-Solver++ | DPM-Solver++, trailing grid | gap vs DPM-Solver++ | gap vs trailing |",
+                "|---|---|---|---|---|---|"]
+        for row in rows:
+            pd = f"{kind}/{row}"
+            twin, trailing = pd.replace("pd", "dpmpp"), re.sub(r"pd(\d+)", r"dpmpp\1t", pd)
+            gaps = results["points"].get(pd, {}).get("paired_gaps", {})
+            gap = [f"{gaps[t]['gap']:+.2f} ± {gaps[t]['paired_std']:.2f}" if t in gaps else "–" for t in (twin, trailing)]
+            label = " + ".join(re.findall(r"\d+", row))
+            out.append(f"| {label} | {_cell(results, pd)} | {_cell(results, twin)} | {_cell(results, trailing)} | "
+                       f"{gap[0]} | {gap[1]} |")
+        out.append("")
+    cascades = sorted((pt for pt in results["points"] if pt.startswith("cascade/")), key=lambda pt: results["points"][pt]["fid"])
+    if "base/dpmpp20" in results["points"]:  # the shipped cascade: DPM-Solver++ 20 + 10
+        cascades.append("base/dpmpp20")
+    if cascades:
+        out += ["| cascade (base + SR) | evaluations | FID | KID×10³ |", "|---|---|---|---|"]
+        for pt in cascades:
+            rec = results["points"][pt]
+            settings = ["dpmpp20", "dpmpp10 (the shipped cascade)"] if pt == "base/dpmpp20" else parse_point(pt)[1]
+            evaluations = sum(int(re.search(r"\d+", x).group()) for x in settings)
+            out.append(f"| {' + '.join(settings)} | {evaluations} | "
+                       f"{_cell(results, pt)} | {1e3 * rec['kid']['mean']:.1f} ± {1e3 * rec['kid']['std']:.1f} |")
+        out.append("")
+    out += ["| stage | round | teacher → student steps | optimizer steps | CPU-hours |", "|---|---|---|---|---|"]
+    for stage, rounds in results.get("cost", {}).items():
+        for r in rounds:
+            done = "" if r["step"] >= r["of"] else f" (of {r['of']}, unfinished)"
+            out.append(f"| {stage} | {r['round']} | {r['teacher_steps']} → {r['student_steps']} | {r['step']}{done} | "
+                       f"{r['cpu_hours']:.2f} |")
+    return "\n".join(out) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -273,10 +324,10 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     series = (("distilled (DDIM on its grid)", "pd", ""), ("DPM-Solver++, undistilled", "dpmpp", ""),
               ("DPM-Solver++, undistilled, trailing grid", "dpmpp", "t"))
-    for ax, kind in zip(axes, ("base", "sr", "cascade")):
+    for ax, kind in zip(axes, ("base", "sr")):
         for label, pattern, grid in series:
             rows = []
             for point, rec in results["points"].items():
@@ -284,16 +335,29 @@ def plot(results: dict, path: Path) -> None:
                 if k != kind or not all(SETTING.match(s) and SETTING.match(s).group(1) == pattern
                                         and SETTING.match(s).group(3) == grid for s in settings):
                     continue
-                evals = sum(int(SETTING.match(s).group(2)) for s in settings)
-                rows.append((evals, rec["fid"], rec["fid_bootstrap_std"]))
+                rows.append((int(SETTING.match(settings[0]).group(2)), rec["fid"], rec["fid_bootstrap_std"]))
             if rows:
                 x, y, e = zip(*sorted(rows))
                 ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel({"base": "base steps (SR: DPM-Solver++ 10)", "sr": "SR steps (base: DPM-Solver++ 20)",
-                       "cascade": "network evaluations, both stages"}[kind])
+        ax.set_xlabel({"base": "base steps (SR: DPM-Solver++ 10)", "sr": "SR steps (base: DPM-Solver++ 20)"}[kind])
         ax.set_ylabel("FID (classifier features)")
         ax.grid(alpha=0.3)
+    # every whole-cascade point, best first, and the 30-evaluation cascade for reference
+    ax = axes[2]
+    rows = sorted((rec["fid"], rec["fid_bootstrap_std"], " + ".join(parse_point(pt)[1]))
+                  for pt, rec in results["points"].items() if pt.startswith("cascade/"))
+    if "base/dpmpp20" in results["points"]:
+        rec = results["points"]["base/dpmpp20"]
+        rows.append((rec["fid"], rec["fid_bootstrap_std"], "dpmpp20 + dpmpp10"))
+    if rows:
+        y, e, names = zip(*rows)
+        ax.errorbar(range(len(rows)), y, yerr=e, fmt="o", capsize=3, color="k")
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_yscale("log")
+    ax.set_xlabel("cascade (base + SR setting; pd = distilled)")
+    ax.set_ylabel("FID (classifier features)")
+    ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -36,10 +36,10 @@ def test_the_study_scores_students_against_their_dpmpp_twins_and_the_bundle_take
     ref = tmp_path / "ref.npz"  # any 32 px grey images: the scores' values are not under test here
     np.savez(ref, arr_0=rng.integers(0, 256, size=(64, 32, 32, 1), dtype=np.uint8), arr_1=np.arange(64) % 10)
     out = tmp_path / "study"
-    points = "base/pd4,base/dpmpp4,base/dpmpp4t,cascade/pd4+pd4"
+    points = "base/pd4,base/dpmpp4,base/dpmpp4t,cascade/pd4+pd4,cascade/pd4+dpmpp4"
     status, log = run_script("few_steps_study.py", "--runs", runs, "--ref", f"npz:{ref}", "--num", "20",
                              "--bootstrap", "4", "--batch-size", "20", "--points", points, "--out", out,
-                             "--plot", out / "few_steps.png", "--precision", "fp32")
+                             "--plot", out / "few_steps.png", "--tables", out / "tables.md", "--precision", "fp32")
     assert status == 0, log
     results = json.loads((out / "results.json").read_text())
     for point in points.split(","):
@@ -52,6 +52,10 @@ def test_the_study_scores_students_against_their_dpmpp_twins_and_the_bundle_take
         (row,) = results["cost"][stage]
         assert row["step"] == 2 and row["student_steps"] == 4 and row["cpu_hours"] > 0, row
     assert (out / "few_steps.png").stat().st_size > 0
+    table = (out / "tables.md").read_text()  # the markdown of docs/results.md: the base row at 4 steps, every cascade
+    base_row = next(line for line in table.splitlines() if line.startswith("| 4 | "))
+    assert f"{results['points']['base/pd4']['fid']:.2f} ± " in base_row and base_row.count("±") == 5, base_row
+    assert "| pd4 + dpmpp4 | 8 | " in table and "| base8 | 1 | 8 → 4 | 2 |" in table
 
     # ship into a bundle folder the library finds by name, then sample it with its defaults and count evaluations
     bundles = tmp_path / "pretrained"
@@ -70,4 +74,24 @@ def test_the_study_scores_students_against_their_dpmpp_twins_and_the_bundle_take
         stage.net.register_forward_hook(lambda *_, i=i: calls.append(i))
     images = cascade.sample(torch.arange(3), generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (3, 1, 32, 32)
+    assert calls == [0] * 4 + [1] * 4
+
+    # the SR stage undistilled (where the solver at 4 steps beats the 4-step student): the teacher's weights as they
+    # are, its stage.json sampling DPM-Solver++ 4; the base still the distilled student
+    status, log = run_script("ship_fashion_mnist_distilled.py", runs, "--base-steps", "4", "--sr-steps", "4",
+                             "--sr-sampler", "dpmpp", "--study", out / "results.json",
+                             "--bundle", bundles / "fashion-mnist-distilled")
+    assert status == 0, log
+    bundle = bundles / "fashion-mnist-distilled"
+    manifest = json.loads((bundle / "cascade.json").read_text())
+    assert manifest["study"]["setting"] == "cascade/pd4+dpmpp4" and list(manifest["distillation"]) == ["base8"]
+    teacher_sr = Path(pretrained.__file__).parent / "pretrained" / "fashion-mnist" / "sr8to32_noaug"
+    assert (bundle / "sr8to32_noaug" / "model.safetensors").read_bytes() == \
+        (teacher_sr / "model.safetensors").read_bytes()
+    cascade = Cascade.load(pretrained="fashion-mnist-distilled")
+    assert [(s.config.sample.sampler, s.config.sample.steps) for s in cascade.stages] == [("ddim", 4), ("dpmpp", 4)]
+    calls.clear()
+    for i, stage in enumerate(cascade.stages):
+        stage.net.register_forward_hook(lambda *_, i=i: calls.append(i))
+    cascade.sample(torch.arange(3), generator=torch.Generator().manual_seed(0))
     assert calls == [0] * 4 + [1] * 4

@@ -330,7 +330,7 @@ def test_failed_export_leaves_nothing(tiny_runs, tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("bundle", ["fashion-mnist", "emoji", "emoji-256"])
+@pytest.mark.parametrize("bundle", ["fashion-mnist", "fashion-mnist-distilled", "emoji", "emoji-256"])
 def test_shipped_bundles_have_their_model_card(bundle):
     root = PRETRAINED_ROOT / bundle
     manifest = json.loads((root / "cascade.json").read_text())
