@@ -170,6 +170,24 @@ def paired_gap(fa: np.ndarray, fb: np.ndarray, name: str, reference: FeatureStat
     return {"gap": fid_of(fa, name, reference) - fid_of(fb, name, reference), "paired_std": float(np.std(gaps, ddof=1))}
 
 
+def dpmpp_twins(point: str) -> tuple[str, str]:
+    """A distilled point's DPM-Solver++ twins at the same steps: on the default grid and on the trailing grid."""
+    return re.sub(r"pd(\d+)", r"dpmpp\1", point), re.sub(r"pd(\d+)", r"dpmpp\1t", point)
+
+
+def cascade_rows(results: dict) -> list[tuple[str, int, dict]]:
+    """Every whole-cascade point as (base + SR label, network evaluations, record), best FID first, then the shipped
+    30-evaluation cascade (the point base/dpmpp20) for reference."""
+    rows = []
+    for pt in sorted((pt for pt in results["points"] if pt.startswith("cascade/")),
+                     key=lambda pt: results["points"][pt]["fid"]):
+        settings = parse_point(pt)[1]
+        rows.append((" + ".join(settings), sum(int(SETTING.match(x).group(2)) for x in settings), results["points"][pt]))
+    if "base/dpmpp20" in results["points"]:
+        rows.append(("dpmpp20 + dpmpp10", 30, results["points"]["base/dpmpp20"]))
+    return rows
+
+
 def default_points(distilled: list[dict[int, Path]]) -> list[str]:
     points = ["base/dpmpp20"]  # also the shipped cascade (dpmpp 20 + 10) and the SR points' fixed base samples
     for kind, per in (("base", distilled[0]), ("sr", distilled[1])):
@@ -257,7 +275,7 @@ def main() -> None:
             results_path.write_text(json.dumps(results, indent=1))
     for point in feats:  # distilled against DPM-Solver++ at the same steps (either grid): FID(pd) - FID(twin), paired
         gaps = results["points"][point].setdefault("paired_gaps", {}) if "/pd" in point else {}
-        for twin in (re.sub(r"pd(\d+)", r"dpmpp\1", point), re.sub(r"pd(\d+)", r"dpmpp\1t", point)):
+        for twin in dpmpp_twins(point):
             if "/pd" in point and twin in feats and twin not in gaps:
                 gaps[twin] = paired_gap(feats[point], feats[twin], extractor.name, reference, args.bootstrap)
     if args.speed:
@@ -290,24 +308,20 @@ def tables(results: dict) -> str:
                 "|---|---|---|---|---|---|"]
         for row in rows:
             pd = f"{kind}/{row}"
-            twin, trailing = pd.replace("pd", "dpmpp"), re.sub(r"pd(\d+)", r"dpmpp\1t", pd)
+            twin, trailing = dpmpp_twins(pd)
             gaps = results["points"].get(pd, {}).get("paired_gaps", {})
             gap = [f"{gaps[t]['gap']:+.2f} ± {gaps[t]['paired_std']:.2f}" if t in gaps else "–" for t in (twin, trailing)]
             label = " + ".join(re.findall(r"\d+", row))
             out.append(f"| {label} | {_cell(results, pd)} | {_cell(results, twin)} | {_cell(results, trailing)} | "
                        f"{gap[0]} | {gap[1]} |")
         out.append("")
-    cascades = sorted((pt for pt in results["points"] if pt.startswith("cascade/")), key=lambda pt: results["points"][pt]["fid"])
-    if "base/dpmpp20" in results["points"]:  # the shipped cascade: DPM-Solver++ 20 + 10
-        cascades.append("base/dpmpp20")
-    if cascades:
+    rows = cascade_rows(results)
+    if rows:
         out += ["| cascade (base + SR) | evaluations | FID | KID×10³ |", "|---|---|---|---|"]
-        for pt in cascades:
-            rec = results["points"][pt]
-            settings = ["dpmpp20", "dpmpp10 (the shipped cascade)"] if pt == "base/dpmpp20" else parse_point(pt)[1]
-            evaluations = sum(int(re.search(r"\d+", x).group()) for x in settings)
-            out.append(f"| {' + '.join(settings)} | {evaluations} | "
-                       f"{_cell(results, pt)} | {1e3 * rec['kid']['mean']:.1f} ± {1e3 * rec['kid']['std']:.1f} |")
+        for label, evaluations, rec in rows:
+            shipped = " (the shipped cascade)" if label == "dpmpp20 + dpmpp10" else ""
+            out.append(f"| {label}{shipped} | {evaluations} | {rec['fid']:.2f} ± {rec['fid_bootstrap_std']:.2f} | "
+                       f"{1e3 * rec['kid']['mean']:.1f} ± {1e3 * rec['kid']['std']:.1f} |")
         out.append("")
     out += ["| stage | round | teacher → student steps | optimizer steps | CPU-hours |", "|---|---|---|---|---|"]
     for stage, rounds in results.get("cost", {}).items():
@@ -346,11 +360,7 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     # every whole-cascade point, best first, and the 30-evaluation cascade for reference
     ax = axes[2]
-    rows = sorted((rec["fid"], rec["fid_bootstrap_std"], " + ".join(parse_point(pt)[1]))
-                  for pt, rec in results["points"].items() if pt.startswith("cascade/"))
-    if "base/dpmpp20" in results["points"]:
-        rec = results["points"]["base/dpmpp20"]
-        rows.append((rec["fid"], rec["fid_bootstrap_std"], "dpmpp20 + dpmpp10"))
+    rows = [(rec["fid"], rec["fid_bootstrap_std"], label) for label, _, rec in cascade_rows(results)]
     if rows:
         y, e, names = zip(*rows)
         ax.errorbar(range(len(rows)), y, yerr=e, fmt="o", capsize=3, color="k")
