@@ -346,6 +346,17 @@ def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is corrupt: {e}") from None
 
 
+def _read_stage_meta(stage_dir: str | Path) -> dict[str, Any]:
+    path = Path(stage_dir) / STAGE_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path} is not an exported stage (no config)")
+    return meta
+
+
 def load_tensors(checkpoint_dir: str | Path, stem: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     path = Path(checkpoint_dir) / f"{stem}.safetensors"
     if not path.is_file():
@@ -384,6 +395,12 @@ def load_weights_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], 
 # --- exported stages -------------------------------------------------------------------------------------
 
 
+def is_exported_stage(path: str | Path) -> bool:
+    """An exported sampling-only stage (``stage.json`` + weights), not a checkpoint or a run directory."""
+    path = Path(path)
+    return (path / STAGE_FILE).is_file() and not (path / STATE_FILE).is_file() and not list_checkpoints(path)
+
+
 def export_stage(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
@@ -393,17 +410,25 @@ def export_stage(
 ) -> Path:
     """Write a self-contained sampling-only stage: EMA weights + resolved config.
 
-    ``config_overrides`` (``section.key=value``) may change sampling defaults such as ``sample.steps`` or
-    ``conditioning.sample_s``; the result is validated like any config.
+    ``checkpoint_dir`` is one checkpoint, or an exported stage (re-exported: a bundled stage with another sampling
+    default, say); ``config_overrides`` (``section.key=value``) may change sampling defaults such as
+    ``sample.steps`` or ``conditioning.sample_s``; the result is validated like any config.
     """
     from .config import StageConfig, apply_overrides
 
-    state = load_state(checkpoint_dir)
+    if is_exported_stage(checkpoint_dir):
+        state = _read_stage_meta(checkpoint_dir)
+        if weights != state.get("weights", "ema"):
+            raise CheckpointError(f"{checkpoint_dir} is an exported stage holding only its {state.get('weights', 'ema')} "
+                                  f"weights; export {weights} weights from its training checkpoint")
+        stem = "model"
+    else:
+        state, stem = load_state(checkpoint_dir), weights
     if config_overrides:
         state["config"] = StageConfig.from_dict(
             apply_overrides(state["config"], config_overrides), source=f"{checkpoint_dir} + overrides"
         ).to_dict()
-    tensors = load_tensors(checkpoint_dir, weights)
+    tensors = load_tensors(checkpoint_dir, stem)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     out = Path(out_dir)

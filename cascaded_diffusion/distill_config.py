@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import STAGE_FILE, CheckpointError, latest_valid_checkpoint, list_checkpoints, load_state, \
+from .checkpoint import STAGE_FILE, CheckpointError, latest_valid_checkpoint, is_exported_stage, load_state, \
     verify_checkpoint
 from .config import ConfigError, StageConfig, apply_overrides
 from .tomlsections import build_section
@@ -188,14 +188,15 @@ NOT_A_STAGE = ("expected a training run directory (checkpoints/step_*), one chec
                f"{PRETRAINED_PREFIX}fashion-mnist/base8)")
 
 
-def _pretrained_stage_dir(spec: str) -> Path:
+def pretrained_stage_dir(spec: str) -> Path:
+    """The folder of ``pretrained:CASCADE/STAGE``: a bundled cascade's, or a downloaded or exported one's, stage."""
     name, sep, stage = spec[len(PRETRAINED_PREFIX):].rstrip("/").rpartition("/")
     if not sep or not name or not stage:
-        raise UserError(f"teacher {spec}: give {PRETRAINED_PREFIX}CASCADE/STAGE, e.g. "
+        raise UserError(f"{spec}: give {PRETRAINED_PREFIX}CASCADE/STAGE, e.g. "
                         f"{PRETRAINED_PREFIX}fashion-mnist/base8")
     folder = find_cascade(name)
     if stage not in folder.manifest["stages"]:
-        raise UserError(f"teacher {spec}: the cascade {name} has no stage {stage!r} (its stages: "
+        raise UserError(f"{spec}: the cascade {name} has no stage {stage!r} (its stages: "
                         f"{', '.join(folder.manifest['stages'])})")
     return folder.root / stage
 
@@ -204,13 +205,13 @@ def resolve_teacher(spec: str, weights: str = "ema") -> tuple[TeacherRef, StageC
     """The concrete weights a teacher argument names, and its config. A run directory resolves to its newest valid
     checkpoint *now*: that checkpoint is recorded, so a run that trains on does not change a distillation's
     teacher."""
-    path = _pretrained_stage_dir(spec) if spec.startswith(PRETRAINED_PREFIX) else Path(os.path.expanduser(spec))
+    path = pretrained_stage_dir(spec) if spec.startswith(PRETRAINED_PREFIX) else Path(os.path.expanduser(spec))
     if not path.is_dir():
         raise UserError(f"teacher {spec}: no such directory; {NOT_A_STAGE}")
     if (path / DISTILL_FILE).is_file():
         raise UserError(f"teacher {spec} is a `cdm distill` output: give one of its rounds (e.g. {path / 'round_1'}) "
                         "to distill a student further")
-    if (path / STAGE_FILE).is_file() and not list_checkpoints(path) and not (path / "state.json").is_file():
+    if is_exported_stage(path):
         try:
             meta = json.loads((path / STAGE_FILE).read_text())
             config = StageConfig.from_dict(meta["config"], source=str(path / STAGE_FILE))

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .augment import BlurAugmentation, NoAugmentation, NoiseAugmentation
-from .checkpoint import STAGE_FILE, list_checkpoints, load_state, load_tensors, load_weights_into, resolve_checkpoint
+from .checkpoint import STAGE_FILE, is_exported_stage, load_state, load_tensors, load_weights_into, resolve_checkpoint
 from .config import StageConfig
 from .diffusion import GaussianDiffusion, make_beta_schedule
 from .errors import UserError
@@ -146,7 +146,7 @@ class Stage:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> "Stage":
         path = Path(path)
-        if (path / STAGE_FILE).is_file() and not list_checkpoints(path):
+        if is_exported_stage(path):
             meta = json.loads((path / STAGE_FILE).read_text())
             config = StageConfig.from_dict(meta["config"], source=str(path / STAGE_FILE))
             tensors, step = load_tensors(path, "model"), meta.get("step")

@@ -29,7 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cascaded_diffusion.checkpoint import export_stage, latest_valid_checkpoint, load_state  # noqa: E402
-from cascaded_diffusion.config import StageConfig  # noqa: E402
 from cascaded_diffusion.distillation import distill_report, round_dir  # noqa: E402
 
 import torch  # noqa: E402
@@ -48,15 +47,6 @@ def student_checkpoint(run: Path, steps: int) -> Path:
                 return ckpt
         k += 1
     sys.exit(f"{run}: no finished round with a {steps}-step student")
-
-
-def copy_teacher_stage(name: str, steps: int, out: Path) -> None:
-    """The teacher bundle's stage ``name`` as it is, but sampled by DPM-Solver++ with ``steps`` steps by default."""
-    shutil.copytree(PRETRAINED / "fashion-mnist" / name, out)
-    meta = json.loads((out / "stage.json").read_text())
-    meta["config"]["sample"].update(sampler="dpmpp", steps=steps)
-    meta["config"] = StageConfig.from_dict(meta["config"], source=f"{name} with dpmpp {steps}").to_dict()
-    (out / "stage.json").write_text(json.dumps(meta, indent=1))
 
 
 def describe(name: str, steps: int, sampler: str) -> str:
@@ -103,8 +93,9 @@ def main() -> None:
         staged = Path(tmp) / "bundle"
         staged.mkdir()
         for (name, steps, _), ckpt in zip(choices, ckpts):
-            if ckpt is None:
-                copy_teacher_stage(name, steps, staged / name)
+            if ckpt is None:  # the teacher's stage, its weights as they are, sampled by DPM-Solver++ by default
+                export_stage(PRETRAINED / "fashion-mnist" / name, staged / name,
+                             config_overrides=["sample.sampler=dpmpp", f"sample.steps={steps}"])
             else:
                 export_stage(ckpt, staged / name, dtype=torch.float16)
         for name in ("classifier.json", "classifier.safetensors"):  # the features its numbers were measured with

@@ -74,6 +74,35 @@ def test_export_then_sample_from_exported_stage(runs, tmp_path):
                  "--device", "cpu", "--quiet"]) == 0
 
 
+def test_an_exported_or_bundled_stage_re_exports_with_new_sampling_defaults(runs, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    assert main(["export", str(runs / "base"), "--out", str(tmp_path / "exp"), "--dtype", "fp16"]) == 0
+    assert main(["export", str(tmp_path / "exp"), "--out", str(tmp_path / "re"), "--set", "sample.sampler=dpmpp",
+                 "--set", "sample.steps=3"]) == 0
+    old, new = (json.loads((tmp_path / d / "stage.json").read_text()) for d in ("exp", "re"))
+    assert new["config"]["sample"]["sampler"] == "dpmpp" and new["config"]["sample"]["steps"] == 3
+    assert {k: v for k, v in new["config"].items() if k != "sample"} == \
+        {k: v for k, v in old["config"].items() if k != "sample"}
+    assert new["step"] == old["step"] and new["weights"] == "ema"
+    # the weights as they were (fp16 kept unless --dtype says otherwise), so samples differ only by the sampler
+    assert (tmp_path / "re/model.safetensors").read_bytes() == (tmp_path / "exp/model.safetensors").read_bytes()
+    assert main(["export", str(tmp_path / "exp"), "--out", str(tmp_path / "f32"), "--dtype", "fp32"]) == 0
+    tensors = load_file(str(tmp_path / "f32/model.safetensors")).values()
+    assert all(str(t.dtype) == "torch.float32" for t in tensors if t.is_floating_point())
+    assert main(["export", "pretrained:fashion-mnist/sr8to32_noaug", "--out", str(tmp_path / "sr4"),
+                 "--set", "sample.steps=4"]) == 0
+    bundled = ROOT / "cascaded_diffusion/pretrained/fashion-mnist/sr8to32_noaug/model.safetensors"
+    assert (tmp_path / "sr4/model.safetensors").read_bytes() == bundled.read_bytes()
+    assert json.loads((tmp_path / "sr4/stage.json").read_text())["config"]["sample"]["steps"] == 4
+    capsys.readouterr()
+    # an exported stage holds only its EMA weights, and a bad key names itself
+    assert main(["export", str(tmp_path / "exp"), "--out", str(tmp_path / "m"), "--weights", "model"]) == 2
+    assert "holding only its ema weights" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "exp"), "--out", str(tmp_path / "k"), "--set", "sample.stepz=3"]) == 2
+    assert "sample.stepz" in capsys.readouterr().err
+
+
 def test_bad_config_key_and_missing_run_dir(tmp_path, capsys):
     rc = main(["train", str(ROOT / "configs/fashion-mnist/base8.toml"), "--out", str(tmp_path / "r"),
                "--set", "train.lrr=1"])

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import export_stage, list_checkpoints, resolve_checkpoint
+from ..checkpoint import export_stage, is_exported_stage, list_checkpoints, resolve_checkpoint
 from ..config import load_config
+from ..distill_config import PRETRAINED_PREFIX, pretrained_stage_dir
 from ..errors import UserError, check_output_dir
 from ..hardware import PRECISIONS
 from ..rundir import is_run_dir
@@ -46,12 +47,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         if getattr(args, option):
             raise UserError(f"--{option} is for a cascade export (several run directories, --pretrained or --cascade)")
     given, out = Path(args.run_dirs[0]), Path(args.out)
+    if args.run_dirs[0].startswith(PRETRAINED_PREFIX):
+        given = pretrained_stage_dir(args.run_dirs[0])
     if out.exists() and (is_run_dir(out) or list_checkpoints(out) or os.path.realpath(out) == os.path.realpath(given)):
         # `cdm sample RUN` would keep using the export while the run's newer checkpoints went unused
         raise UserError(f"--out {out} is a training run directory; export into a directory of its own "
                         f"(e.g. {out.parent / (out.name + '-export')})")
     check_output_dir(args.out, "--out")
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or "fp32"]
+    if is_exported_stage(given):  # a stage re-exported, e.g. with another sampling default: its dtype unless told
+        dtype = {None: None, "fp32": torch.float32}.get(args.dtype, dtype)
+        written = export_stage(given, args.out, dtype=dtype, weights=args.weights, config_overrides=args.set)
+        print(f"exported the stage {given} ({args.dtype or 'its own dtype'}) to {written}")
+        return 0
 
     def export(ckpt: Path) -> Path:
         return export_stage(ckpt, args.out, dtype=dtype, weights=args.weights, config_overrides=args.set)
