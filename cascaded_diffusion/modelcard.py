@@ -143,7 +143,7 @@ def stage_summaries(root: Path, manifest: dict) -> list[dict]:
     for name in manifest["stages"]:
         meta = json.loads((root / name / STAGE_FILES[0]).read_text())
         config = StageConfig.from_dict(meta["config"], source=str(root / name / STAGE_FILES[0]))
-        out.append({"name": name, "config": config, "step": meta.get("step"),
+        out.append({"name": name, "config": config, "step": meta.get("step"), "distillation": meta.get("distillation"),
                     "parameters": _parameter_count(root / name / STAGE_FILES[1])})
     return out
 
@@ -283,6 +283,17 @@ def _use_lines(stages: list[dict], load_names: Sequence[str]) -> list[str]:
     return lines
 
 
+def _steps_trained(summary: dict) -> str:
+    """A distilled stage's optimizer steps are those of its last round only: say so, with the stage it came from."""
+    step = summary["step"] if summary["step"] is not None else "?"
+    d = summary.get("distillation")
+    if not d:
+        return str(step)
+    origin = (d.get("original_teacher") or {}).get("step")
+    return (f"{step} in distillation round {d.get('round', '?')} ({d.get('teacher_steps', '?')} → "
+            f"{d.get('student_steps', '?')} sampling steps)" + (f" of a {origin}-step stage" if origin else ""))
+
+
 def _stage_lines(manifest: dict, stages: list[dict]) -> list[str]:
     """The stages table, then the sampling defaults table and the conditioning augmentation mode."""
     lines = ["## Stages", "",
@@ -294,7 +305,7 @@ def _stage_lines(manifest: dict, stages: list[dict]) -> list[str]:
         res = f"{c.stage.low_res} → {c.stage.resolution}" if c.is_sr else f"{c.stage.resolution}"
         pred = c.diffusion.prediction + (", learned variance" if c.diffusion.learn_sigma else "")
         lines.append(f"| `{s['name']}` | {'super-resolution' if c.is_sr else 'base'} | {res} | {pred} | {trained} "
-                     f"| {sampled} | {s['step'] if s['step'] is not None else '?'} | {s['parameters'] / 1e6:.2f} M |")
+                     f"| {sampled} | {_steps_trained(s)} | {s['parameters'] / 1e6:.2f} M |")
     truncated = bool((manifest.get("sampling") or {}).get("truncated", False))
     lines += ["", "## Sampling defaults", "",
               "| stage | sampler | steps | guidance |", "|---|---|---|---|"]
