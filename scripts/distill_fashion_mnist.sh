@@ -5,6 +5,8 @@
 #
 #   scripts/distill_fashion_mnist.sh train   # both stages' distillations, side by side, one thread and one core each
 #   scripts/distill_fashion_mnist.sh train base8          # one stage only (or sr8to32_noaug), e.g. when one core is free
+#   scripts/distill_fashion_mnist.sh long4   # the base's round 4 again with 3x the steps, then RUNS/long = base8 rounds
+#                                            # 1-3 + that round as round 4, and the SR distillation (RUNS=RUNS/long study|ship)
 #   scripts/distill_fashion_mnist.sh study   # quality against steps (distilled vs DPM-Solver++), cost, CAS, speed
 #   scripts/distill_fashion_mnist.sh ship    # the fashion-mnist-distilled bundle (BASE_STEPS + SR_STEPS <= 8)
 #
@@ -40,6 +42,17 @@ case "${1:-}" in
     done
     wait
     ;;
+  long4)
+    # the shipped base: round 4 (8 -> 4 steps) from round 3's student with 12000 instead of 4000 optimizer steps
+    OMP_NUM_THREADS="${THREADS:-1}" cdm distill "$RUNS/base8/round_3" --out "$RUNS/base8_round4_long" \
+      --config configs/fashion-mnist/distill_base8.toml --rounds 1 --start-steps 8 --round-steps 12000 \
+      >> "$RUNS/base8_round4_long.out" 2>&1
+    mkdir -p "$RUNS/long/base8"
+    for k in 1 2 3; do ln -sfn "$RUNS/base8/round_$k" "$RUNS/long/base8/round_$k"; done
+    ln -sfn "$RUNS/base8_round4_long/round_1" "$RUNS/long/base8/round_4"
+    ln -sfn "$RUNS/sr8to32_noaug" "$RUNS/long/sr8to32_noaug"
+    ln -sfn "$RUNS/ref_fmnist_train_32.npz" "$RUNS/long/ref_fmnist_train_32.npz"
+    ;;
   study)
     # the reference: the 60000 training images' classifier features, as for the shipped cascade's numbers
     [ -f "$RUNS/ref_fmnist_train_32.npz" ] || cdm stats fashion-mnist --features classifier --resolution 32 \
@@ -68,7 +81,7 @@ case "${1:-}" in
     python scripts/write_bundle_cards.py fashion-mnist-distilled
     ;;
   *)
-    echo "usage: $0 train [base8|sr8to32_noaug]|study|ship" >&2
+    echo "usage: $0 train [base8|sr8to32_noaug]|long4|study|ship" >&2
     exit 2
     ;;
 esac

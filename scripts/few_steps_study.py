@@ -110,6 +110,10 @@ def parse_point(point: str) -> tuple[str, list[str]]:
     return kind, settings
 
 
+def samples_path(study: Path, point: str) -> Path:
+    return study / "samples" / f"{point.replace('/', '_').replace('+', '_')}.npz"
+
+
 def sample_point(point: str, args, teachers, distilled, precision, fixed_base: Path | None) -> Path | None:
     kind, settings = parse_point(point)
     if kind == "base":
@@ -120,7 +124,7 @@ def sample_point(point: str, args, teachers, distilled, precision, fixed_base: P
     if any(p is None for p in parts):
         print(f"{point}: no such student yet, skipped", flush=True)
         return None
-    out = args.out / "samples" / f"{point.replace('/', '_').replace('+', '_')}.npz"
+    out = samples_path(args.out, point)
     if out.is_file():
         return out
     cascade = load_cascade(parts, args.device)
@@ -241,6 +245,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--plot", type=Path)
     p.add_argument("--tables", type=Path, help="also write the results as markdown tables (docs/results.md)")
+    p.add_argument("--paired-with", type=Path, metavar="STUDY",
+                   help="also the paired FID gap of each point against the same point in another --out (e.g. the "
+                        "same layout with a longer round: same labels and seeds, so the noise cancels)")
     p.add_argument("--speed", action="store_true", help="also time --speed-points (interleaved)")
     p.add_argument("--speed-points", default="cascade/dpmpp20+dpmpp10,cascade/pd4+pd4")
     p.add_argument("--speed-repeats", type=int, default=3)
@@ -278,6 +285,14 @@ def main() -> None:
         for twin in dpmpp_twins(point):
             if "/pd" in point and twin in feats and twin not in gaps:
                 gaps[twin] = paired_gap(feats[point], feats[twin], extractor.name, reference, args.bootstrap)
+    if args.paired_with:  # the same points of another study (other students, same labels and seeds): FID(here) - FID(there)
+        for point in feats:
+            there = samples_path(args.paired_with, point)
+            if there.is_file():
+                results["points"][point].setdefault("paired_with", {})[str(args.paired_with)] = paired_gap(
+                    feats[point], features_of(there, extractor), extractor.name, reference, args.bootstrap)
+                rec = results["points"][point]["paired_with"][str(args.paired_with)]
+                print(f"{point} against {there}: {rec['gap']:+.3f} ± {rec['paired_std']:.3f}", flush=True)
     if args.speed:
         results["speed"] = speed(args, teachers, distilled, precision)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,14 @@ def test_the_study_scores_students_against_their_dpmpp_twins_and_the_bundle_take
     base_row = next(line for line in table.splitlines() if line.startswith("| 4 | "))
     assert f"{results['points']['base/pd4']['fid']:.2f} ± " in base_row and base_row.count("±") == 5, base_row
     assert "| pd4 + dpmpp4 | 8 | " in table and "| base8 | 1 | 8 → 4 | 2 |" in table
+    # --paired-with: the same point of another study; the same students, labels and seeds give the same samples
+    status, log = run_script("few_steps_study.py", "--runs", runs, "--ref", f"npz:{ref}", "--num", "20",
+                             "--bootstrap", "4", "--batch-size", "20", "--points", "base/pd4", "--out",
+                             tmp_path / "again", "--paired-with", out, "--precision", "fp32")
+    assert status == 0, log
+    again = json.loads((tmp_path / "again" / "results.json").read_text())["points"]["base/pd4"]
+    assert again["fid"] == results["points"]["base/pd4"]["fid"]
+    assert again["paired_with"][str(out)] == {"gap": 0.0, "paired_std": 0.0}
 
     # ship into a bundle folder the library finds by name, then sample it with its defaults and count evaluations
     bundles = tmp_path / "pretrained"
