@@ -10,16 +10,18 @@
 #   scripts/distill_fashion_mnist.sh study   # quality against steps (distilled vs DPM-Solver++), cost, CAS, speed
 #   scripts/distill_fashion_mnist.sh ship    # the fashion-mnist-distilled bundle (BASE_STEPS + SR_STEPS <= 8)
 #
-# RUNS (default /work/runs/distill), NUM (samples per curve point, default 2000; the 8-evaluation cascades and the
-# shipped one are also scored at 10000), BASE_STEPS / SR_STEPS (default 4 / 4) and SR_SAMPLER (default dpmpp: the
-# study found DPM-Solver++ at 4 steps better than the 4-step SR student; "distilled" ships the student), NICE
-# (default 19) and FIRST_CPU (default 0) can be set in the environment. The speed comparison wants an idle machine.
+# RUNS (default /work/runs/distill), NUM (samples per curve point, default 2000; the candidate cascades of at most 8
+# evaluations and the shipped one are also scored at 10000), BASE_STEPS / SR_STEPS (default 2 / 5: the base's 2-step
+# student + DPM-Solver++ 5 for the SR stage, the candidate that met every target: 7 evaluations) and SR_SAMPLER
+# (default dpmpp: the study found DPM-Solver++ better than the SR stage's students at the same steps; "distilled"
+# ships the student), NICE (default 19) and FIRST_CPU (default 0) can be set in the environment. The speed comparison
+# wants an idle machine.
 set -euo pipefail
 CODE="$(cd "$(dirname "$0")/.." && pwd)"
 RUNS="${RUNS:-/work/runs/distill}"
 NUM="${NUM:-2000}"
-BASE_STEPS="${BASE_STEPS:-4}"
-SR_STEPS="${SR_STEPS:-4}"
+BASE_STEPS="${BASE_STEPS:-2}"
+SR_STEPS="${SR_STEPS:-5}"
 SR_SAMPLER="${SR_SAMPLER:-dpmpp}"
 export PYTHONPATH="$CODE" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 cd "$CODE"
@@ -59,13 +61,14 @@ case "${1:-}" in
       --out "$RUNS/ref_fmnist_train_32.npz"
     nice -n "${NICE:-19}" python scripts/few_steps_study.py --runs "$RUNS" --ref "$RUNS/ref_fmnist_train_32.npz" \
       --num "$NUM" --out "$RUNS/study" --plot "$RUNS/study/few_steps.png"
-    # the 8-evaluation cascades (distilled base; SR stage distilled or DPM-Solver++) and the shipped cascade at the
-    # target's 10000 samples, each with CAS over 3 classifier seeds; then the speed of the three (interleaved batches
-    # of 250, both cores)
+    # the candidates of at most 8 evaluations and the shipped cascade at the target's 10000 samples, each with CAS
+    # over 3 classifier seeds (dpmpp20+dpmpp4: where CAS goes, the shipped base with the SR stage at 4 steps); then
+    # the speed of the shipped cascade and the candidates (interleaved batches of 250, both cores)
+    candidates="cascade/pd4+dpmpp4 cascade/pd4+pd4 cascade/pd2+dpmpp6 cascade/pd2+dpmpp5 base/dpmpp20 cascade/dpmpp20+dpmpp4"
     nice -n "${NICE:-19}" python scripts/few_steps_study.py --runs "$RUNS" --ref "$RUNS/ref_fmnist_train_32.npz" \
-      --num 10000 --out "$RUNS/study10k" \
-      --points "cascade/pd${BASE_STEPS}+dpmpp${SR_STEPS},base/dpmpp20,cascade/pd${BASE_STEPS}+pd${SR_STEPS}"
-    for point in "cascade_pd${BASE_STEPS}_dpmpp${SR_STEPS}" base_dpmpp20 "cascade_pd${BASE_STEPS}_pd${SR_STEPS}"; do
+      --num 10000 --out "$RUNS/study10k" --points "$(echo $candidates | tr ' ' ,)"
+    for point in $candidates; do
+      point=${point//\//_}; point=${point//+/_}
       for seed in 0 1 2; do
         out="$RUNS/study10k/samples/$point.cas$seed.json"
         [ -f "$out" ] || cdm cas "$RUNS/study10k/samples/$point.npz" --test fashion-mnist:test --seed "$seed" --out "$out"
@@ -73,7 +76,7 @@ case "${1:-}" in
     done
     OMP_NUM_THREADS=$(env -u OMP_NUM_THREADS nproc) python scripts/few_steps_study.py --runs "$RUNS" \
       --ref "$RUNS/ref_fmnist_train_32.npz" --num 10000 --out "$RUNS/study10k" --points none --speed --speed-repeats 3 \
-      --speed-points "cascade/dpmpp20+dpmpp10,cascade/pd${BASE_STEPS}+dpmpp${SR_STEPS},cascade/pd${BASE_STEPS}+pd${SR_STEPS}"
+      --speed-points "cascade/dpmpp20+dpmpp10,cascade/pd4+dpmpp4,cascade/pd2+dpmpp6,cascade/pd2+dpmpp5"
     ;;
   ship)
     python scripts/ship_fashion_mnist_distilled.py "$RUNS" --base-steps "$BASE_STEPS" --sr-steps "$SR_STEPS" \

@@ -351,7 +351,7 @@ def test_shipped_bundles_have_their_model_card(bundle):
     for stage in manifest["stages"]:
         assert f"`{stage}`" in written
     if bundle == "fashion-mnist-distilled":  # a student's own optimizer steps are one round's, and the card says so
-        assert "in distillation round 4 (8 → 4 sampling steps) of a 40000-step stage" in written
+        assert "in distillation round 5 (4 → 2 sampling steps) of a 40000-step stage" in written
 
 
 def test_attribution_file_travels_with_the_weights_under_the_hash_check(fm_export, tmp_path):
