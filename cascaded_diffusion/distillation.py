@@ -36,7 +36,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -346,21 +346,33 @@ def _run_rounds(out: Path, ref: TeacherRef, tconfig: StageConfig, settings: Dist
     return DistillSummary(out, len(configs), settings.rounds, final, configs[-1].sample.steps)
 
 
-def distill_report(out: str | Path) -> list[dict[str, Any]]:
-    """Per round of ``out``: steps, optimizer steps done, loss at the end, CPU and wall seconds (from the newest
-    checkpoint's record: the work kept, not work lost to interruptions)."""
-    rows = []
+def round_checkpoints(out: str | Path) -> Iterator[tuple[int, Path, dict[str, Any]]]:
+    """Each round of the ``cdm distill`` output ``out`` that has a valid checkpoint: (round, its newest checkpoint,
+    that checkpoint's state), in round order."""
     k = 1
     while round_dir(out, k).is_dir():
         ckpt, _ = latest_valid_checkpoint(round_dir(out, k))
         if ckpt is not None:
-            state = load_state(ckpt)
-            rec = state.get("distillation", {})
-            rows.append({"round": k, "teacher_steps": rec.get("teacher_steps"),
-                         "student_steps": rec.get("student_steps"), "step": state["step"],
-                         "of": state["config"]["train"]["steps"], "cpu_hours": rec.get("cpu_seconds", 0.0) / 3600,
-                         "wall_hours": rec.get("wall_seconds", 0.0) / 3600, "checkpoint": str(ckpt)})
+            yield k, ckpt, load_state(ckpt)
         k += 1
+
+
+def finished_students(out: str | Path) -> dict[int, Path]:
+    """Student sampling steps -> the final checkpoint of each finished round of ``out``."""
+    return {state["config"]["sample"]["steps"]: ckpt for _, ckpt, state in round_checkpoints(out)
+            if state["step"] >= state["config"]["train"]["steps"]}
+
+
+def distill_report(out: str | Path) -> list[dict[str, Any]]:
+    """Per round of ``out``: steps, optimizer steps done, loss at the end, CPU and wall seconds (from the newest
+    checkpoint's record: the work kept, not work lost to interruptions)."""
+    rows = []
+    for k, ckpt, state in round_checkpoints(out):
+        rec = state.get("distillation", {})
+        rows.append({"round": k, "teacher_steps": rec.get("teacher_steps"),
+                     "student_steps": rec.get("student_steps"), "step": state["step"],
+                     "of": state["config"]["train"]["steps"], "cpu_hours": rec.get("cpu_seconds", 0.0) / 3600,
+                     "wall_hours": rec.get("wall_seconds", 0.0) / 3600, "checkpoint": str(ckpt)})
     return rows
 
 

@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cascaded_diffusion.cascade import Cascade, balanced_labels  # noqa: E402
-from cascaded_diffusion.checkpoint import export_stage, latest_valid_checkpoint, load_state  # noqa: E402
-from cascaded_diffusion.distillation import distill_report, round_dir  # noqa: E402
+from cascaded_diffusion.checkpoint import export_stage  # noqa: E402
+from cascaded_diffusion.distillation import distill_report, finished_students  # noqa: E402
 from cascaded_diffusion.evaluation.evaluate import load_samples, reference_stats  # noqa: E402
 from cascaded_diffusion.evaluation.features import extract, get_feature_extractor  # noqa: E402
 from cascaded_diffusion.evaluation.metrics import FeatureStats, fid_from_stats, kid  # noqa: E402
@@ -64,17 +64,11 @@ def students(runs: Path, out: Path) -> list[dict[int, Path]]:
     found: list[dict[int, Path]] = []
     for name in STAGES:
         per: dict[int, Path] = {}
-        k = 1
-        while round_dir(runs / name, k).is_dir():
-            ckpt, _ = latest_valid_checkpoint(round_dir(runs / name, k))
-            state = load_state(ckpt) if ckpt else None
-            if state and state["step"] >= state["config"]["train"]["steps"]:
-                steps = state["config"]["sample"]["steps"]
-                target = out / "stages" / f"{name}_pd{steps}"
-                if not (target / "stage.json").is_file():
-                    export_stage(ckpt, target)
-                per[steps] = target
-            k += 1
+        for steps, ckpt in finished_students(runs / name).items():
+            target = out / "stages" / f"{name}_pd{steps}"
+            if not (target / "stage.json").is_file():
+                export_stage(ckpt, target)
+            per[steps] = target
         found.append(per)
     return found
 
@@ -289,9 +283,8 @@ def main() -> None:
         for point in feats:
             there = samples_path(args.paired_with, point)
             if there.is_file():
-                results["points"][point].setdefault("paired_with", {})[str(args.paired_with)] = paired_gap(
-                    feats[point], features_of(there, extractor), extractor.name, reference, args.bootstrap)
-                rec = results["points"][point]["paired_with"][str(args.paired_with)]
+                rec = paired_gap(feats[point], features_of(there, extractor), extractor.name, reference, args.bootstrap)
+                results["points"][point].setdefault("paired_with", {})[str(args.paired_with)] = rec
                 print(f"{point} against {there}: {rec['gap']:+.3f} ± {rec['paired_std']:.3f}", flush=True)
     if args.speed:
         results["speed"] = speed(args, teachers, distilled, precision)

@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cascaded_diffusion.checkpoint import export_stage, latest_valid_checkpoint, load_state  # noqa: E402
-from cascaded_diffusion.distillation import distill_report, round_dir  # noqa: E402
+from cascaded_diffusion.checkpoint import export_stage  # noqa: E402
+from cascaded_diffusion.distillation import distill_report, finished_students  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -38,15 +38,10 @@ PRETRAINED = ROOT / "cascaded_diffusion" / "pretrained"
 
 
 def student_checkpoint(run: Path, steps: int) -> Path:
-    k = 1
-    while round_dir(run, k).is_dir():
-        ckpt, _ = latest_valid_checkpoint(round_dir(run, k))
-        if ckpt is not None:
-            state = load_state(ckpt)
-            if state["config"]["sample"]["steps"] == steps and state["step"] >= state["config"]["train"]["steps"]:
-                return ckpt
-        k += 1
-    sys.exit(f"{run}: no finished round with a {steps}-step student")
+    ckpt = finished_students(run).get(steps)
+    if ckpt is None:
+        sys.exit(f"{run}: no finished round with a {steps}-step student")
+    return ckpt
 
 
 def describe(name: str, steps: int, sampler: str) -> str:

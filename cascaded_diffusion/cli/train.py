@@ -54,20 +54,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} is a training run directory; export into a directory of its own "
                         f"(e.g. {out.parent / (out.name + '-export')})")
     check_output_dir(args.out, "--out")
-    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype or "fp32"]
-    if is_exported_stage(given):  # a stage re-exported, e.g. with another sampling default: its dtype unless told
-        dtype = {None: None, "fp32": torch.float32}.get(args.dtype, dtype)
-        written = export_stage(given, args.out, dtype=dtype, weights=args.weights, config_overrides=args.set)
-        print(f"exported the stage {given} ({args.dtype or 'its own dtype'}) to {written}")
-        return 0
+    # no --dtype: the weights' stored dtype (fp32 in a checkpoint; an exported stage's own, fp16 in a bundle)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype] if args.dtype else None
 
-    def export(ckpt: Path) -> Path:
-        return export_stage(ckpt, args.out, dtype=dtype, weights=args.weights, config_overrides=args.set)
+    def export(source: Path) -> Path:
+        return export_stage(source, args.out, dtype=dtype, weights=args.weights, config_overrides=args.set)
 
-    # a trainer may prune the chosen checkpoint while it is read: the next newest is taken
-    written, ckpt = resolve_checkpoint(given, export, stems=(args.weights,),
-                                       warn=lambda message: print(f"warning: {message}", file=sys.stderr))
-    print(f"exported {ckpt} ({args.weights} weights, {args.dtype or 'fp32'}) to {written}")
+    if is_exported_stage(given):  # a stage re-exported, e.g. with another sampling default
+        written, source = export(given), given
+    else:  # a trainer may prune the chosen checkpoint while it is read: the next newest is taken
+        written, source = resolve_checkpoint(given, export, stems=(args.weights,),
+                                             warn=lambda message: print(f"warning: {message}", file=sys.stderr))
+    print(f"exported {source} ({args.weights} weights, {args.dtype or 'stored dtype'}) to {written}")
     return 0
 
 
